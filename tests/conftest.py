@@ -1,0 +1,17 @@
+"""Shared test settings: small, deterministic, CPU-only unless a test says otherwise."""
+
+import os
+
+import pytest
+import torch
+
+# The CI machine has 2 cores; more threads than that only adds contention.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_store(tmp_path_factory, monkeypatch):
+    """Never let a test touch the user's real store or dataset cache."""
+    monkeypatch.setenv("NCFM_HOME", str(tmp_path_factory.mktemp("ncfm_home")))
+    monkeypatch.setenv("NCFM_DATA_DIR", str(tmp_path_factory.mktemp("ncfm_data")))
+    monkeypatch.delenv("NCFM_DEBUG", raising=False)
