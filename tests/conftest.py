@@ -2,8 +2,11 @@
 
 import os
 
-import pytest
-import torch
+# Idle OpenMP threads should sleep, not spin: several test processes may share 2 cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # The CI machine has 2 cores; more threads than that only adds contention.
 torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -1,0 +1,139 @@
+"""Frozen job configurations with per-dataset presets.
+
+A distillation is described by one :class:`DistillConfig`, built once by :func:`make_config`
+(defaults <- dataset preset <- explicit overrides) and saved into the artifact manifest, so a
+result always knows how it was made and ``resume`` rebuilds exactly the same job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from ncfm_core.errors import ConfigError
+
+MATCHING_MODES = ("ncfm", "mmd")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Everything that determines a distillation run (and nothing that does not)."""
+
+    dataset: str  # registry name, e.g. "cifar10", "digits", "folder:/data/x", "fake"
+    ipc: int  # stored synthetic images per class
+    data_dir: str | None = None  # where the dataset files live (None: the default cache)
+    image_size: int | None = None  # resize folder datasets to this (None: dataset default)
+    # feature extractor
+    network: str = "convnet"
+    depth: int | None = None  # None: by resolution (32 -> 3, 64 -> 4, 128 -> 5)
+    width: int = 128
+    norm: str = "instance"
+    # synthetic set
+    factor: int = 2  # multi-formation: each stored image holds factor^2 tiles
+    init: str = "mix"  # real | mix | noise
+    image_lr: float = 0.01  # AdamW on the stored pixels
+    lr_patience: int = 500  # ReduceLROnPlateau patience, in iterations
+    # matching
+    matching: str = "ncfm"  # ncfm (characteristic functions) | mmd (DM-style mean matching)
+    iterations: int = 20000
+    real_per_class: int = 1024  # real images drawn per class per iteration
+    num_freqs: int = 1024  # F, frequencies per iteration
+    alpha: float = 0.5  # amplitude weight; 1 - alpha weighs the phase term
+    normalize_features: bool = True
+    loss_scale: float = 1.0  # the authors use 300; irrelevant to Adam up to its eps
+    sampler: bool = True  # learn the frequency distribution (psi) by gradient ascent
+    num_components: int | None = None  # mixture components of psi (None: num_freqs // 16)
+    sampler_lr: float = 0.001
+    sampler_init_scale: float = 1.0
+    calib_weight: float = 1.0  # cross-entropy calibration step under a trained pool member (0: off)
+    dsa_strategy: str = "color_crop_cutout"
+    # feature-extractor pool
+    pool_size: int = 20
+    pool_epochs: int = 60
+    pool_lr: float = 0.01
+    pool_momentum: float = 0.9
+    pool_weight_decay: float = 5e-4
+    pool_batch: int = 256
+    # run
+    seed: int = 0
+    real_chunk: int | None = None  # real images per no-grad forward chunk (None: planner decides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DistillConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {', '.join(unknown)}: written by a newer ncfm?")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> DistillConfig:
+        return validate(dataclasses.replace(self, **changes))
+
+
+# Paper settings (NCFM_NOTES.md): ConvNet-3/4/5 by resolution, factor 2, 1024 real images per
+# class, F = 1024, pools of 20 extractors trained 60 epochs. Digits is our offline real dataset:
+# small enough to distill in minutes on a laptop CPU, so its pool and loop are scaled down.
+_PAPER = dict(factor=2, iterations=20000, real_per_class=1024, num_freqs=1024, pool_size=20, pool_epochs=60)
+PRESETS: dict[str, dict[str, Any]] = {
+    "cifar10": dict(_PAPER),
+    "cifar100": dict(_PAPER),
+    "tinyimagenet": dict(_PAPER),
+    **{
+        name: dict(_PAPER)
+        for name in ("imagenette", "imagewoof", "imagefruit", "imagemeow", "imagesquawk", "imageyellow")
+    },
+    "digits": dict(
+        factor=2,
+        iterations=400,
+        real_per_class=128,
+        num_freqs=1024,
+        pool_size=4,
+        pool_epochs=10,
+        pool_batch=128,
+        lr_patience=200,
+    ),
+    "fake": dict(factor=2, iterations=200, real_per_class=64, num_freqs=256, pool_size=2, pool_epochs=2),
+}
+
+
+def preset_for(dataset: str) -> dict[str, Any]:
+    """The preset overrides for a dataset name (``folder:PATH`` uses the paper's defaults)."""
+    key = dataset.split(":", 1)[0]
+    return dict(PRESETS.get(key, {}))
+
+
+def make_config(dataset: str, ipc: int, **overrides: Any) -> DistillConfig:
+    """Defaults <- dataset preset <- overrides (overrides equal to None are ignored)."""
+    fields = preset_for(dataset)
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in dataclasses.fields(DistillConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ConfigError(f"unknown option(s) {', '.join(unknown)}")
+    return validate(DistillConfig(dataset=dataset, ipc=ipc, **fields))
+
+
+def validate(config: DistillConfig) -> DistillConfig:
+    """Range checks with messages that name the option; returns the config unchanged."""
+    checks = [
+        (config.ipc >= 1, "--ipc must be >= 1"),
+        (config.iterations >= 0, "--iterations must be >= 0"),
+        (config.factor >= 1, "--factor must be >= 1"),
+        (0.0 <= config.alpha <= 1.0, "--alpha must lie in [0, 1]"),
+        (config.num_freqs >= 1, "--freqs must be >= 1"),
+        (config.real_per_class >= 1, "--real-per-class must be >= 1"),
+        (config.pool_size >= 1, "--pool-size must be >= 1"),
+        (config.pool_epochs >= 0, "--pool-epochs must be >= 0"),
+        (config.image_lr > 0, "--lr must be > 0"),
+        (config.matching in MATCHING_MODES, f"--matching must be one of {', '.join(MATCHING_MODES)}"),
+        (config.real_chunk is None or config.real_chunk >= 1, "--real-chunk must be >= 1"),
+        (config.num_components is None or config.num_components >= 1, "--components must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    return config
