@@ -1,0 +1,215 @@
+"""``ncfm distill``: learn a synthetic set for a dataset and store it as a new artifact version."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Optional
+
+import typer
+
+from ncfm_cli.eval import build_eval_config, check_min_acc, eval_pairs, fail_below_min_acc, passed
+from ncfm_cli.options import (
+    CommandJsonOption,
+    DataDirOption,
+    DeviceOption,
+    IterationsOption,
+    MinAccOption,
+)
+from ncfm_cli.output import (
+    GlobalOptions,
+    ProgressRenderer,
+    command_errors,
+    format_bytes,
+    format_seconds,
+    global_options,
+    print_json,
+    print_pairs,
+)
+from ncfm_core.config import make_config
+from ncfm_core.jobs import DEFAULT_CHECKPOINT_EVERY, artifact_summary, distill_job, eval_job
+from ncfm_core.store import ArtifactVersion
+
+DISTILL_EPILOG = (
+    "Options left out take the dataset's preset (see the docs). Exit codes: 0 ok; 1 failure; "
+    "2 invalid option (e.g. --ipc larger than a class); 3 dataset files not found; "
+    "5 with --eval, accuracy below --min-acc; 130 interrupted by Ctrl-C after saving a "
+    "checkpoint (continue with `ncfm resume NAME@vN`)."
+)
+
+_SET = "Synthetic set"
+_MATCH = "Matching"
+_POOL = "Feature-extractor pool"
+_EVAL = "Evaluation (--eval)"
+
+
+def summary_pairs(summary: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Human lines of a distill/resume result."""
+    source = {"process_peak_rss": "process peak RSS", "cuda_max_memory_allocated": "CUDA peak allocated"}.get(
+        str(summary.get("peak_memory_source")), str(summary.get("peak_memory_source"))
+    )
+    iterations = summary.get("iterations")
+    target = summary.get("iterations_target")
+    return [
+        ("artifact", summary["artifact"]),
+        ("status", summary["status"]),
+        ("iterations", iterations if iterations == target else f"{iterations} of {target}"),
+        ("time", format_seconds(summary.get("seconds"))),
+        ("peak memory", f"{format_bytes(summary.get('peak_memory_bytes'))} ({source})"),
+        ("path", summary["path"]),
+    ]
+
+
+def report_version(opts: GlobalOptions, version: ArtifactVersion, extra: dict[str, Any] | None = None,
+                   eval_record: dict[str, Any] | None = None, min_acc: float | None = None) -> None:
+    """Print the result of a distill/resume (plus an evaluation, if one ran) on stdout."""
+    summary = {**artifact_summary(version), **(extra or {})}
+    if opts.json:
+        if eval_record is not None:
+            summary["eval"] = {key: value for key, value in eval_record.items() if key not in ("artifact", "path")}
+            summary["min_acc"] = min_acc
+            summary["passed"] = passed(eval_record, min_acc)
+        print_json(summary)
+        return
+    pairs = summary_pairs(summary)
+    if eval_record is not None:
+        pairs.extend(eval_pairs(eval_record))
+    print_pairs(pairs)
+
+
+def distill_command(
+    ctx: typer.Context,
+    dataset: Annotated[
+        str,
+        typer.Argument(
+            metavar="DATASET",
+            help="digits (bundled, offline), cifar10, cifar100, tinyimagenet, imagenette (and the other "
+            "ImageNet subsets), fake, or folder:PATH for an ImageFolder tree.",
+            show_default=False,
+        ),
+    ],
+    ipc: Annotated[int, typer.Option("--ipc", min=1, help="Stored synthetic images per class.", show_default=False)],
+    iterations: IterationsOption = None,
+    name: Annotated[
+        Optional[str],
+        typer.Option("--name", help="Artifact name (default DATASET-ipcIPC); letters, digits, '.', '_', '-'.",
+                     show_default=False),
+    ] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of every random choice (default 0).",
+                                                show_default=False)] = None,
+    device: DeviceOption = "auto",
+    data_dir: DataDirOption = None,
+    image_size: Annotated[Optional[int], typer.Option("--image-size", min=1, show_default=False,
+                                                      help="Resize folder datasets to this square size.")] = None,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1,
+                                                  help="Write a resumable checkpoint every K iterations.")] = (
+        DEFAULT_CHECKPOINT_EVERY
+    ),
+    factor: Annotated[Optional[int], typer.Option(
+        "--factor", min=1, rich_help_panel=_SET, show_default=False,
+        help="Multi-formation factor: each stored image holds factor x factor tiles.")] = None,
+    init: Annotated[Optional[str], typer.Option("--init", rich_help_panel=_SET, show_default=False,
+                                                help="Initial images: real, mix or noise.")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", rich_help_panel=_SET, show_default=False,
+                                                help="Learning rate of the synthetic pixels.")] = None,
+    matching: Annotated[Optional[str], typer.Option(
+        "--matching", rich_help_panel=_MATCH, show_default=False,
+        help="ncfm (characteristic functions) or mmd (mean embeddings).")] = None,
+    sampler: Annotated[Optional[bool], typer.Option(
+        "--sampler/--no-sampler", rich_help_panel=_MATCH, show_default=False,
+        help="Learn the frequency distribution psi adversarially (default on).")] = None,
+    alpha: Annotated[Optional[float], typer.Option(
+        "--alpha", rich_help_panel=_MATCH, show_default=False,
+        help="Weight of the amplitude term; 1 - alpha weighs the phase term.")] = None,
+    freqs: Annotated[Optional[int], typer.Option("--freqs", min=1, rich_help_panel=_MATCH, show_default=False,
+                                                 help="Frequencies sampled per iteration.")] = None,
+    components: Annotated[Optional[int], typer.Option("--components", min=1, rich_help_panel=_MATCH,
+                                                      show_default=False,
+                                                      help="Mixture components of psi.")] = None,
+    real_per_class: Annotated[Optional[int], typer.Option(
+        "--real-per-class", min=1, rich_help_panel=_MATCH, show_default=False,
+        help="Real images drawn per class per iteration.")] = None,
+    calib_weight: Annotated[Optional[float], typer.Option(
+        "--calib-weight", rich_help_panel=_MATCH, show_default=False,
+        help="Weight of the calibration cross-entropy (0 turns it off).")] = None,
+    real_chunk: Annotated[Optional[int], typer.Option(
+        "--real-chunk", min=1, rich_help_panel=_MATCH, show_default=False,
+        help="Real images per no-grad forward chunk (bounds memory).")] = None,
+    network: Annotated[Optional[str], typer.Option("--network", rich_help_panel=_POOL, show_default=False,
+                                                   help="Feature extractor, e.g. convnet.")] = None,
+    depth: Annotated[Optional[int], typer.Option("--depth", min=1, rich_help_panel=_POOL, show_default=False,
+                                                 help="ConvNet depth (default: by resolution).")] = None,
+    width: Annotated[Optional[int], typer.Option("--width", min=1, rich_help_panel=_POOL, show_default=False,
+                                                 help="ConvNet width (default 128).")] = None,
+    pool_size: Annotated[Optional[int], typer.Option("--pool-size", min=1, rich_help_panel=_POOL,
+                                                     show_default=False,
+                                                     help="Feature extractors trained on the real data.")] = None,
+    pool_epochs: Annotated[Optional[int], typer.Option("--pool-epochs", min=0, rich_help_panel=_POOL,
+                                                       show_default=False,
+                                                       help="Training epochs of each extractor.")] = None,
+    run_eval: Annotated[bool, typer.Option("--eval", rich_help_panel=_EVAL,
+                                           help="Evaluate the result right after distilling.")] = False,
+    eval_repeats: Annotated[Optional[int], typer.Option("--eval-repeats", min=1, rich_help_panel=_EVAL,
+                                                        show_default=False,
+                                                        help="Networks to train (default 3).")] = None,
+    eval_epochs: Annotated[Optional[int], typer.Option("--eval-epochs", min=0, rich_help_panel=_EVAL,
+                                                       show_default=False,
+                                                       help="Epochs per network (default 300).")] = None,
+    eval_model: Annotated[Optional[str], typer.Option("--eval-model", rich_help_panel=_EVAL, show_default=False,
+                                                      help="Network to evaluate with (default convnet).")] = None,
+    eval_protocol: Annotated[Optional[str], typer.Option("--eval-protocol", rich_help_panel=_EVAL,
+                                                         show_default=False,
+                                                         help="Evaluation protocol: ncfm or dsa.")] = None,
+    min_acc: MinAccOption = None,
+    json_flag: CommandJsonOption = False,
+) -> None:
+    """Distill DATASET into IPC synthetic images per class, stored as a new artifact version.
+
+    The result is DATASET-ipcIPC@vN (or --name). Add --eval to measure it in the same command.
+
+    Example:
+
+        ncfm distill digits --ipc 10 --eval
+    """
+    opts = global_options(ctx, json_flag)
+    with command_errors(opts):
+        check_min_acc(min_acc)
+        run_eval = run_eval or min_acc is not None
+        eval_config = None
+        if run_eval:
+            eval_config = build_eval_config(
+                protocol=eval_protocol, repeats=eval_repeats, epochs=eval_epochs, model=eval_model
+            )
+        config = make_config(
+            dataset,
+            ipc,
+            # Absolute, so that `ncfm resume` finds the data from any working directory.
+            data_dir=None if data_dir is None else str(data_dir.expanduser().absolute()),
+            image_size=image_size,
+            network=network,
+            depth=depth,
+            width=width,
+            factor=factor,
+            init=init,
+            image_lr=lr,
+            matching=matching,
+            iterations=iterations,
+            real_per_class=real_per_class,
+            num_freqs=freqs,
+            alpha=alpha,
+            sampler=sampler,
+            num_components=components,
+            calib_weight=calib_weight,
+            pool_size=pool_size,
+            pool_epochs=pool_epochs,
+            seed=seed,
+            real_chunk=real_chunk,
+        )
+        store = opts.open_store()
+        with ProgressRenderer(opts) as progress:
+            version = distill_job(store, config, name=name, device=device, checkpoint_every=checkpoint_every,
+                                  callback=progress)
+            record = None
+            if eval_config is not None:
+                record = eval_job(store, version.ref, eval_config, device, progress)
+    report_version(opts, version, eval_record=record, min_acc=min_acc)
+    if record is not None:
+        fail_below_min_acc(record, min_acc)

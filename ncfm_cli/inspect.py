@@ -1,0 +1,93 @@
+"""``ncfm inspect``: provenance, configuration, status, metrics, eval history and file sizes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from ncfm_cli.options import CommandJsonOption, RefArgument
+from ncfm_cli.output import (
+    command_errors,
+    format_accuracy,
+    format_bytes,
+    format_seconds,
+    global_options,
+    print_json,
+    print_pairs,
+    print_table,
+)
+from ncfm_core.jobs import inspect_job
+
+INSPECT_EPILOG = (
+    "--json prints the manifest itself plus artifact, path and file_sizes (bytes). "
+    "Exit codes: 0 ok; 1 corrupt manifest; 2 invalid reference; 3 not found."
+)
+
+
+def _dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _print_human(info: dict[str, Any]) -> None:
+    dataset, timings, pool = _dict(info.get("dataset")), _dict(info.get("timings")), _dict(info.get("pool"))
+    versions = _dict(info.get("versions"))
+    print_pairs([
+        ("artifact", info["artifact"]),
+        ("path", info["path"]),
+        ("status", str(info.get("status")) + (f" ({info['error']})" if info.get("error") else "")),
+        ("created", info.get("created")),
+        ("parent", info.get("parent")),
+        ("dataset", f"{dataset.get('name')}: {dataset.get('num_classes')} classes, "
+                    f"{dataset.get('channels')}x{dataset.get('image_size')}x{dataset.get('image_size')}, "
+                    f"fingerprint {str(dataset.get('fingerprint'))[:16]}" if dataset else None),
+        ("iterations", f"{info.get('iterations_done')} of {info.get('iterations_target')}"),
+        ("device", f"{info.get('device')} ({info.get('device_reason')})"),
+        ("software", ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) or None),
+        ("pool", f"{pool.get('key')} ({'cached' if pool.get('cached') else 'trained'}, "
+                 f"{pool.get('size')} nets)" if pool else None),
+        ("time", f"{format_seconds(timings.get('seconds'))} total, pool {format_seconds(timings.get('pool_seconds'))}, "
+                 f"median {timings.get('seconds_per_iteration_median') or 0:.3f} s/it" if timings else None),
+        ("peak memory", f"{format_bytes(info.get('peak_memory_bytes'))} ({info.get('peak_memory_source')})"
+         if info.get("peak_memory_bytes") is not None else None),
+        ("final loss", info.get("final_loss")),
+    ])
+    config = _dict(info.get("config"))
+    if config:
+        typer.echo("\nconfig")
+        print_pairs([(f"  {key}", value) for key, value in config.items()])
+    evals = info.get("evals") if isinstance(info.get("evals"), list) else []
+    if evals:
+        table = Table(title="evaluations", title_justify="left")
+        for column in ("created", "model", "epochs", "repeats", "accuracy", "device"):
+            table.add_column(column)
+        for record in evals:
+            record = _dict(record)
+            protocol, accuracy = _dict(record.get("protocol")), _dict(record.get("accuracy"))
+            table.add_row(
+                str(record.get("created")), str(protocol.get("model")), str(protocol.get("epochs")),
+                str(len(accuracy.get("runs") or [])),
+                f"{format_accuracy(accuracy.get('mean'))} +- {format_accuracy(accuracy.get('std'))}",
+                str(record.get("device")),
+            )
+        typer.echo("")
+        print_table(table)
+    typer.echo("\nfiles")
+    print_pairs([(f"  {path}", format_bytes(size)) for path, size in info["file_sizes"].items()])
+
+
+def inspect_command(ctx: typer.Context, ref: RefArgument, json_flag: CommandJsonOption = False) -> None:
+    """Show how an artifact was made and how it did: provenance, config, metrics, evals, file sizes.
+
+    Example:
+
+        ncfm inspect digits-ipc10@v1 --json
+    """
+    opts = global_options(ctx, json_flag)
+    with command_errors(opts):
+        info = inspect_job(opts.open_store(), ref)
+    if opts.json:
+        print_json(info)
+    else:
+        _print_human(info)

@@ -1,0 +1,295 @@
+"""Everything the CLI writes: results on stdout, progress and logs on stderr, errors and exit codes.
+
+- Results: a human rendering, or with ``--json`` exactly one JSON object (one line) on stdout.
+- Progress: rich bars on stderr, only when stderr is a terminal and neither ``--json`` nor
+  ``--quiet`` is given; otherwise ``--verbose`` prints a short line every few iterations.
+- Errors: one line ``error: ...`` on stderr and a documented exit code (``EXIT_CODES_HELP``);
+  the traceback only with ``NCFM_DEBUG=1``.
+
+Consoles are created per call (never at import) so that ``NO_COLOR``, redirected streams and
+``typer.testing.CliRunner`` are all seen as they are at that moment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from ncfm_core.errors import NcfmError
+from ncfm_core.jobs import JobInterrupted
+from ncfm_core.store import Store
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_BUDGET = 4
+EXIT_BELOW_MIN_ACC = 5
+EXIT_INTERRUPTED = 130
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 success; 1 failure (one-line reason on stderr; set NCFM_DEBUG=1 for the "
+    "traceback); 2 usage error or invalid option; 3 artifact, version, dataset or file not found; "
+    "4 memory budget too small; 5 accuracy below --min-acc; 130 interrupted by Ctrl-C "
+    "(a checkpoint is saved first; continue with `ncfm resume REF`)."
+)
+
+
+@dataclass(frozen=True)
+class GlobalOptions:
+    """The app-level options, handed to every command through ``ctx.obj``."""
+
+    store: Path | None = None
+    json: bool = False
+    quiet: bool = False
+    verbose: bool = False
+
+    def open_store(self) -> Store:
+        return Store(self.store)
+
+    def store_flag(self) -> str:
+        """The ``--store DIR`` part to repeat in suggested commands ('' for the default store)."""
+        return "" if self.store is None else f"--store {_shell_quote(str(self.store))} "
+
+
+def global_options(ctx: typer.Context, json_flag: bool = False) -> GlobalOptions:
+    """The options given before the command; ``json_flag`` is the command's own ``--json``."""
+    obj = ctx.find_root().obj
+    opts = obj if isinstance(obj, GlobalOptions) else GlobalOptions()
+    return dataclasses.replace(opts, json=True) if json_flag else opts
+
+
+def _shell_quote(text: str) -> str:
+    safe = all(c.isalnum() or c in "@%+=:,./-_" for c in text)
+    return text if safe and text else "'" + text.replace("'", "'\"'\"'") + "'"
+
+
+def stderr_console() -> Console:
+    return Console(file=sys.stderr, highlight=False, soft_wrap=True)
+
+
+def stdout_console() -> Console:
+    return Console(file=sys.stdout, highlight=False)
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def print_json(obj: dict[str, Any]) -> None:
+    """One JSON object on one line of stdout (strict JSON: non-finite floats become null)."""
+    sys.stdout.write(json.dumps(_json_safe(obj), sort_keys=True, allow_nan=False) + "\n")
+    sys.stdout.flush()
+
+
+def print_pairs(pairs: list[tuple[str, Any]]) -> None:
+    """Aligned ``key  value`` lines on stdout; plain text so long paths are never wrapped."""
+    width = max((len(key) for key, _ in pairs), default=0)
+    for key, value in pairs:
+        typer.echo(f"{key:<{width}}  {'-' if value is None else value}")
+
+
+def print_table(table: Table) -> None:
+    # Piped output has no width; rich would assume 80 columns and truncate cells. Tables only
+    # take the width their content needs, so a generous limit costs nothing.
+    console = stdout_console() if sys.stdout.isatty() else Console(file=sys.stdout, highlight=False, width=240)
+    console.print(table)
+
+
+def format_bytes(count: int | None) -> str:
+    if count is None:
+        return "-"
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{count} B"
+
+
+def format_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{int(minutes)} min {secs:.0f} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{int(hours)} h {int(minutes)} min"
+
+
+def format_accuracy(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+# ----------------------------------------------------------------------------- logs
+
+
+def log(opts: GlobalOptions, message: str, level: str = "info") -> None:
+    """A log line on stderr: info unless --quiet, debug only with --verbose, warnings unless --quiet."""
+    if opts.quiet or (level == "debug" and not opts.verbose):
+        return
+    prefix = "warning: " if level == "warning" else ""
+    stderr_console().print(f"{prefix}{message}", markup=False)
+
+
+class ProgressRenderer:
+    """Turns job events (see ``ncfm_core.jobs``) into rich progress bars or log lines on stderr.
+
+    Use as a context manager; pass the instance as the job's ``callback``.
+    """
+
+    def __init__(self, opts: GlobalOptions) -> None:
+        self.opts = opts
+        self.live = not (opts.json or opts.quiet) and sys.stderr.isatty()
+        self.progress: Progress | None = None
+        self.tasks: dict[str, TaskID] = {}
+        self.last_artifact: str | None = None
+
+    def __enter__(self) -> ProgressRenderer:
+        if self.live:
+            self.progress = Progress(
+                TextColumn("{task.description:<8}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[detail]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=Console(file=sys.stderr),
+            )
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def _log(self, message: str, level: str = "info") -> None:
+        if self.progress is not None:
+            if level != "debug" or self.opts.verbose:
+                prefix = "warning: " if level == "warning" else ""
+                self.progress.console.print(f"{prefix}{message}", markup=False, highlight=False)
+            return
+        log(self.opts, message, level)
+
+    def _bar(self, key: str, description: str, total: int, completed: int, detail: str) -> None:
+        assert self.progress is not None
+        if key not in self.tasks:
+            self.tasks[key] = self.progress.add_task(description, total=total, detail="")
+        self.progress.update(self.tasks[key], total=total, completed=completed, detail=detail)
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        stage = event.get("stage")
+        if stage == "log":
+            self._log(str(event.get("message", "")), str(event.get("level", "info")))
+        elif stage == "created":
+            self.last_artifact = str(event.get("artifact"))
+        elif stage == "pool":
+            members, epochs = int(event["members"]), max(int(event["epochs"]), 1)
+            member, epoch = int(event["member"]), int(event["epoch"])
+            if self.progress is not None:
+                self._bar("pool", "pool", members * epochs, member * epochs + epoch + 1,
+                          f"net {member + 1}/{members} loss {event['loss']:.3f}")
+            elif epoch + 1 == epochs:
+                self._log(f"pool: network {member + 1}/{members} trained (loss {event['loss']:.4f})", "debug")
+        elif stage == "distill":
+            iteration, total = int(event["iteration"]), int(event["total"])
+            if self.progress is not None:
+                self._bar("distill", "distill", total, iteration, f"loss {event['loss']:.4f}")
+            elif iteration == total or iteration % max(1, total // 20) == 0:
+                self._log(
+                    f"distill: iteration {iteration}/{total} loss {event['loss']:.4f} "
+                    f"({event['seconds']:.3f} s/it)",
+                    "debug",
+                )
+        elif stage == "checkpoint":
+            self._log(f"checkpoint at iteration {event['iteration']}", "debug")
+        elif stage == "eval":
+            repeat, repeats = int(event["repeat"]), int(event["repeats"])
+            if self.progress is not None:
+                self._bar("eval", "eval", repeats, repeat + 1, f"last {format_accuracy(event['accuracy'])}")
+            else:
+                self._log(f"eval: network {repeat + 1}/{repeats} accuracy {format_accuracy(event['accuracy'])}",
+                          "debug")
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def exit_code_for(err: BaseException) -> int:
+    """The documented exit code of an exception that reached the command line."""
+    if isinstance(err, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(err, NcfmError):
+        return int(err.exit_code)
+    return EXIT_FAILURE
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+@contextlib.contextmanager
+def command_errors(opts: GlobalOptions) -> Iterator[None]:
+    """Run a command body: map exceptions to a one-line message on stderr and ``typer.Exit``.
+
+    ``NCFM_DEBUG=1`` re-raises instead, so the traceback is shown. ``typer.Exit`` passes.
+    """
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except JobInterrupted as err:
+        if err.checkpoint_iteration is not None:
+            where = f"checkpoint saved at iteration {err.checkpoint_iteration}"
+        else:
+            where = "no checkpoint yet, so resuming starts it again"
+        print(f"interrupted: {err.version.ref} ({where}); continue with: "
+              f"ncfm {opts.store_flag()}resume {err.version.ref}", file=sys.stderr)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except Exception as err:
+        if os.environ.get("NCFM_DEBUG") == "1":
+            raise
+        if isinstance(err, NcfmError):
+            message = _one_line(err)
+        else:
+            message = f"unexpected {type(err).__name__}: {_one_line(err)} (set NCFM_DEBUG=1 for the traceback)"
+        print(f"error: {message}", file=sys.stderr)
+        raise typer.Exit(exit_code_for(err)) from None

@@ -1,0 +1,52 @@
+"""``ncfm resume``: continue an interrupted distillation, or extend a finished one."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from ncfm_cli.distill import report_version
+from ncfm_cli.options import CommandJsonOption, DataDirOption, DeviceOption, RefArgument
+from ncfm_cli.output import ProgressRenderer, command_errors, global_options
+from ncfm_core.jobs import resume_job
+
+RESUME_EPILOG = (
+    "REF may be a bare NAME: resume then takes its newest version, whatever its status. "
+    "On CPU with the same seed, a resumed run ends with exactly the images of an uninterrupted one. "
+    "Exit codes: 0 ok (also when there is nothing to do); 1 failure (e.g. a corrupt checkpoint); "
+    "2 invalid option; 3 artifact not found; 130 interrupted again (resume again)."
+)
+
+
+def resume_command(
+    ctx: typer.Context,
+    ref: RefArgument,
+    iterations: Annotated[
+        Optional[int],
+        typer.Option(
+            "--iterations",
+            min=0,
+            show_default=False,
+            help="New target. For an unfinished run it replaces the target; for a complete one, a larger "
+            "number continues it into a new version (its parent is REF).",
+        ),
+    ] = None,
+    device: DeviceOption = "auto",
+    data_dir: DataDirOption = None,
+    json_flag: CommandJsonOption = False,
+) -> None:
+    """Continue a distillation from its last checkpoint (after Ctrl-C, a crash or a kill).
+
+    Example, after `ncfm distill digits --ipc 10` was stopped:
+
+        ncfm resume digits-ipc10
+    """
+    opts = global_options(ctx, json_flag)
+    with command_errors(opts):
+        with ProgressRenderer(opts) as progress:
+            version = resume_job(
+                opts.open_store(), ref, iterations=iterations, device=device,
+                data_dir=None if data_dir is None else str(data_dir), callback=progress,
+            )
+    report_version(opts, version)

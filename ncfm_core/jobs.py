@@ -1,0 +1,816 @@
+"""Jobs: what the ``ncfm`` commands do, as plain functions over a :class:`~ncfm_core.store.Store`.
+
+Each job validates its input, does the work, records it in the artifact's manifest and returns
+a value the command line renders. Progress is reported through an optional ``callback`` that
+receives one dict per event, always with a ``"stage"`` key:
+
+- ``{"stage": "log", "level": "info" | "debug" | "warning", "message": str}``
+- ``{"stage": "created", "artifact": "name@vN", "path": str}``
+- ``{"stage": "pool", "member": m, "members": P, "epoch": e, "epochs": E, "loss": float}``
+  (``member`` and ``epoch`` count from 0; one event per trained epoch)
+- ``{"stage": "distill", "iteration", "total", "loss", "match_loss", "calib_loss", "lr", "seconds"}``
+- ``{"stage": "checkpoint", "iteration": i, "path": str}``
+- ``{"stage": "eval", "repeat": r, "repeats": R, "accuracy": float}`` (``repeat`` from 0)
+
+A distillation interrupted with Ctrl-C finishes its current iteration, saves a checkpoint and
+raises :class:`JobInterrupted` (a ``KeyboardInterrupt``) naming the version to resume. Any
+other failure is recorded in the manifest (status "failed", the one-line error) and re-raised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import math
+import platform
+import os
+import re
+import signal
+import socket
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import filelock
+import torch
+from torch import Tensor
+
+from ncfm_core import __version__, augment
+from ncfm_core import store as store_lib
+from ncfm_core.budget import resolve_device
+from ncfm_core.config import DistillConfig
+from ncfm_core.data import ImageDataset, check_ipc, load_dataset
+from ncfm_core.distill import Distiller
+from ncfm_core.errors import ConfigError, CorruptArtifactError, NcfmError, NotFoundError
+from ncfm_core.evaluate import EvalConfig, evaluate_synset
+from ncfm_core.export import export_synset
+from ncfm_core.pool import PoolSpec, load_or_train_pool
+from ncfm_core.store import ArtifactVersion, Store
+from ncfm_core.synset import check_factor
+
+JobCallback = Callable[[dict[str, Any]], None]
+
+SYNSET_FORMAT = "ncfm-synset/1"
+SAMPLER_FORMAT = "ncfm-sampler/1"
+DEFAULT_CHECKPOINT_EVERY = 100
+"""Iterations between checkpoints: frequent enough that a killed run loses little, rare
+enough that writing the optimiser states (3x the images) costs little next to the loop."""
+RUN_LOCK_FILE = ".run.lock"
+"""Held (flock) by the process distilling into a version; the kernel drops it if that
+process dies, so a lock we cannot take means the run is alive somewhere else."""
+
+
+class JobInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a distillation. ``version`` is the artifact to resume; ``checkpoint_iteration``
+    the iteration its checkpoint holds (None: no checkpoint, resume starts over)."""
+
+    def __init__(self, version: ArtifactVersion, checkpoint_iteration: int | None) -> None:
+        super().__init__(f"interrupted: {version.ref}")
+        self.version = version
+        self.checkpoint_iteration = checkpoint_iteration
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def _utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _emitter(callback: JobCallback | None) -> JobCallback:
+    return callback if callback is not None else (lambda event: None)
+
+
+def _log(emit: JobCallback, message: str, level: str = "info") -> None:
+    emit({"stage": "log", "level": level, "message": message})
+
+
+def default_artifact_name(dataset: str, ipc: int) -> str:
+    """``<dataset>-ipc<IPC>``; a ``folder:PATH`` dataset becomes ``folder-<last path part>-ipc<IPC>``
+    with every character outside the artifact-name charset replaced by ``_``."""
+    family, sep, argument = dataset.partition(":")
+    last_part = re.split(r"[\\/]", argument.rstrip("/\\"))[-1]  # either separator, any platform
+    base = f"{family}-{last_part or 'data'}" if sep else dataset
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).replace("..", "_")
+    base = re.sub(r"^[^A-Za-z0-9]+", "", base)[:100] or "dataset"
+    return store_lib.validate_name(f"{base}-ipc{ipc}")
+
+
+def _software_versions() -> dict[str, str]:
+    return {"ncfm": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def _load_dataset(config: DistillConfig, data_dir: str | None = None) -> ImageDataset:
+    return load_dataset(config.dataset, data_dir or config.data_dir, image_size=config.image_size)
+
+
+def _dataset_record(config: DistillConfig, dataset: ImageDataset) -> dict[str, Any]:
+    return {
+        "name": config.dataset,
+        "fingerprint": dataset.fingerprint,
+        "num_classes": dataset.num_classes,
+        "image_size": dataset.image_size,
+        "channels": dataset.channels,
+        "class_names": list(dataset.class_names),
+        "num_train": dataset.num_train,
+        "num_test": int(dataset.test_images.shape[0]),
+    }
+
+
+def _check_fingerprint(version: ArtifactVersion, manifest: dict, dataset: ImageDataset) -> None:
+    recorded = (manifest.get("dataset") or {}).get("fingerprint")
+    if recorded != dataset.fingerprint:
+        raise NcfmError(
+            f"dataset '{dataset.name}' is not the data {version.ref} was made from (fingerprint "
+            f"{str(dataset.fingerprint)[:12]}... != {str(recorded)[:12]}...); point --data-dir at the original data"
+        )
+
+
+def _peak_memory(device: torch.device) -> tuple[int | None, str]:
+    """(bytes, what was measured). On CUDA the allocator's peak since the run started; elsewhere
+    the process's peak resident set size, which also counts everything else the process did."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_memory_allocated"
+    try:
+        import resource
+    except ImportError:  # Windows has no resource module
+        return None, "unavailable"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return int(peak if sys.platform == "darwin" else peak * 1024), "process_peak_rss"
+
+
+def _validate_job(config: DistillConfig, dataset: ImageDataset, spec: PoolSpec) -> None:
+    """Cheap checks that would otherwise fail only after the pool is trained."""
+    check_ipc(dataset, config.ipc)
+    check_factor(dataset.image_size, config.factor)
+    augment.parse_strategy(config.dsa_strategy, allow_flip=dataset.allow_flip)
+    spec.build()  # unknown network, depth or norm
+
+
+@contextlib.contextmanager
+def _run_lock(version: ArtifactVersion) -> Iterator[None]:
+    lock = filelock.FileLock(str(version.path / RUN_LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        raise NcfmError(
+            f"{version.ref} is being distilled by another process right now; wait for it to finish or stop it first"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
+def _interrupt_between_iterations() -> Iterator[dict[str, bool]]:
+    """While active, the first Ctrl-C only sets ``flag["requested"]``; the loop stops after the
+    current iteration, so the state it checkpoints is exact. A second Ctrl-C stops at once."""
+    flag = {"requested": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag  # signal handlers can only be installed from the main thread
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:
+        yield flag
+        return
+
+    def request_stop(signum: int, frame: object) -> None:
+        if flag["requested"]:
+            raise KeyboardInterrupt
+        flag["requested"] = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# ----------------------------------------------------------------------------- the distill loop
+
+
+@dataclass
+class _Session:
+    """One process's stretch of work on a version (a distill, or one resume)."""
+
+    started: float = field(default_factory=time.perf_counter)
+    pool_seconds: float = 0.0
+    step_seconds: list[float] = field(default_factory=list)
+    checkpoint_iteration: int | None = None  # iteration of the newest checkpoint on disk
+
+
+def _save_checkpoint(store: Store, version: ArtifactVersion, distiller: Distiller, session: _Session) -> None:
+    store_lib.save_state(version.checkpoint_path, distiller.state_dict())
+    session.checkpoint_iteration = distiller.iteration
+    store.update_manifest(
+        version,
+        iterations_done=distiller.iteration,
+        checkpoint_iteration=distiller.iteration,
+        loss_curve=distiller.loss_curve,
+    )
+
+
+def _obtain_pool(store: Store, version: ArtifactVersion, spec: PoolSpec, dataset: ImageDataset,
+                 device: torch.device, emit: JobCallback, session: _Session):
+    key = spec.key()
+    cache_dir = store.pool_dir(key)
+    cached = (cache_dir / "pool.safetensors").exists()
+    if cached:
+        _log(emit, f"pool: reusing {spec.size} cached feature extractor(s) ({key})")
+    else:
+        _log(emit, f"pool: training {spec.size} feature extractor(s) for {spec.epochs} epoch(s) each ({key})")
+
+    def on_progress(member: int, epoch: int, loss: float) -> None:
+        emit({"stage": "pool", "member": member, "members": spec.size, "epoch": epoch,
+              "epochs": spec.epochs, "loss": float(loss)})
+
+    started = time.perf_counter()
+    pool, from_cache = load_or_train_pool(spec, dataset, device, cache_dir=cache_dir, on_progress=on_progress)
+    session.pool_seconds = time.perf_counter() - started
+    store.update_manifest(
+        version,
+        pool={"key": key, "cached": bool(from_cache), "size": spec.size, "epochs": spec.epochs,
+              "seconds": session.pool_seconds, "test_accuracy": list(pool.test_accuracy)},
+    )
+    return pool
+
+
+def _distill_into(
+    store: Store,
+    version: ArtifactVersion,
+    config: DistillConfig,
+    dataset: ImageDataset,
+    spec: PoolSpec,
+    device: torch.device,
+    *,
+    target: int,
+    checkpoint_every: int,
+    state: dict | None,
+    emit: JobCallback,
+) -> ArtifactVersion:
+    """Build the pool and the distiller (from ``state`` if given), iterate to ``target`` with
+    checkpoints, then write the results. The caller holds the version's run lock."""
+    # A resumed run already has a checkpoint on disk: an interrupt before the first new one
+    # must not claim otherwise.
+    session = _Session(checkpoint_iteration=None if state is None else int(state["iteration"]))
+    distiller: Distiller | None = None
+    consistent = False  # True while the distiller sits between two iterations
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        store.update_manifest(
+            version, status="running", error=None, interrupted=False, iterations_target=target,
+            process={"pid": os.getpid(), "host": socket.gethostname()},
+        )
+        pool = _obtain_pool(store, version, spec, dataset, device, emit, session)
+        distiller = Distiller(config, dataset, pool, device)
+        if state is not None:
+            distiller.load_state_dict(state)
+            session.checkpoint_iteration = distiller.iteration
+            _log(emit, f"continuing {version.ref} from iteration {distiller.iteration}")
+        if distiller.iteration > target:
+            raise ConfigError(
+                f"{version.ref} is already at iteration {distiller.iteration}; --iterations must be at least that"
+            )
+        consistent = True
+        _log(emit, f"distilling {version.ref}: iterations {distiller.iteration} -> {target} on {device}")
+        with _interrupt_between_iterations() as interrupt:
+            while distiller.iteration < target:
+                if interrupt["requested"]:
+                    raise KeyboardInterrupt
+                consistent = False
+                metrics = distiller.step()
+                consistent = True
+                session.step_seconds.append(metrics["seconds"])
+                emit({"stage": "distill", "total": target, **metrics})
+                if distiller.iteration % checkpoint_every == 0 and distiller.iteration < target:
+                    _save_checkpoint(store, version, distiller, session)
+                    emit({"stage": "checkpoint", "iteration": distiller.iteration,
+                          "path": str(version.checkpoint_path)})
+            if interrupt["requested"]:
+                raise KeyboardInterrupt
+            _finish(store, version, distiller, dataset, device, session)
+    except BaseException as err:
+        _record_failure(store, version, distiller if consistent else None, session, err)
+        if isinstance(err, KeyboardInterrupt) and not isinstance(err, JobInterrupted):
+            raise JobInterrupted(version, session.checkpoint_iteration) from None
+        raise
+    return version
+
+
+def _record_failure(store: Store, version: ArtifactVersion, distiller: Distiller | None,
+                    session: _Session, err: BaseException) -> None:
+    """Keep what can be kept; never let bookkeeping hide the original error."""
+    interrupted = isinstance(err, KeyboardInterrupt)
+    if distiller is not None and distiller.iteration != session.checkpoint_iteration:
+        with contextlib.suppress(Exception):
+            _save_checkpoint(store, version, distiller, session)
+    message = "interrupted (Ctrl-C)" if interrupted else f"{type(err).__name__}: {_one_line(err)}"
+    with contextlib.suppress(Exception):
+        timings = _accumulated_timings(version.manifest(), session)
+        store.update_manifest(version, status="failed", error=message, interrupted=interrupted,
+                              failed=_utc_now(), timings=timings)
+
+
+def _accumulated_timings(manifest: dict, session: _Session) -> dict[str, Any]:
+    """Timings of ``manifest`` plus this session: totals add up over every session (the distill
+    and each resume) that worked on the version; the median is over the last session only."""
+    old = manifest.get("timings") if isinstance(manifest.get("timings"), dict) else {}
+    median = statistics.median(session.step_seconds) if session.step_seconds else None
+    return {
+        "seconds": float(old.get("seconds", 0.0)) + (time.perf_counter() - session.started),
+        "pool_seconds": float(old.get("pool_seconds", 0.0)) + session.pool_seconds,
+        "sessions": int(old.get("sessions", 0)) + 1,
+        "seconds_per_iteration_median": median if median is not None else old.get("seconds_per_iteration_median"),
+    }
+
+
+def _finish(store: Store, version: ArtifactVersion, distiller: Distiller, dataset: ImageDataset,
+            device: torch.device, session: _Session) -> None:
+    """Write synset, sampler and the final checkpoint, then mark the manifest complete (last, so a
+    crash in between leaves a version that is not complete and can be resumed)."""
+    config = distiller.config
+    images, labels = distiller.synthetic_set()
+    store_lib.save_tensors(
+        version.synset_path,
+        {"images": images.to(torch.float32).contiguous(), "labels": labels.to(torch.int64).contiguous()},
+        {
+            "format": SYNSET_FORMAT,
+            "factor": str(config.factor),
+            "ipc": str(config.ipc),
+            "num_classes": str(dataset.num_classes),
+            "image_size": str(dataset.image_size),
+            "channels": str(dataset.channels),
+            "class_names": json.dumps(list(dataset.class_names)),
+        },
+    )
+    sampler = distiller.sampler_tensors()
+    # Without a learned psi the file is still written (no tensors), so every complete version
+    # has the same files; its metadata says which sampler the run used.
+    store_lib.save_tensors(
+        version.sampler_path,
+        sampler,
+        {"format": SAMPLER_FORMAT, "kind": "mixture" if sampler else "gaussian",
+         "num_freqs": str(config.num_freqs)},
+    )
+    if distiller.iteration != session.checkpoint_iteration:
+        store_lib.save_state(version.checkpoint_path, distiller.state_dict())
+        session.checkpoint_iteration = distiller.iteration
+
+    previous = version.manifest()
+    peak_bytes, peak_source = _peak_memory(device)
+    old_peak = previous.get("peak_memory_bytes")
+    if isinstance(old_peak, int) and peak_bytes is not None:
+        peak_bytes = max(peak_bytes, old_peak)
+    final_loss = distiller.loss_curve[-1][1] if distiller.loss_curve else None
+    store.update_manifest(
+        version,
+        status="complete",
+        error=None,
+        interrupted=False,
+        iterations_done=distiller.iteration,
+        checkpoint_iteration=distiller.iteration,
+        finished=_utc_now(),
+        timings=_accumulated_timings(previous, session),
+        peak_memory_bytes=peak_bytes,
+        peak_memory_source=peak_source,
+        loss_curve=distiller.loss_curve,
+        final_loss=final_loss,
+        synset={"file": store_lib.SYNSET_FILE, "stored_images": int(images.shape[0]),
+                "shape": list(images.shape), "factor": config.factor,
+                "decoded_images": int(images.shape[0]) * config.factor**2},
+        sampler={"file": store_lib.SAMPLER_FILE, "learned": bool(sampler)},
+    )
+
+
+# ----------------------------------------------------------------------------- distill, resume
+
+
+def _initial_manifest(config: DistillConfig, dataset: ImageDataset, device: torch.device, reason: str,
+                      checkpoint_every: int, parent: str | None) -> dict[str, Any]:
+    return {
+        "kind": "ncfm-synset",
+        "config": config.to_dict(),
+        "dataset": _dataset_record(config, dataset),
+        "seed": config.seed,
+        "versions": _software_versions(),
+        "device": str(device),
+        "device_reason": reason,
+        "status": "running",
+        "iterations_done": 0,
+        "iterations_target": config.iterations,
+        "checkpoint_every": checkpoint_every,
+        "checkpoint_iteration": None,
+        "parent": parent,
+        "evals": [],
+    }
+
+
+def _check_checkpoint_every(checkpoint_every: int) -> int:
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ConfigError(f"--checkpoint-every must be a positive integer, got {checkpoint_every!r}")
+    return checkpoint_every
+
+
+def distill_job(
+    store: Store,
+    config: DistillConfig,
+    *,
+    name: str | None = None,
+    device: str = "auto",
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+    callback: JobCallback | None = None,
+) -> ArtifactVersion:
+    """Distill ``config.dataset`` into a new version of ``name`` (default ``<dataset>-ipc<IPC>``).
+
+    Everything that can be checked before any work is checked first (name, dataset, IPC, factor,
+    network, device), so bad input leaves nothing behind. Returns the complete version.
+    Raises :class:`JobInterrupted` on Ctrl-C (after checkpointing), ``NcfmError`` subclasses for
+    bad input, and re-raises anything else after marking the version failed.
+    """
+    emit = _emitter(callback)
+    checkpoint_every = _check_checkpoint_every(checkpoint_every)
+    name = store_lib.validate_name(name) if name is not None else default_artifact_name(config.dataset, config.ipc)
+    dataset = _load_dataset(config)
+    spec = PoolSpec.from_config(config, dataset)
+    _validate_job(config, dataset, spec)
+    torch_device, reason = resolve_device(device)
+    version = store.create_version(
+        name, _initial_manifest(config, dataset, torch_device, reason, checkpoint_every, parent=None)
+    )
+    emit({"stage": "created", "artifact": version.ref, "path": str(version.path)})
+    _log(emit, f"created {version.ref} at {version.path}")
+    with _run_lock(version):
+        return _distill_into(store, version, config, dataset, spec, torch_device, target=config.iterations,
+                             checkpoint_every=checkpoint_every, state=None, emit=emit)
+
+
+def _resolve_any_status(store: Store, ref: str) -> ArtifactVersion:
+    """Like ``Store.resolve``, except that a bare name means its newest version whatever its
+    status: that is the one a user who pressed Ctrl-C wants to continue."""
+    if "@" not in ref and "/" not in ref and not (Path(ref).expanduser() / store_lib.MANIFEST_FILE).is_file():
+        versions = store.versions(store_lib.validate_name(ref))
+        if versions:
+            return versions[-1]
+    return store.resolve(ref)
+
+
+def _resume_device(requested: str, manifest: dict) -> tuple[torch.device, str]:
+    recorded = str(manifest.get("device") or "cpu")
+    if requested == "auto":
+        # A checkpoint's generator state belongs to its device type: prefer the recorded device.
+        try:
+            return resolve_device(recorded)[0], f"auto: {recorded}, where this run started"
+        except ConfigError:
+            return resolve_device("auto")
+    return resolve_device(requested)
+
+
+def _config_from_manifest(version: ArtifactVersion, manifest: dict) -> DistillConfig:
+    raw = manifest.get("config")
+    if not isinstance(raw, dict):
+        raise CorruptArtifactError(f"{version.manifest_path}: has no config; this version cannot be resumed")
+    try:
+        return DistillConfig.from_dict(raw)
+    except TypeError as err:
+        raise CorruptArtifactError(f"{version.manifest_path}: invalid config ({_one_line(err)})") from None
+
+
+def resume_job(
+    store: Store,
+    ref: str,
+    *,
+    iterations: int | None = None,
+    device: str = "auto",
+    data_dir: str | None = None,
+    callback: JobCallback | None = None,
+) -> ArtifactVersion:
+    """Continue a distillation.
+
+    An unfinished version (running but dead, failed, interrupted) continues in place from its
+    checkpoint (from scratch if it has none) to its target, or to ``iterations`` if given. A
+    complete version with ``iterations`` above its count is extended into a NEW version whose
+    ``parent`` is the old one. A complete version with nothing to do is returned unchanged (a
+    warning event says so). ``data_dir`` overrides where the dataset is read; its fingerprint
+    must match the manifest's. Returns the version that holds the result.
+    """
+    emit = _emitter(callback)
+    if iterations is not None and (isinstance(iterations, bool) or iterations < 0):
+        raise ConfigError(f"--iterations must be >= 0, got {iterations!r}")
+    version = _resolve_any_status(store, ref)
+    manifest = version.manifest()
+    config = _config_from_manifest(version, manifest)
+    done = int(manifest.get("iterations_done") or 0)
+    complete = manifest.get("status") == "complete"
+
+    if iterations is not None and iterations < done:
+        raise ConfigError(f"{version.ref} already has {done} iterations; --iterations must be at least that")
+    if complete and (iterations is None or iterations == done):
+        _log(emit, f"{version.ref} is already complete at {done} iterations; "
+                   f"pass --iterations N (N > {done}) to continue it into a new version", level="warning")
+        return version
+
+    dataset = _load_dataset(config, data_dir)
+    _check_fingerprint(version, manifest, dataset)
+    torch_device, reason = _resume_device(device, manifest)
+    checkpoint_every = _check_checkpoint_every(int(manifest.get("checkpoint_every") or DEFAULT_CHECKPOINT_EVERY))
+    recorded_device = str(manifest.get("device") or "cpu")
+    if version.checkpoint_path.exists() and torch.device(recorded_device).type != torch_device.type:
+        raise ConfigError(
+            f"{version.ref} was checkpointed on {recorded_device}; resume it with --device {recorded_device} "
+            f"(random-number states do not carry across device types)"
+        )
+
+    if complete:
+        if not version.checkpoint_path.exists():
+            raise NotFoundError(f"{version.checkpoint_path}: file not found; cannot extend {version.ref} without it")
+        state = _load_distiller_state(version)
+        target = int(iterations)
+        config = config.replace(iterations=target)
+        spec = PoolSpec.from_config(config, dataset)
+        _validate_job(config, dataset, spec)
+        new_manifest = _initial_manifest(config, dataset, torch_device, reason, checkpoint_every, parent=version.ref)
+        new_manifest.update(iterations_done=done, checkpoint_iteration=done)
+        child = store.create_version(version.name, new_manifest)
+        # The child starts with a copy of the parent's checkpoint, so it can itself be resumed
+        # even if it dies before writing a checkpoint of its own.
+        store_lib.atomic_write_bytes(child.checkpoint_path, version.checkpoint_path.read_bytes())
+        emit({"stage": "created", "artifact": child.ref, "path": str(child.path)})
+        _log(emit, f"extending {version.ref} from {done} to {target} iterations as {child.ref}")
+        with _run_lock(child):
+            return _distill_into(store, child, config, dataset, spec, torch_device, target=target,
+                                 checkpoint_every=checkpoint_every, state=state, emit=emit)
+
+    target = int(iterations) if iterations is not None else int(manifest.get("iterations_target") or config.iterations)
+    if target != config.iterations:
+        config = config.replace(iterations=target)
+    spec = PoolSpec.from_config(config, dataset)
+    _validate_job(config, dataset, spec)
+    with _run_lock(version):
+        # Read the checkpoint only once we own the version: before, a live run could still replace it.
+        state = _load_distiller_state(version) if version.checkpoint_path.exists() else None
+        store.update_manifest(version, config=config.to_dict(), device=str(torch_device), device_reason=reason)
+        if state is None:
+            _log(emit, f"{version.ref} has no checkpoint; starting it again from iteration 0", level="warning")
+            store.update_manifest(version, iterations_done=0, checkpoint_iteration=None)
+        return _distill_into(store, version, config, dataset, spec, torch_device, target=target,
+                             checkpoint_every=checkpoint_every, state=state, emit=emit)
+
+
+def _load_distiller_state(version: ArtifactVersion) -> dict:
+    state = store_lib.load_state(version.checkpoint_path)
+    if not isinstance(state, dict) or "iteration" not in state or "images" not in state:
+        raise CorruptArtifactError(f"{version.checkpoint_path}: not a distiller state; restore or delete this file")
+    return state
+
+
+# ----------------------------------------------------------------------------- synthetic sets
+
+
+@dataclass(frozen=True)
+class SyntheticSet:
+    """A loaded ``synset.safetensors``: stored images (M, C, H, W) float32 in [0, 1], labels (M,)."""
+
+    images: Tensor
+    labels: Tensor
+    factor: int
+    ipc: int
+    class_names: tuple[str, ...]
+    path: Path
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def load_synset(path: Path) -> SyntheticSet:
+    """Load and validate a synthetic set. ``NotFoundError`` if the file is missing; anything
+    else wrong (not safetensors, truncated, wrong tensors, shapes, dtypes, metadata, values)
+    is a one-line ``CorruptArtifactError`` naming the file."""
+    path = Path(path)
+    tensors, meta = store_lib.load_tensors(
+        path, {"images": ((None, None, None, None), torch.float32), "labels": ((None,), torch.int64)}
+    )
+
+    def corrupt(reason: str) -> CorruptArtifactError:
+        return CorruptArtifactError(f"{path}: {reason}; restore or delete this file")
+
+    if meta.get("format") != SYNSET_FORMAT:
+        raise corrupt(f"not an ncfm synthetic set (format {meta.get('format')!r}, expected {SYNSET_FORMAT!r})")
+    try:
+        numbers = {key: int(meta[key]) for key in ("factor", "ipc", "num_classes", "image_size", "channels")}
+        class_names = json.loads(meta["class_names"])
+    except (KeyError, ValueError) as err:
+        raise corrupt(f"missing or malformed metadata ({_one_line(err)})") from None
+    if not (isinstance(class_names, list) and all(isinstance(n, str) for n in class_names)):
+        raise corrupt("metadata class_names is not a list of strings")
+    if len(class_names) != numbers["num_classes"] or min(numbers.values()) < 1:
+        raise corrupt("inconsistent metadata (class count, factor or IPC)")
+    images, labels = tensors["images"], tensors["labels"]
+    expected_shape = (numbers["num_classes"] * numbers["ipc"], numbers["channels"],
+                      numbers["image_size"], numbers["image_size"])
+    if tuple(images.shape) != expected_shape:
+        raise corrupt(f"tensor 'images' has shape {tuple(images.shape)}, expected {expected_shape}")
+    if tuple(labels.shape) != (expected_shape[0],):
+        raise corrupt(f"tensor 'labels' has shape {tuple(labels.shape)}, expected ({expected_shape[0]},)")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= numbers["num_classes"]):
+        raise corrupt(f"labels outside [0, {numbers['num_classes']})")
+    if not bool(torch.isfinite(images).all()):
+        raise corrupt("images contain NaN or infinity")
+    if images.numel() and (float(images.min()) < 0.0 or float(images.max()) > 1.0):
+        raise corrupt("pixel values outside [0, 1]")
+    return SyntheticSet(images, labels, numbers["factor"], numbers["ipc"], tuple(class_names), path)
+
+
+def _complete_synset(version: ArtifactVersion, manifest: dict) -> SyntheticSet:
+    if manifest.get("status") != "complete":
+        raise NotFoundError(
+            f"{version.ref} is {manifest.get('status', 'unknown')}, so it has no synthetic set yet; "
+            f"finish it with `ncfm resume {version.ref}`"
+        )
+    return load_synset(version.synset_path)
+
+
+# ----------------------------------------------------------------------------- eval, export
+
+
+def eval_job(
+    store: Store,
+    ref: str,
+    eval_config: EvalConfig,
+    device: str = "auto",
+    callback: JobCallback | None = None,
+    *,
+    data_dir: str | None = None,
+) -> dict[str, Any]:
+    """Train ``eval_config.repeats`` fresh networks on the synthetic set of ``ref`` and test them on
+    the real test set. Appends ``{protocol, accuracy {mean, std, runs}, seconds, created, device}``
+    to the manifest's ``evals`` and returns that record plus ``artifact`` and ``path``.
+    Accuracies are fractions in [0, 1]."""
+    emit = _emitter(callback)
+    version = store.resolve(ref)
+    manifest = version.manifest()
+    synset = _complete_synset(version, manifest)
+    config = _config_from_manifest(version, manifest)
+    dataset = _load_dataset(config, data_dir)
+    _check_fingerprint(version, manifest, dataset)
+    if synset.num_classes != dataset.num_classes or tuple(synset.images.shape[1:]) != (
+        dataset.channels, dataset.image_size, dataset.image_size
+    ):
+        raise CorruptArtifactError(f"{synset.path}: does not match dataset '{config.dataset}'; restore or delete this file")
+    torch_device, _ = resolve_device(device)
+    _log(emit, f"evaluating {version.ref}: {eval_config.repeats} x {eval_config.model} for "
+               f"{eval_config.epochs} epochs on {torch_device}")
+
+    def on_repeat(repeat: int, accuracy: float) -> None:
+        emit({"stage": "eval", "repeat": repeat, "repeats": eval_config.repeats, "accuracy": float(accuracy)})
+
+    result = evaluate_synset(synset.images, synset.labels, synset.factor, dataset, eval_config,
+                             torch_device, on_repeat=on_repeat)
+    record = {
+        "protocol": dict(result.protocol),
+        "accuracy": {"mean": float(result.mean), "std": float(result.std), "runs": [float(r) for r in result.runs]},
+        "seconds": float(result.seconds),
+        "created": _utc_now(),
+        "device": str(torch_device),
+        "seeds": list(result.seeds),
+        "training": result.training,
+        "train_set": dict(result.train_set),
+    }
+    store.append_eval(version, record)
+    return {"artifact": version.ref, "path": str(version.path), **record}
+
+
+def export_job(
+    store: Store,
+    ref: str,
+    fmt: str,
+    out_dir: Path | str,
+    *,
+    decoded: bool = False,
+) -> dict[str, Any]:
+    """Write the synthetic set of ``ref`` under ``out_dir`` in format ``fmt`` (see
+    ``ncfm_core.export``). Returns ``{artifact, path, format, decoded, out, files}``."""
+    version = store.resolve(ref)
+    synset = _complete_synset(version, version.manifest())
+    files = export_synset(synset.images, synset.labels, synset.class_names, Path(out_dir), fmt,
+                          factor=synset.factor, decoded=decoded)
+    return {
+        "artifact": version.ref,
+        "path": str(version.path),
+        "format": fmt,
+        "decoded": decoded,
+        "out": str(Path(out_dir).absolute()),
+        "files": [str(f) for f in files],
+    }
+
+
+# ----------------------------------------------------------------------------- inspect, list
+
+
+def _file_sizes(directory: Path) -> dict[str, int]:
+    sizes = {}
+    for path in sorted(directory.rglob("*")):
+        relative = path.relative_to(directory)
+        if path.is_file() and not any(part.startswith(".") for part in relative.parts) and not path.name.endswith(".tmp"):
+            sizes[relative.as_posix()] = path.stat().st_size
+    return sizes
+
+
+def inspect_job(store: Store, ref: str) -> dict[str, Any]:
+    """The manifest of ``ref`` plus ``artifact`` (name@vN), ``path`` and ``file_sizes``
+    (path relative to the version directory -> bytes)."""
+    version = store.resolve(ref)
+    result = dict(version.manifest())
+    result.update(artifact=version.ref, path=str(version.path), file_sizes=_file_sizes(version.path))
+    return result
+
+
+def _last_accuracy(manifest: dict) -> float | None:
+    evals = manifest.get("evals")
+    if not isinstance(evals, list) or not evals or not isinstance(evals[-1], dict):
+        return None
+    mean = (evals[-1].get("accuracy") or {}).get("mean")
+    return float(mean) if isinstance(mean, (int, float)) and math.isfinite(mean) else None
+
+
+def list_job(store: Store) -> dict[str, Any]:
+    """Every version in the store: ``{"artifacts": [row, ...], "warnings": [str, ...]}``; a row is
+    ``{artifact, name, version, status, dataset, ipc, iterations_done, iterations_target,
+    accuracy (last eval's mean or None), evals, created, path}``. Unreadable versions become
+    warnings instead of errors."""
+    found, warnings = store.scan()
+    rows = []
+    for version, manifest in found:
+        config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
+        if not config:
+            warnings.append(f"{version.ref}: {version.manifest_path} has no config; not an ncfm distillation?")
+        evals = manifest.get("evals")
+        rows.append({
+            "artifact": version.ref,
+            "name": version.name,
+            "version": version.version,
+            "status": str(manifest.get("status", "unknown")),
+            "dataset": config.get("dataset"),
+            "ipc": config.get("ipc"),
+            "iterations_done": manifest.get("iterations_done"),
+            "iterations_target": manifest.get("iterations_target"),
+            "accuracy": _last_accuracy(manifest),
+            "evals": len(evals) if isinstance(evals, list) else 0,
+            "created": manifest.get("created"),
+            "path": str(version.path),
+        })
+    return {"store": str(store.root), "artifacts": rows, "warnings": warnings}
+
+
+def artifact_summary(version: ArtifactVersion) -> dict[str, Any]:
+    """What ``ncfm distill`` / ``ncfm resume`` report: ``{artifact, path, status, iterations,
+    iterations_target, seconds, peak_memory_bytes, peak_memory_source, dataset, ipc, parent,
+    pool_cached}``."""
+    manifest = version.manifest()
+    timings = manifest.get("timings") if isinstance(manifest.get("timings"), dict) else {}
+    config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
+    pool = manifest.get("pool") if isinstance(manifest.get("pool"), dict) else {}
+    return {
+        "artifact": version.ref,
+        "path": str(version.path),
+        "status": manifest.get("status"),
+        "iterations": manifest.get("iterations_done"),
+        "iterations_target": manifest.get("iterations_target"),
+        "seconds": timings.get("seconds"),
+        "peak_memory_bytes": manifest.get("peak_memory_bytes"),
+        "peak_memory_source": manifest.get("peak_memory_source"),
+        "dataset": config.get("dataset"),
+        "ipc": config.get("ipc"),
+        "parent": manifest.get("parent"),
+        "pool_cached": pool.get("cached"),
+    }
+
+
+__all__ = [
+    "DEFAULT_CHECKPOINT_EVERY",
+    "JobInterrupted",
+    "SyntheticSet",
+    "artifact_summary",
+    "default_artifact_name",
+    "distill_job",
+    "eval_job",
+    "export_job",
+    "inspect_job",
+    "list_job",
+    "load_synset",
+    "resume_job",
+]
