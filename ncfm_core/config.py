@@ -14,6 +14,7 @@ from typing import Any
 from ncfm_core.errors import ConfigError
 
 MATCHING_MODES = ("ncfm", "mmd")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,12 @@ class DistillConfig:
     # run
     seed: int = 0
     real_chunk: int | None = None  # real images per no-grad forward chunk (None: planner decides)
+    # memory plan and speed (ncfm_core.budget fills these in to fit a budget)
+    class_chunk: int | None = None  # classes per synthetic forward/backward (None: all at once)
+    precision: str = "auto"  # network forwards: auto | fp32 | bf16 | fp16 autocast; CF maths stay fp32
+    activation_checkpointing: bool = False  # recompute activations (and psi's real features), not store
+    channels_last: bool | None = None  # NHWC memory format for the networks (None: the measured default, off)
+    compile: bool = False  # torch.compile the extractor blocks; falls back to eager if compiling fails
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -132,6 +139,8 @@ def validate(config: DistillConfig) -> DistillConfig:
         (config.matching in MATCHING_MODES, f"--matching must be one of {', '.join(MATCHING_MODES)}"),
         (config.real_chunk is None or config.real_chunk >= 1, "--real-chunk must be >= 1"),
         (config.num_components is None or config.num_components >= 1, "--components must be >= 1"),
+        (config.class_chunk is None or config.class_chunk >= 1, "--class-chunk must be >= 1"),
+        (config.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
     ]
     for ok, message in checks:
         if not ok:

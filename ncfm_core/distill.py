@@ -3,34 +3,48 @@
 One iteration (DESIGN.md, "Data flow"):
 
 1. pick a pool member and ``beta ~ U(0, 1)``; blend its weights into the extractor in place;
-2. draw ``real_per_class`` real images of every class (one vectorised op) and one DSA draw per
-   class, shared by the real and the synthetic images of that class;
-3. real side: features in no-grad chunks, per-class characteristic functions accumulated
-   chunk by chunk (memory bounded by the chunk);
-4. synthetic side: decode the multi-formation images, one forward for all classes, per-class CFs;
-5. per-class NCFD summed (plus the calibration cross-entropy under the member's trained
-   weights); ONE backward: the images descend, and psi, whose frequencies pass through a
-   gradient-reversal node, ascends; one optimiser step each; clamp pixels to [0, 1].
+2. draw ``real_per_class`` real images of every class (one vectorised op), one DSA draw per
+   class (shared by the real and the synthetic images of that class) and the frequencies;
+3. real side, no grad, chunk by chunk: features, then per-class sums of cos/sin accumulated in
+   float64 (memory bounded by the chunk); with psi the features are kept (or, with
+   checkpointing, recomputed later) for psi's gradient;
+4. synthetic side, ``class_chunk`` classes at a time: decode the multi-formation images, augment,
+   one forward, per-class CFs, per-class NCFD (plus the calibration cross-entropy), and a backward
+   that accumulates the images' gradient and the frequencies' gradient. The loss is a sum over
+   classes and the real CF does not depend on the synthetic side, so the groups' gradients add
+   up to the gradient of the whole loss;
+5. psi's gradient through the real CF (closed form, chunked), added to the frequencies' gradient,
+   then ONE backward through the sampler with the sign reversed: psi ascends what the images
+   descend; one optimiser step each; clamp pixels to [0, 1].
 
 Every random number comes from one generator whose state is part of :meth:`state_dict`, so a run
 continued from a saved state ends with exactly the images of an uninterrupted run (on CPU).
+
+Precision: with bf16/fp16 only the network forwards run under autocast. Features are cast to
+float32 before the CF maths, which always run in float32: ``<t, f>`` reaches tens of radians
+once psi scales the frequencies up (scales up to 20), and bf16 keeps 8 bits of mantissa, so at
+|x| ~ 32 neighbouring bf16 values are 0.25 rad apart and cos/sin of such an argument is noise.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ncfm_core import augment, cf
+from ncfm_core.budget import resolve_precision
 from ncfm_core.config import DistillConfig
 from ncfm_core.data import ImageDataset
-from ncfm_core.errors import CorruptArtifactError
+from ncfm_core.errors import ConfigError, CorruptArtifactError
+from ncfm_core.models import ConvNet
 from ncfm_core.pool import Pool
 from ncfm_core.sampler import GaussianSampler, MixtureSampler, reverse_gradient
 from ncfm_core.synset import check_factor, decode_synset, init_synset
@@ -40,12 +54,113 @@ ProgressCallback = Callable[[dict[str, Any]], None]
 STATE_FORMAT = 1
 DEFAULT_REAL_CHUNK = 2048
 LOSS_LOG_EVERY = 10  # iterations per point of the stored loss curve
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ----------------------------------------------------------------------------- CF pieces
+# The real and synthetic feature sets are class-major with the same number of rows per class
+# (``per_class``), so per-class sums are reshapes, not scatters: no atomics (deterministic on
+# CUDA too) and no bincount (which would force a host sync on CUDA).
+
+
+def class_row_sums(values: Tensor, start_row: int, per_class: int) -> tuple[int, Tensor]:
+    """Per-class sums of a chunk of a class-major array.
+
+    ``values`` (n, k) are rows ``[start_row, start_row + n)`` of an array holding ``per_class``
+    rows per class; the chunk must be whole classes or lie inside one class. Returns
+    (first class, sums (classes in the chunk, k)).
+    """
+    n = values.shape[0]
+    first = start_row // per_class
+    if start_row % per_class == 0 and n % per_class == 0:
+        return first, values.reshape(n // per_class, per_class, -1).sum(dim=1)
+    if (start_row + n - 1) // per_class != first:
+        raise ValueError(f"chunk [{start_row}, {start_row + n}) neither covers whole classes nor stays in one")
+    return first, values.sum(dim=0, keepdim=True)
+
+
+def cf_chunk_sums(features: Tensor, freqs: Tensor, start_row: int, per_class: int) -> tuple[int, Tensor, Tensor]:
+    """Per-class sums of cos and sin of ``features @ freqs.T`` for one chunk.
+
+    features (n, d), freqs (F, d) -> (first class, cos sums (k, F), sin sums (k, F)), ``k`` the
+    classes the chunk touches (see :func:`class_row_sums`). Dividing the accumulated sums by
+    ``per_class`` gives the per-class CF of :func:`ncfm_core.cf.cf_embed_per_class`.
+    """
+    projections = features @ freqs.T  # (n, F)
+    first, cos_sums = class_row_sums(torch.cos(projections), start_row, per_class)
+    _, sin_sums = class_row_sums(torch.sin(projections), start_row, per_class)
+    return first, cos_sums, sin_sums
+
+
+def cf_chunk_freq_grad(
+    features: Tensor, freqs: Tensor, start_row: int, per_class: int, grad_re: Tensor, grad_im: Tensor
+) -> Tensor:
+    """One chunk's share of the gradient w.r.t. ``freqs`` of ``sum(grad_re * re + grad_im * im)``,
+    where (re, im) (C, F) is the per-class CF of the whole class-major set.
+
+    ``re[c, f] = mean_{i in c} cos(<t_f, x_i>)``, so ``d re[c, f] / d t_f = -mean sin(.) x_i`` and
+    ``d im[c, f] / d t_f = mean cos(.) x_i``: the gradient is ``W.T @ X`` with
+    ``W[i, f] = (-grad_re[c_i, f] sin(p_if) + grad_im[c_i, f] cos(p_if)) / per_class``.
+    features (n, d), freqs (F, d), grad_re and grad_im (C, F) -> (F, d). Summing over chunks
+    gives the full gradient using (n, F) memory per chunk instead of an autograd graph over all
+    rows.
+    """
+    n = features.shape[0]
+    projections = features @ freqs.T  # (n, F)
+    first = start_row // per_class
+    if start_row % per_class == 0 and n % per_class == 0:
+        k = n // per_class
+        g_re = grad_re[first : first + k, None, :]  # (k, 1, F)
+        g_im = grad_im[first : first + k, None, :]
+        shape = (k, per_class, -1)
+        weights = -g_re * torch.sin(projections).reshape(shape) + g_im * torch.cos(projections).reshape(shape)
+        weights = weights.reshape(n, -1)
+    else:
+        if (start_row + n - 1) // per_class != first:
+            raise ValueError(f"chunk [{start_row}, {start_row + n}) neither covers whole classes nor stays in one")
+        weights = -grad_re[first] * torch.sin(projections) + grad_im[first] * torch.cos(projections)
+    return (weights / per_class).T @ features
+
+
+def chunk_bounds(num_classes: int, per_class: int, chunk: int) -> list[tuple[int, int]]:
+    """Row ranges of at most ``chunk`` rows over a class-major array, each whole classes (when
+    ``chunk >= per_class``) or inside one class (split into equal pieces)."""
+    if chunk >= per_class:
+        step = chunk // per_class
+        return [(c * per_class, min(c + step, num_classes) * per_class) for c in range(0, num_classes, step)]
+    pieces = -(-per_class // chunk)
+    size = -(-per_class // pieces)
+    return [
+        (c * per_class + s, c * per_class + min(s + size, per_class))
+        for c in range(num_classes)
+        for s in range(0, per_class, size)
+    ]
+
+
+class _CompiledOrEager:
+    """``torch.compile(module)`` that falls back to the eager module, for good, the first time
+    compiling or running the compiled code raises (no compiler, an unsupported op)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.compiled: Callable[[Tensor], Tensor] | None = torch.compile(module, dynamic=False)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.compiled is not None:
+            try:
+                return self.compiled(x)
+            except Exception as err:  # noqa: BLE001 - any failure of the compiler means: run eagerly
+                warnings.warn(f"torch.compile failed, running eagerly: {type(err).__name__}: {err}", stacklevel=2)
+                self.compiled = None
+        return self.module(x)
 
 
 class Distiller:
     """Holds the synthetic images, psi, both optimisers and the run's generator.
 
     ``dataset`` is moved to ``device`` once; nothing is read from disk inside :meth:`step`.
+    Memory/speed options come from the config: ``real_chunk``, ``class_chunk``, ``precision``,
+    ``activation_checkpointing``, ``channels_last``, ``compile`` (see ``ncfm_core.budget``).
     """
 
     def __init__(self, config: DistillConfig, dataset: ImageDataset, pool: Pool, device: torch.device | str):
@@ -58,19 +173,24 @@ class Distiller:
         augment.parse_strategy(config.dsa_strategy, allow_flip=self.allow_flip)
 
         self.real_images = dataset.train_images.to(self.device)  # uint8 (N, C, H, W)
-        labels = dataset.train_labels.to(self.device)
-        # Class-sorted view of the real set for vectorised per-class sampling.
-        self._sorted_index = torch.argsort(labels, stable=True)
-        self._sorted_labels = labels[self._sorted_index].double()
-        counts = torch.bincount(labels, minlength=self.num_classes)
-        self._class_counts = counts
-        self._class_offsets = torch.cumsum(counts, 0) - counts
+        class_indices = dataset.class_indices()
+        counts = [len(idx) for idx in class_indices]
+        empty = [dataset.class_names[c] for c, n in enumerate(counts) if n == 0]
+        if empty:
+            raise ConfigError(f"class {empty[0]!r} has no training images; every class needs some to distill")
         self.real_per_class = config.real_per_class
+        self._init_real_sampler(class_indices)
 
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        # Member and blend weight drive Python-side choices (which weights to blend): drawing them
+        # from a CPU generator avoids a host sync per iteration on accelerators. On CPU it is the
+        # run's generator itself, so CPU runs draw exactly one stream.
+        self._host_generator = (
+            self.generator if self.device.type == "cpu" else torch.Generator().manual_seed(config.seed + 7919)
+        )
         images, self.labels = init_synset(
             self.real_images,
-            [self._sorted_index[o : o + n] for o, n in zip(self._class_offsets.tolist(), counts.tolist())],
+            [idx.to(self.device) for idx in class_indices],
             config.ipc,
             config.factor,
             config.init,
@@ -83,12 +203,24 @@ class Distiller:
             self.image_optimizer, mode="min", factor=0.5, patience=config.lr_patience
         )
 
+        self.precision = resolve_precision(config.precision, self.device)
+        # None = off. benchmarks/distill_speed.py measured 0.65x to 1.2x on a shared 2-core CPU
+        # (gains under light load only); on CUDA it is not yet measured, and group_norm there has
+        # long converted channels_last inputs back to NCHW. Opt in with channels_last=True.
+        self.channels_last = bool(config.channels_last)
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.pool = pool.to(self.device)
-        self.extractor = pool.spec.build().to(self.device).requires_grad_(False)
-        self.teacher = pool.spec.build().to(self.device).requires_grad_(False)
+        self.extractor = pool.spec.build().to(self.device, memory_format=memory_format).requires_grad_(False)
+        self.teacher = pool.spec.build().to(self.device, memory_format=memory_format).requires_grad_(False)
         self.extractor.eval()
         self.teacher.eval()
         feature_dim = self.extractor.feature_dim
+        # fp16 gradients through the network underflow without loss scaling; bf16 has fp32's range.
+        self.grad_scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        self.checkpointing = bool(config.activation_checkpointing)
+        self._block_fns = {
+            id(net): self._block_functions(net, config.compile) for net in (self.extractor, self.teacher)
+        }
 
         self.learned_sampler = config.sampler and config.matching == "ncfm"
         if self.learned_sampler:
@@ -106,126 +238,288 @@ class Distiller:
             self.sampler_optimizer = None
 
         self.real_chunk = config.real_chunk or DEFAULT_REAL_CHUNK
+        self.class_chunk = min(config.class_chunk or self.num_classes, self.num_classes)
+        self._real_bounds = chunk_bounds(self.num_classes, self.real_per_class, self.real_chunk)
+        self._real_labels = torch.arange(self.num_classes, device=self.device).repeat_interleave(self.real_per_class)
         self.iteration = 0
         self.loss_curve: list[list[float]] = []  # [iteration, mean loss over the last LOSS_LOG_EVERY]
         self._loss_window: list[float] = []
+        # Reading a loss on the host waits for the device. On accelerators the per-iteration
+        # losses stay on the device and are read every LOSS_LOG_EVERY iterations (aligned to the
+        # iteration count, so a resumed run reads them at the same points); on CPU every step.
+        self._sync_every = 1 if self.device.type == "cpu" else LOSS_LOG_EVERY
+        self._pending: list[Tensor] = []  # per unread iteration: (loss, match, calib) on device
+        self._last: dict[str, float | int | None] = {
+            "loss": None, "match_loss": None, "calib_loss": None, "loss_iteration": 0,
+        }
+
+    # -- set-up helpers ----------------------------------------------------------------------
+    def _init_real_sampler(self, class_indices: list[Tensor]) -> None:
+        """Tables for :meth:`_sample_real`: a (C, n_max) table of each class's train indices
+        (padded), the padding mask, and for every batch slot the rank it reads (cycling through
+        a class smaller than the batch)."""
+        counts = torch.tensor([len(idx) for idx in class_indices])
+        n_max = int(counts.max())
+        table = torch.zeros(len(class_indices), n_max, dtype=torch.int64)
+        for c, idx in enumerate(class_indices):
+            table[c, : len(idx)] = idx
+        self._class_table = table.to(self.device)
+        self._padding = (torch.arange(n_max)[None, :] >= counts[:, None]).to(self.device)
+        self._ranks_needed = min(self.real_per_class, n_max)
+        slots = torch.arange(self.real_per_class)[None, :] % counts.clamp(max=self.real_per_class)[:, None]
+        self._slot_rank = slots.to(self.device)  # (C, B)
+
+    def _block_functions(self, net: nn.Module, compile_blocks: bool) -> list[Callable[[Tensor], Tensor]]:
+        """The callables a ConvNet's blocks run through (compiled if asked); [] for other nets.
+        With checkpointing the blocks run eagerly: recomputation re-enters them under autograd
+        hooks, which compiled graphs are not worth the risk for."""
+        if not isinstance(net, ConvNet):
+            return []
+        if compile_blocks and not self.checkpointing:
+            return [_CompiledOrEager(block) for block in net.blocks]
+        return list(net.blocks)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        dtype = _AUTOCAST_DTYPES.get(self.precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     # -- one iteration ---------------------------------------------------------------------
     def _sample_real(self) -> tuple[Tensor, Tensor]:
         """``real_per_class`` indices of every class, distinct while the class has enough.
 
-        Sorting ``label + U(0,1)`` shuffles inside each class in one op; row ``c`` then reads
-        the first ``B`` entries of class ``c``'s segment (cycling if the class is smaller).
-        Returns indices (C*B,) and labels (C*B,).
+        Every train image gets a uniform key; a per-class ``topk`` of the smallest keys is a
+        uniformly random ordered subset of the class, in O(N) rather than the O(N log N) of
+        sorting the whole set. A class smaller than the batch is used whole (in random order)
+        before anything repeats. Returns indices (C*B,) class-major and labels (C*B,).
         """
-        keys = torch.rand(self._sorted_labels.shape, generator=self.generator, device=self.device, dtype=torch.float64)
-        shuffled = self._sorted_index[torch.argsort(self._sorted_labels + keys)]
-        b = self.real_per_class
-        pos = self._class_offsets[:, None] + torch.arange(b, device=self.device)[None, :] % self._class_counts[:, None]
-        labels = torch.arange(self.num_classes, device=self.device).repeat_interleave(b)
-        return shuffled[pos.reshape(-1)], labels
+        keys = torch.rand(
+            self._class_table.shape, generator=self.generator, device=self.device, dtype=torch.float64
+        ).masked_fill_(self._padding, 2.0)  # padding sorts after every real key in [0, 1)
+        ranked = torch.topk(keys, self._ranks_needed, dim=1, largest=False, sorted=True).indices  # (C, k)
+        columns = ranked.gather(1, self._slot_rank)  # (C, B)
+        return self._class_table.gather(1, columns).reshape(-1), self._real_labels
 
-    def _real_features(self, index: Tensor, labels: Tensor, params: dict[str, Tensor]) -> Tensor:
-        """No-grad features of the augmented real images, computed chunk by chunk. (n, d)."""
-        chunks = []
-        with torch.no_grad():
-            for start in range(0, index.numel(), self.real_chunk):
-                idx = index[start : start + self.real_chunk]
-                lab = labels[start : start + self.real_chunk]
-                x = self.real_images[idx].float().div_(255.0)
-                x = augment.apply_params(x, lab, params)
-                chunks.append(self._embed(x))
-        return torch.cat(chunks)
+    def _raw_features(self, net: nn.Module, images: Tensor, *, grad: bool) -> Tensor:
+        """The network's flattened last feature map (B, d), under autocast if asked, with
+        per-block checkpointing when ``grad`` and checkpointing are on."""
+        x = images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+        blocks = self._block_fns[id(net)]
+        with self._autocast():
+            if not blocks:
+                return net.features(x)
+            h = net.normalize(x)
+            for block in blocks:
+                h = checkpoint(block, h, use_reentrant=False) if grad and self.checkpointing else block(h)
+            return h.flatten(1)
 
-    def _embed(self, x: Tensor) -> Tensor:
-        features = self.extractor.features(x)
+    def _embed(self, raw: Tensor) -> Tensor:
+        features = raw.float()  # the CF maths run in float32 (see the module docstring)
         return cf.normalize_features(features) if self.config.normalize_features else features
 
-    def _real_cf(self, features: Tensor, labels: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-class CF (C, F) of the real features.
+    @torch.no_grad()
+    def _real_chunk_features(self, index: Tensor, start: int, end: int, params: dict[str, Tensor]) -> Tensor:
+        """Normalised no-grad features (end - start, d) of real rows [start, end)."""
+        x = self.real_images[index[start:end]].float().div_(255.0)
+        x = augment.apply_params(x, self._real_labels[start:end], params)
+        return self._embed(self._raw_features(self.extractor, x, grad=False))
 
-        With fixed frequencies no graph is needed: a chunked accumulator. With psi, the real CF
-        depends on the frequencies, so each chunk runs under activation checkpointing: only the
-        (n, d) features are kept, the (chunk, F) cos/sin are recomputed in the backward pass.
+    @torch.no_grad()
+    def _real_statistics(
+        self, index: Tensor, params: dict[str, Tensor], freqs: Tensor | None, keep_features: bool
+    ) -> tuple[Tensor, Tensor | None, list[Tensor]]:
+        """Stream the real side chunk by chunk.
+
+        NCFM: per-class CF (re, im), each (C, F) float32 (sums kept in float64). MMD: per-class
+        feature means (C, d) and None. Also the chunks' features when ``keep_features``.
         """
-        c = self.num_classes
-        if not freqs.requires_grad:
-            acc = cf.CFAccumulator(c, freqs.shape[0], device=self.device, dtype=features.dtype)
-            for start in range(0, features.shape[0], self.real_chunk):
-                acc.add(features[start : start + self.real_chunk], labels[start : start + self.real_chunk], freqs)
-            return acc.mean()
-        counts = torch.bincount(labels, minlength=c).clamp_min(1).to(features.dtype)[:, None]
-        re = im = None
-        for start in range(0, features.shape[0], self.real_chunk):
-            f_chunk = features[start : start + self.real_chunk]
-            l_chunk = labels[start : start + self.real_chunk]
-            chunk_counts = torch.bincount(l_chunk, minlength=c).to(features.dtype)[:, None]
-            r, i = checkpoint(cf.cf_embed_per_class, f_chunk, l_chunk, freqs, c, use_reentrant=False)
-            r, i = r * chunk_counts, i * chunk_counts  # means -> sums, so chunks add exactly
-            re, im = (r, i) if re is None else (re + r, im + i)
-        return re / counts, im / counts
+        b = self.real_per_class
+        width = freqs.shape[0] if freqs is not None else self.extractor.feature_dim
+        sums_a = torch.zeros(self.num_classes, width, dtype=torch.float64, device=self.device)
+        sums_b = torch.zeros_like(sums_a) if freqs is not None else None
+        kept = []
+        for start, end in self._real_bounds:
+            features = self._real_chunk_features(index, start, end, params)
+            if keep_features:
+                kept.append(features)
+            if freqs is None:
+                first, sums = class_row_sums(features, start, b)
+                sums_a[first : first + sums.shape[0]] += sums.double()
+            else:
+                first, cos_sums, sin_sums = cf_chunk_sums(features, freqs, start, b)
+                sums_a[first : first + cos_sums.shape[0]] += cos_sums.double()
+                sums_b[first : first + sin_sums.shape[0]] += sin_sums.double()
+        first_stat = (sums_a / b).float()
+        return first_stat, None if sums_b is None else (sums_b / b).float(), kept
 
-    def step(self) -> dict[str, float]:
-        """Run one iteration; returns its metrics."""
+    def _real_freq_grad(
+        self,
+        index: Tensor,
+        params: dict[str, Tensor],
+        freqs: Tensor,
+        kept: list[Tensor],
+        grad_re: Tensor,
+        grad_im: Tensor,
+    ) -> Tensor:
+        """Gradient (F, d) of the loss w.r.t. the frequencies through the real CF, chunk by chunk,
+        from the kept features or (checkpointing) features recomputed with the same weights and
+        augmentation."""
+        total = torch.zeros_like(freqs)
+        with torch.no_grad():
+            for i, (start, end) in enumerate(self._real_bounds):
+                features = kept[i] if kept else self._real_chunk_features(index, start, end, params)
+                total += cf_chunk_freq_grad(features, freqs, start, self.real_per_class, grad_re, grad_im)
+        return total
+
+    def _group_loss(
+        self,
+        images: Tensor,
+        first_class: int,
+        params: dict[str, Tensor],
+        freqs: Tensor | None,
+        real_a: Tensor,
+        real_b: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(loss, match, calibration) of one group of classes; ``images`` are its stored images."""
+        config = self.config
+        k = images.shape[0] // config.ipc
+        labels = self.labels[first_class * config.ipc : (first_class + k) * config.ipc]
+        decoded, syn_labels = decode_synset(images, labels, config.factor)
+        syn_input = augment.apply_params(decoded, syn_labels, params)
+        raw = self._raw_features(self.extractor, syn_input, grad=True)
+        features = self._embed(raw)  # (k * Q, d), class-major, Q = ipc * factor^2 per class
+        per_class_rows = config.ipc * config.factor**2
+        rows = slice(first_class, first_class + k)
+        if freqs is None:
+            syn_means = features.reshape(k, per_class_rows, -1).mean(dim=1)
+            per_class = ((real_a[rows] - syn_means) ** 2).sum(dim=-1)
+        else:
+            projections = features @ freqs.T  # (k * Q, F), float32
+            syn_re = torch.cos(projections).reshape(k, per_class_rows, -1).mean(dim=1)
+            syn_im = torch.sin(projections).reshape(k, per_class_rows, -1).mean(dim=1)
+            per_class = cf.ncfd(real_a[rows], real_b[rows], syn_re, syn_im, alpha=config.alpha)
+        match = config.loss_scale * per_class.sum()
+        calib = torch.zeros((), device=self.device)
+        if config.calib_weight > 0:
+            with self._autocast():
+                logits = self.teacher.classifier(self._raw_features(self.teacher, syn_input, grad=True))
+            # a sum over the group / all synthetic images: the groups add up to the full mean
+            total = self.images.shape[0] * config.factor**2
+            calib = config.calib_weight * F.cross_entropy(logits.float(), syn_labels, reduction="sum") / total
+        return match + calib, match, calib
+
+    def _backward(self, loss: Tensor) -> None:
+        (loss if self.grad_scaler is None else self.grad_scaler.scale(loss)).backward()
+
+    def step(self) -> dict[str, Any]:
+        """Run one iteration; returns its metrics.
+
+        ``loss``, ``match_loss`` and ``calib_loss`` are those of iteration ``loss_iteration``:
+        the current one on CPU; on accelerators the latest one read back (every
+        ``LOSS_LOG_EVERY`` iterations), so the loop never waits for the device to read them
+        (None, with ``loss_iteration`` 0, before the first read; :meth:`read_metrics` reads now).
+        ``seconds`` is the host's wall time for the call (on accelerators the device may still
+        be working; averages over ``LOSS_LOG_EVERY`` iterations are exact).
+        """
         start_time = time.perf_counter()
         config, gen = self.config, self.generator
-        member = int(torch.randint(len(self.pool), (1,), generator=gen, device=self.device))
-        beta = float(torch.rand((), generator=gen, device=self.device))
+        host = self._host_generator
+        member = int(torch.randint(len(self.pool), (1,), generator=host, device=host.device))
+        beta = float(torch.rand((), generator=host, device=host.device))
         self.pool.blend_into(self.extractor, member, beta)
+        if config.calib_weight > 0:
+            self.pool.load_trained_into(self.teacher, member)
 
-        real_index, real_labels = self._sample_real()
+        real_index, _ = self._sample_real()
         params = augment.sample_params(
             config.dsa_strategy, self.num_classes, self.image_size, gen, allow_flip=self.allow_flip
         )
         params = {k: v.to(self.device) for k, v in params.items()}
-        real_features = self._real_features(real_index, real_labels, params)
 
-        decoded, syn_labels = decode_synset(self.images, self.labels, config.factor)
-        syn_input = augment.apply_params(decoded, syn_labels, params)
-        syn_features = self._embed(syn_input)
-
-        if config.matching == "mmd":
-            per_class = cf.mmd_per_class(real_features, real_labels, syn_features, syn_labels, self.num_classes)
-        else:
-            freqs = self.sampler.sample(gen, device=self.device, dtype=syn_features.dtype)
-            if self.learned_sampler:
-                freqs = reverse_gradient(freqs)  # psi ascends what the images descend
-            real_re, real_im = self._real_cf(real_features, real_labels, freqs)
-            syn_re, syn_im = cf.cf_embed_per_class(syn_features, syn_labels, freqs, self.num_classes)
-            per_class = cf.ncfd(real_re, real_im, syn_re, syn_im, alpha=config.alpha)
-        match_loss = config.loss_scale * per_class.sum()
-
-        calib_loss = torch.zeros((), device=self.device)
-        if config.calib_weight > 0:
-            self.pool.load_trained_into(self.teacher, member)
-            calib_loss = config.calib_weight * F.cross_entropy(self.teacher(syn_input), syn_labels)
-        loss = match_loss + calib_loss
+        freqs_source = freqs = None
+        if config.matching == "ncfm":
+            # psi's graph ends here; everything after uses a detached leaf, so the class groups'
+            # backwards only accumulate its .grad and the sampler sees ONE backward at the end.
+            freqs_source = self.sampler.sample(gen, device=self.device, dtype=torch.float32)
+            freqs = freqs_source.detach().requires_grad_(self.learned_sampler)
+        keep = self.learned_sampler and not self.checkpointing
+        fixed_freqs = freqs.detach() if freqs is not None else None
+        real_a, real_b, kept = self._real_statistics(real_index, params, fixed_freqs, keep)
+        if self.learned_sampler:
+            real_a.requires_grad_(True)
+            real_b.requires_grad_(True)
 
         self.image_optimizer.zero_grad(set_to_none=True)
         if self.sampler_optimizer is not None:
             self.sampler_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.image_optimizer.step()
-        if self.sampler_optimizer is not None:
-            self.sampler_optimizer.step()
+        image_grad = torch.empty_like(self.images)
+        totals = torch.zeros(3, device=self.device)
+        stored_per_class = config.ipc
+        for first in range(0, self.num_classes, self.class_chunk):
+            last = min(first + self.class_chunk, self.num_classes)
+            rows = slice(first * stored_per_class, last * stored_per_class)
+            group_images = self.images.detach()[rows].requires_grad_(True)  # a leaf per group
+            loss, match, calib = self._group_loss(group_images, first, params, freqs, real_a, real_b)
+            self._backward(loss)
+            image_grad[rows] = group_images.grad
+            totals += torch.stack([loss.detach(), match.detach(), calib.detach()])
+        self.images.grad = image_grad
+
+        if self.learned_sampler:
+            freq_grad = freqs.grad + self._real_freq_grad(
+                real_index, params, freqs.detach(), kept, real_a.grad, real_b.grad
+            )
+            del kept
+            reverse_gradient(freqs_source).backward(freq_grad)  # psi ascends what the images descend
+
+        optimizers = [opt for opt in (self.image_optimizer, self.sampler_optimizer) if opt is not None]
+        if self.grad_scaler is None:
+            for optimizer in optimizers:
+                optimizer.step()
+        else:
+            for optimizer in optimizers:
+                self.grad_scaler.step(optimizer)
+            self.grad_scaler.update()
         with torch.no_grad():
             self.images.clamp_(0.0, 1.0)
 
-        loss_value = float(loss.detach())
-        self.scheduler.step(loss_value)
         self.iteration += 1
-        self._loss_window.append(loss_value)
-        if len(self._loss_window) == LOSS_LOG_EVERY:
-            self.loss_curve.append([self.iteration, sum(self._loss_window) / LOSS_LOG_EVERY])
-            self._loss_window = []
+        self._pending.append(totals)
+        if self.iteration % self._sync_every == 0:
+            self._read_pending()
         return {
             "iteration": self.iteration,
-            "loss": loss_value,
-            "match_loss": float(match_loss.detach()),
-            "calib_loss": float(calib_loss.detach()),
+            **self._last,
             "lr": self.image_optimizer.param_groups[0]["lr"],
             "seconds": time.perf_counter() - start_time,
         }
+
+    def read_metrics(self) -> dict[str, Any]:
+        """Read every loss not yet read back (one host sync on accelerators) into the loss curve
+        and the scheduler; returns the latest loss metrics. For the end of a run: reading
+        between the aligned points moves the scheduler's inputs earlier than in a run that does
+        not, so call it mid-run only if that does not matter (it never does on CPU)."""
+        self._read_pending()
+        return dict(self._last)
+
+    def _read_pending(self) -> None:
+        """Read the unread iterations' losses (one host sync) and feed the scheduler and the
+        loss curve in iteration order."""
+        if not self._pending:
+            return
+        values = torch.stack(self._pending).tolist()
+        first_iteration = self.iteration - len(values) + 1
+        for offset, (loss, match, calib) in enumerate(values):
+            self.scheduler.step(loss)
+            self._loss_window.append(loss)
+            if len(self._loss_window) == LOSS_LOG_EVERY:
+                self.loss_curve.append([first_iteration + offset, sum(self._loss_window) / LOSS_LOG_EVERY])
+                self._loss_window = []
+            self._last = {
+                "loss": loss, "match_loss": match, "calib_loss": calib, "loss_iteration": first_iteration + offset,
+            }
+        self._pending = []
 
     def run(
         self,
@@ -263,6 +557,12 @@ class Distiller:
             "loss_curve": [list(p) for p in self.loss_curve],
             "loss_window": list(self._loss_window),
         }
+        if self._pending:
+            state["pending_losses"] = torch.stack(self._pending).cpu()
+        if self._host_generator is not self.generator:
+            state["host_generator"] = self._host_generator.get_state()
+        if self.grad_scaler is not None:
+            state["grad_scaler"] = self.grad_scaler.state_dict()
         if self.learned_sampler:
             state["sampler"] = {k: v.detach().cpu().clone() for k, v in self.sampler.state_dict().items()}
             state["sampler_optimizer"] = self.sampler_optimizer.state_dict()
@@ -280,6 +580,10 @@ class Distiller:
         self.image_optimizer.load_state_dict(state["image_optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"].cpu())
+        if self._host_generator is not self.generator and "host_generator" in state:
+            self._host_generator.set_state(state["host_generator"].cpu())
+        if self.grad_scaler is not None and "grad_scaler" in state:
+            self.grad_scaler.load_state_dict(state["grad_scaler"])
         if self.learned_sampler:
             if "sampler" not in state:
                 raise CorruptArtifactError("checkpoint has no sampler state but the run uses psi")
@@ -288,6 +592,8 @@ class Distiller:
         self.iteration = int(state["iteration"])
         self.loss_curve = [list(p) for p in state.get("loss_curve", [])]
         self._loss_window = list(state.get("loss_window", []))
+        pending = state.get("pending_losses")
+        self._pending = [] if pending is None else list(pending.to(self.device, torch.float32).unbind(0))
 
     def sampler_tensors(self) -> dict[str, Tensor]:
         """psi's weights for ``sampler.safetensors`` (empty with the Gaussian sampler)."""

@@ -1,0 +1,567 @@
+"""Distillation speed and memory: seconds per iteration, peak memory, FLOPs and the fraction of
+the device's measured matmul throughput, on CIFAR-10/100-shaped ``fake`` data.
+
+Paper settings (ConvNet-3, width 128, factor 2, F = 1024, calibration on, DSA color_crop_cutout)
+with a pool of ONE untrained extractor (pool training is not what is measured). Each measured
+configuration runs in its own process, so peak memory is its own: warm-up iterations, then the
+median of the timed ones (CUDA: synchronised around each iteration). The fake train split has
+50,000 images like CIFAR (5,000 or 500 per class).
+
+    uv run python benchmarks/distill_speed.py                   # CPU default, a few minutes
+    uv run python benchmarks/distill_speed.py --device cuda     # paper settings on a GPU
+    uv run python benchmarks/distill_speed.py --device cuda --gpu-mem 2.5G
+
+On CPU the defaults are cut down (CIFAR-10 shape, IPC 1 and 10, 32 real images per class, 1
+warm-up + 2 timed iterations) so the run ends in minutes; the table says so, and a second table
+gives every paper-settings configuration's FLOPs and planned memory, with CPU times projected
+from the measured FLOP rate (labelled as projections). Results go to
+``docs/benchmarks/distill_speed.md`` (one section per device type; other sections are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ncfm_core import budget
+from ncfm_core.budget import DatasetShape
+from ncfm_core.config import DistillConfig, make_config
+from ncfm_core.data import load_dataset
+from ncfm_core.distill import Distiller
+from ncfm_core.pool import Pool, PoolSpec
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = ROOT / "docs" / "benchmarks" / "distill_speed.md"
+TRAIN_IMAGES = 50_000  # CIFAR-10 and CIFAR-100 both have 50,000 train images
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "baseline": {},
+    "baseline (again)": {},  # the same configuration twice: the spread between them is the noise
+    "channels_last": {"channels_last": True},
+    "bf16": {"precision": "bf16"},
+    "fp32": {"precision": "fp32"},
+    "compile": {"compile": True},
+    "class_chunk=1": {"class_chunk": 1},
+    "checkpointing": {"activation_checkpointing": True},
+}
+
+
+# ----------------------------------------------------------------------------- one configuration
+
+
+def paper_config(classes: int, ipc: int, real_per_class: int, freqs: int, psi: bool, **overrides: Any) -> DistillConfig:
+    return make_config(
+        "fake", ipc, factor=2, real_per_class=real_per_class, num_freqs=freqs, sampler=psi, width=128,
+        depth=3, calib_weight=1.0, pool_size=1, pool_epochs=0, dsa_strategy="color_crop_cutout", seed=0,
+        **overrides,
+    )
+
+
+def untrained_pool(config: DistillConfig, dataset) -> Pool:
+    spec = PoolSpec.from_config(config, dataset)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the one member's initial weights; the global RNG is restored after
+        state = {k: v.clone() for k, v in spec.build().state_dict().items()}
+    return Pool(spec, [state], [state], [])
+
+
+def current_rss() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Measure one configuration (called in a fresh process)."""
+    torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = spec["cudnn_benchmark"]
+    classes = spec["classes"]
+    dataset = load_dataset("fake", num_classes=classes, train_per_class=TRAIN_IMAGES // classes, test_per_class=1)
+    overrides = dict(spec["overrides"])
+    config = paper_config(classes, spec["ipc"], spec["real_per_class"], spec["freqs"], spec["psi"], **overrides)
+    shape = DatasetShape.of(dataset)
+    limit = None
+    if spec["gpu_mem"]:
+        limit = budget.parse_memory(spec["gpu_mem"], budget.device_total_bytes(device))
+    plan = budget.plan_run(config, shape, device, limit)
+    if limit is not None:
+        budget.cap_device_memory(device, limit)
+    config = plan.apply(config)
+    pool = untrained_pool(config, dataset)
+
+    distiller = Distiller(config, dataset, pool, device)
+    matmul_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(distiller.precision, torch.float32)
+    rate_before = device_matmul_rate(device, matmul_dtype)
+    rss_before = current_rss()
+    budget.reset_peak(device)
+    seconds, cpu_seconds, first_loss = [], [], None
+    for i in range(spec["warmup"] + spec["iters"]):
+        sync(device)
+        started, cpu_started = time.perf_counter(), time.process_time()
+        distiller.step()
+        sync(device)
+        seconds.append(time.perf_counter() - started)
+        cpu_seconds.append(time.process_time() - cpu_started)
+        if i == 0:
+            distiller._read_pending()
+            first_loss = distiller._last["loss"]
+    sync(device)
+    unsynced = None
+    if device.type == "cuda":  # the same loop without per-iteration syncs: what a real run sees
+        started = time.perf_counter()
+        for _ in range(spec["iters"]):
+            distiller.step()
+        sync(device)
+        unsynced = (time.perf_counter() - started) / spec["iters"]
+    peak = budget.measure_peak(device)
+    # The better of two measurements around the loop: on a shared machine the load drifts.
+    peak_rate = max(rate_before, device_matmul_rate(device, matmul_dtype))
+
+    sample_seconds = []
+    for _ in range(5):
+        sync(device)
+        started = time.perf_counter()
+        distiller._sample_real()
+        sync(device)
+        sample_seconds.append(time.perf_counter() - started)
+    argsort_seconds = []  # what the sampler replaced: a float64 argsort over the whole train set
+    labels = dataset.train_labels.to(device).double()
+    for _ in range(5):
+        sync(device)
+        started = time.perf_counter()
+        keys = torch.rand(labels.shape, generator=distiller.generator, device=device, dtype=torch.float64)
+        torch.argsort(labels + keys)
+        sync(device)
+        argsort_seconds.append(time.perf_counter() - started)
+
+    timed = seconds[spec["warmup"]:]
+    flops = budget.estimate_iteration_flops(config, shape, plan)
+    return {
+        "spec": spec,
+        "plan": plan.to_dict(),
+        "precision": distiller.precision,
+        "channels_last": distiller.channels_last,
+        "seconds": timed,
+        "median_seconds": statistics.median(timed),
+        "median_cpu_seconds": statistics.median(cpu_seconds[spec["warmup"]:]),
+        "unsynced_seconds": unsynced,
+        "warmup_seconds": seconds[: spec["warmup"]],
+        "first_loss": first_loss,
+        "flops": flops,
+        "matmul_rate": peak_rate,
+        "matmul_dtype": str(matmul_dtype).removeprefix("torch."),
+        "peak": peak.to_dict(),
+        "rss_before_bytes": rss_before,
+        "sampler_seconds": statistics.median(sample_seconds),
+        "argsort_sampler_seconds": statistics.median(argsort_seconds),
+    }
+
+
+def run_ablation_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Time several variants of one configuration in ONE process, interleaved round by round
+    (each round in a rotated order), so drifting machine load hits every variant alike."""
+    torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = spec["cudnn_benchmark"]
+    classes = spec["classes"]
+    dataset = load_dataset("fake", num_classes=classes, train_per_class=TRAIN_IMAGES // classes, test_per_class=1)
+    shape = DatasetShape.of(dataset)
+    limit = budget.parse_memory(spec["gpu_mem"], budget.device_total_bytes(device)) if spec["gpu_mem"] else None
+    variants: dict[str, dict[str, Any]] = {}
+    for name in spec["variants"]:
+        config = paper_config(classes, spec["ipc"], spec["real_per_class"], spec["freqs"], True, **ABLATIONS[name])
+        plan = budget.plan_run(config, shape, device, limit)
+        config = plan.apply(config)
+        distiller = Distiller(config, dataset, untrained_pool(config, dataset), device)
+        warmup, first_loss = [], None
+        for i in range(max(1, spec["warmup"])):
+            sync(device)
+            started = time.perf_counter()
+            distiller.step()
+            sync(device)
+            warmup.append(time.perf_counter() - started)
+            if i == 0:
+                distiller._read_pending()
+                first_loss = distiller._last["loss"]
+        variants[name] = dict(distiller=distiller, plan=plan.to_dict(), warmup_seconds=warmup, first_loss=first_loss,
+                              seconds=[], cpu_seconds=[])
+    names = list(variants)
+    for round_index in range(spec["iters"]):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            entry = variants[name]
+            sync(device)
+            started, cpu_started = time.perf_counter(), time.process_time()
+            entry["distiller"].step()
+            sync(device)
+            entry["seconds"].append(time.perf_counter() - started)
+            entry["cpu_seconds"].append(time.process_time() - cpu_started)
+    results = {}
+    for name, entry in variants.items():
+        distiller = entry.pop("distiller")
+        results[name] = {
+            **entry,
+            "spec": spec,
+            "precision": distiller.precision,
+            "channels_last": distiller.channels_last,
+            "median_seconds": statistics.median(entry["seconds"]),
+            "median_cpu_seconds": statistics.median(entry["cpu_seconds"]),
+        }
+    return {"variants": results}
+
+
+def spawn(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one configuration in a fresh process; returns its measurements."""
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"worker failed for {spec}:\n{done.stderr[-4000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["wall_seconds"] = time.perf_counter() - started
+    return result
+
+
+# ----------------------------------------------------------------------------- device peak
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, size: int, repeats: int) -> float:
+    """Measured FLOP/s of a square matmul of ``size``: the device's practical peak."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, generator=gen, device=device).to(dtype)
+    b = torch.randn(size, size, generator=gen, device=device).to(dtype)
+    a @ b
+    sync(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - started)
+
+
+def device_matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+    """The practical peak FLOP/s this run compares against: a large square matmul in ``dtype``."""
+    if device.type == "cuda":
+        return matmul_rate(device, dtype, 8192 if dtype != torch.float32 else 4096, 20)
+    return matmul_rate(device, dtype, 1024, 8)
+
+
+def machine_description(device: torch.device) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    text = f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        text += f"; GPU {props.name} ({budget.format_bytes(props.total_memory)})"
+    return text
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def fmt_seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+
+
+def fmt_flops(value: float) -> str:
+    return f"{value / 1e12:.2f} T" if value >= 1e11 else f"{value / 1e9:.1f} G"
+
+
+def peak_text(result: dict[str, Any]) -> str:
+    peak = result["peak"]
+    if peak.get("reserved_bytes") is not None:
+        return f"{budget.format_bytes(peak['allocated_bytes'])} / {budget.format_bytes(peak['reserved_bytes'])}"
+    growth = ""
+    if peak.get("rss_bytes") and result.get("rss_before_bytes"):
+        growth = f" (+{budget.format_bytes(peak['rss_bytes'] - result['rss_before_bytes'])})"
+    return f"{budget.format_bytes(peak.get('peak_bytes') or 0)}{growth}"
+
+
+SHAPE_NAMES = {10: "CIFAR-10", 100: "CIFAR-100"}
+
+
+def on_off(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
+def results_table(results: list[dict[str, Any]]) -> list[str]:
+    cuda = bool(results) and results[0]["peak"].get("reserved_bytes") is not None
+    peak_header = "peak alloc / reserved" if cuda else "peak RSS (growth in loop)"
+    lines = [
+        "| shape | IPC | real/class | psi | plan (real chunk, classes/pass, precision, ckpt) | s/iter (median) "
+        f"| FLOPs/iter | achieved | matmul peak | of peak | {peak_header} | estimate |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        spec, plan = r["spec"], r["plan"]
+        total = r["flops"]["total"]
+        achieved = total / r["median_seconds"]
+        seconds = fmt_seconds(r["median_seconds"])
+        if r.get("unsynced_seconds") is not None:
+            seconds += f" ({fmt_seconds(r['unsynced_seconds'])} unsynced)"
+        else:
+            seconds += f" ({fmt_seconds(r['median_cpu_seconds'])} CPU)"
+        shape_name = SHAPE_NAMES.get(spec["classes"], f"{spec['classes']} classes")
+        plan_text = (
+            f"{plan['real_chunk']}, {plan['class_chunk']}, {r['precision']}, {on_off(plan['activation_checkpointing'])}"
+        )
+        lines.append(
+            f"| {shape_name} | {spec['ipc']} | {spec['real_per_class']} | {on_off(spec['psi'])} | {plan_text} "
+            f"| {seconds} | {fmt_flops(total)} | {achieved / 1e9:.1f} GFLOP/s "
+            f"| {r['matmul_rate'] / 1e9:.1f} GFLOP/s {r['matmul_dtype']} | {100 * achieved / r['matmul_rate']:.1f}% "
+            f"| {peak_text(r)} | {budget.format_bytes(plan['estimated_peak_bytes'])} |"
+        )
+    return lines
+
+
+def ablation_table(results: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    base = next((r for name, r in results if name == "baseline"), None)
+    lines = [
+        "| variant | precision | channels_last | plan (real chunk, classes/pass, ckpt) | s/iter (median) "
+        "| CPU s/iter | speed vs baseline (wall, CPU) | first-step loss | warm-up s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results:
+        plan = r["plan"]
+        ratio = "-" if base is None else (
+            f"{base['median_seconds'] / r['median_seconds']:.2f}x, "
+            f"{base['median_cpu_seconds'] / r['median_cpu_seconds']:.2f}x"
+        )
+        loss = "-" if r["first_loss"] is None else f"{r['first_loss']:.6f}"
+        lines.append(
+            f"| {name} | {r['precision']} | {'on' if r['channels_last'] else 'off'} "
+            f"| {plan['real_chunk']}, {plan['class_chunk']}, {'on' if plan['activation_checkpointing'] else 'off'} "
+            f"| {fmt_seconds(r['median_seconds'])} | {fmt_seconds(r['median_cpu_seconds'])} | {ratio} | {loss} "
+            f"| {', '.join(fmt_seconds(s) for s in r['warmup_seconds'])} |"
+        )
+    return lines
+
+
+def projection_table(
+    device: torch.device, freqs: int, achieved_rate: float, free_bytes: int | None
+) -> list[str]:
+    lines = [
+        "| shape | IPC | psi | FLOPs/iter | fastest plan that fits (real chunk, classes/pass, ckpt): estimate "
+        "| plan under 2.5 GiB: estimate | projected s/iter |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for classes, name in ((10, "CIFAR-10"), (100, "CIFAR-100")):
+        shape = DatasetShape(classes, 3, 32, TRAIN_IMAGES)
+        for ipc in (1, 10, 50):
+            for psi in (True, False):
+                config = paper_config(classes, ipc, 1024, freqs, psi)
+                cells = []
+                for limit in (None, budget.parse_memory("2.5G")):
+                    try:
+                        plan = budget.plan_run(config, shape, device, limit, free_bytes=free_bytes)
+                        cells.append(
+                            f"{plan.real_chunk}, {plan.class_chunk}, {on_off(plan.activation_checkpointing)}: "
+                            f"{budget.format_bytes(plan.estimated_peak_bytes)}"
+                        )
+                    except Exception as err:  # noqa: BLE001 - an infeasible plan is a result to show
+                        cells.append(f"infeasible ({type(err).__name__})")
+                fastest = budget.plan_path(config, shape, device)[0]
+                flops = budget.estimate_iteration_flops(config, shape, fastest)["total"]
+                lines.append(
+                    f"| {name} | {ipc} | {'on' if psi else 'off'} | {fmt_flops(flops)} | {cells[0]} | {cells[1]} "
+                    f"| {fmt_seconds(flops / achieved_rate)} |"
+                )
+    return lines
+
+
+def write_section(path: Path, device_type: str, body: list[str]) -> None:
+    """Replace this device type's section of ``path`` (keeping the others)."""
+    start, end = f"<!-- section: {device_type} -->", f"<!-- end section: {device_type} -->"
+    header = [
+        "# Distillation speed and memory",
+        "",
+        "Written by `benchmarks/distill_speed.py`; one section per device type, each replaced when the",
+        "benchmark runs on that device type. Method and caveats are in the script's docstring.",
+        "",
+    ]
+    text = path.read_text() if path.exists() else "\n".join(header)
+    block = "\n".join([start, *body, end])
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        _, after = rest.split(end, 1)
+        text = before + block + after
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    parser.add_argument("--classes", type=int, nargs="+", help="10 and/or 100 (default: 10 on CPU, 10 100 on GPU)")
+    parser.add_argument("--ipc", type=int, nargs="+", help="IPCs (default: 1 10 on CPU, 1 10 50 on GPU)")
+    parser.add_argument("--real-per-class", type=int,
+                        help="real images per class per iteration (default: 32 on CPU, 1024 on GPU)")
+    parser.add_argument("--freqs", type=int, default=1024, help="frequencies F (default 1024)")
+    parser.add_argument("--psi", choices=("both", "on", "off"), default="both")
+    parser.add_argument("--iters", type=int, help="timed iterations (default: 2 on CPU, 10 on GPU)")
+    parser.add_argument("--warmup", type=int, help="discarded iterations first (default: 1 on CPU, 3 on GPU)")
+    parser.add_argument("--gpu-mem", help="plan for and cap the allocator at this budget (e.g. 2.5G)")
+    parser.add_argument("--ablations",
+                        help="comma-separated variants run on the first IPC and shape, psi on (choices: "
+                        f"{', '.join(ABLATIONS)}; '' for none; default: baseline,channels_last,bf16,"
+                        "class_chunk=1,checkpointing,baseline (again) on CPU; on GPU fp32 and compile instead of bf16)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    parser.add_argument("--no-cudnn-benchmark", action="store_true", help="leave cudnn.benchmark off on CUDA")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        spec = json.loads(args.worker)
+        print(json.dumps(run_ablation_worker(spec) if "variants" in spec else run_worker(spec)))
+        return 0
+
+    device, _ = budget.resolve_device(args.device)
+    gpu = device.type == "cuda"
+    classes = args.classes or ([10, 100] if gpu else [10])
+    ipcs = args.ipc or ([1, 10, 50] if gpu else [1, 10])
+    real_per_class = args.real_per_class or (1024 if gpu else 32)
+    iters = args.iters or (10 if gpu else 2)
+    warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
+    psis = {"both": [True, False], "on": [True], "off": [False]}[args.psi]
+    if args.ablations is None:
+        args.ablations = ("baseline,channels_last,fp32,compile,class_chunk=1,checkpointing" if gpu
+                          else "baseline,channels_last,bf16,class_chunk=1,checkpointing,baseline (again)")
+    ablations = [a for a in args.ablations.split(",") if a]
+    unknown = [a for a in ablations if a not in ABLATIONS]
+    if unknown:
+        parser.error(f"unknown ablation(s) {unknown}; choose from {', '.join(ABLATIONS)}")
+    torch.set_num_threads(args.threads)
+
+    common = dict(device=str(device), real_per_class=real_per_class, freqs=args.freqs, iters=iters, warmup=warmup,
+                  gpu_mem=args.gpu_mem, threads=args.threads, cudnn_benchmark=not args.no_cudnn_benchmark)
+    started = time.perf_counter()
+    results = []
+    for c in classes:
+        for ipc in ipcs:
+            for psi in psis:
+                spec = dict(common, classes=c, ipc=ipc, psi=psi, overrides={})
+                print(f"measuring {c} classes, IPC {ipc}, psi {on_off(psi)} ...", file=sys.stderr, flush=True)
+                results.append(spawn(spec))
+                print(f"  {results[-1]['median_seconds']:.3f} s/iter", file=sys.stderr, flush=True)
+    ablation_results = []
+    if ablations:
+        spec = dict(common, classes=classes[0], ipc=ipcs[0], psi=True, variants=ablations)
+        print(f"ablations {', '.join(ablations)} ...", file=sys.stderr, flush=True)
+        ablation_results = list(spawn(spec)["variants"].items())
+        for name, r in ablation_results:
+            print(f"  {name}: {r['median_seconds']:.3f} s/iter", file=sys.stderr, flush=True)
+
+    rates = {"fp32": device_matmul_rate(device, torch.float32), "bf16": device_matmul_rate(device, torch.bfloat16)}
+    achieved = [r["flops"]["total"] / r["median_seconds"] for r in results]
+    achieved_rate = statistics.median(achieved) if achieved else rates["fp32"]
+    free = budget.detect_memory(device)[0]
+    elapsed = time.perf_counter() - started
+
+    command = "uv run python benchmarks/distill_speed.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    body = [
+        f"## {device.type.upper()}",
+        "",
+        f"Command: `{command.strip()}` ({elapsed / 60:.1f} min, {time.strftime('%Y-%m-%d')}).",
+        f"Machine: {machine_description(device)}.",
+        f"Square-matmul throughput measured at the end of the run: "
+        + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in rates.items())
+        + ("" if gpu else " (this 2-core machine is shared with other jobs, so every figure here carries "
+           "load noise: compare the two identical 'baseline' rows of the second table)") + ".",
+        "",
+        f"Settings: `fake` data with {TRAIN_IMAGES:,} train images, ConvNet-3 (width 128, instance norm), factor 2, "
+        f"F = {args.freqs}, calibration on, a pool of 1 untrained extractor; {warmup} warm-up + {iters} timed "
+        f"iteration(s), median; each row in its own process. Real images per class: **{real_per_class}**"
+        + ("" if real_per_class == 1024 else " (the paper uses 1024; cut down so the CPU run ends in minutes)")
+        + ". The plan is the planner's fastest plan that fits "
+        + (f"`--gpu-mem {args.gpu_mem}`" if args.gpu_mem else "the free memory minus a margin") + ".",
+        "",
+        "FLOPs count convolutions, linear layers and the CF matmuls (analytical, "
+        "`budget.estimate_iteration_flops`); 'achieved' = FLOPs / median time; 'matmul peak' = a square "
+        "matmul's rate in the run's precision, measured in the same process just before and after the timed "
+        "iterations (the better of the two); 'of peak' = achieved / that. "
+        + ("Peak on CUDA: `max_memory_allocated` / `max_memory_reserved` during the loop." if gpu else
+           "Peak on CPU: peak RSS of the whole worker process (interpreter, torch and the data included), in "
+           "brackets its growth during the iterations; 'estimate' is the planner's model of tensor memory."),
+        "",
+        *results_table(results),
+        "",
+    ]
+    if results:
+        sampler = statistics.median(r["sampler_seconds"] for r in results)
+        argsort = statistics.median(r["argsort_sampler_seconds"] for r in results)
+        body += [
+            f"Real-batch sampling: per-class `topk` of random keys {sampler * 1e3:.2f} ms vs the former float64 "
+            f"argsort over all {TRAIN_IMAGES:,} images {argsort * 1e3:.2f} ms (medians).",
+            "",
+        ]
+    if ablation_results:
+        first = ablation_results[0][1]["spec"]
+        body += [
+            f"### What helps ({first['classes']} classes, IPC {first['ipc']}, psi on, "
+            f"{first['real_per_class']} real/class)",
+            "",
+            "Each variant changes one thing from the device's defaults; all run in one process, timed in "
+            "interleaved rounds so that drifting machine load hits them alike. 'CPU s' is the process's CPU "
+            "time, less sensitive than wall time to other work on a shared machine. The first-step loss "
+            "shows what a change does to the numbers: the same seed draws the same data, so fp32 variants "
+            "agree to rounding and low precision shows its error.",
+            "",
+            *ablation_table(ablation_results),
+            "",
+        ]
+    body += [
+        f"### Paper settings (1024 real/class, F = {args.freqs}), all configurations",
+        "",
+        "Planned, not measured: FLOPs per iteration and the planner's memory estimate for its fastest plan "
+        f"that fits this machine's free memory ({budget.format_bytes(free)}) and under a 2.5 GiB budget. "
+        f"'Projected' = FLOPs / the median achieved rate of the measured rows ({achieved_rate / 1e9:.1f} GFLOP/s): "
+        "an extrapolation, not a measurement.",
+        "",
+        *projection_table(device, args.freqs, achieved_rate, free),
+    ]
+    write_section(args.out, device.type, body)
+    print("\n".join(body))
+    print(f"\nwrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,386 @@
+import json
+import re
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ncfm_core import budget
+from ncfm_core.budget import (
+    DatasetShape,
+    cap_device_memory,
+    dataset_shape,
+    estimate_iteration_flops,
+    estimate_memory,
+    estimate_peak_bytes,
+    measure_peak,
+    parse_memory,
+    plan_path,
+    plan_run,
+    resolve_precision,
+)
+from ncfm_core.config import make_config
+from ncfm_core.data import load_dataset
+from ncfm_core.distill import Distiller
+from ncfm_core.errors import BudgetInfeasibleError, ConfigError
+from ncfm_core.models import create_network
+from ncfm_core.pool import PoolSpec, train_pool
+
+GiB, MiB = 2**30, 2**20
+CIFAR10 = DatasetShape(10, 3, 32, 50_000)
+CIFAR100 = DatasetShape(100, 3, 32, 50_000)
+
+
+# -- sizes ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec, total, expected",
+    [
+        ("2.5G", None, int(2.5 * GiB)),
+        ("800M", None, 800 * MiB),
+        ("1.5GiB", None, int(1.5 * GiB)),
+        ("512MB", None, 512 * 10**6),
+        ("2gb", None, 2 * 10**9),
+        (" 64 k ", None, 64 * 1024),
+        ("1Ti", None, 2**40),
+        ("1048576", None, 1048576),
+        ("1e3", None, 1000),
+        ("0.3", 1000, 300),
+        (".5", 8 * GiB, 4 * GiB),
+        ("1", 12345, 12345),
+        ("3B", None, 3),
+    ],
+)
+def test_parse_memory_reads_sizes_and_fractions(spec, total, expected):
+    assert parse_memory(spec, total) == expected
+
+
+@pytest.mark.parametrize(
+    "spec, total, message",
+    [
+        ("lots", None, "cannot read"),
+        ("", None, "cannot read"),
+        ("-1G", None, "cannot read"),
+        ("2.5X", None, "cannot read"),
+        ("G", None, "cannot read"),
+        ("0", 100, "positive"),
+        ("0G", None, "positive"),
+        ("1.5", 100, "fraction must lie in"),
+        ("0.3", None, "total memory is unknown"),
+        ("0.1B", None, "less than one byte"),
+    ],
+)
+def test_parse_memory_rejects_garbage_nonpositive_and_bad_fractions(spec, total, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_memory(spec, total)
+
+
+# -- the planner ------------------------------------------------------------------------------
+
+
+def _configs():
+    return [
+        ("cifar100 ipc50 psi", make_config("cifar100", 50), CIFAR100),
+        ("cifar10 ipc10 gaussian", make_config("cifar10", 10, sampler=False), CIFAR10),
+        ("cifar10 ipc1 mmd", make_config("cifar10", 1, matching="mmd", calib_weight=0.0), CIFAR10),
+    ]
+
+
+@pytest.mark.parametrize("name, config, shape", _configs(), ids=[c[0] for c in _configs()])
+def test_plan_path_only_ever_shrinks(name, config, shape):
+    path = plan_path(config, shape, "cuda")
+    assert len(path) > 3
+    first = path[0]
+    assert first.class_chunk == shape.num_classes and not first.activation_checkpointing
+    assert first.precision == "bf16"  # planning for CUDA without one here assumes bf16
+    for before, after in zip(path, path[1:]):
+        assert after.estimated_peak_bytes < before.estimated_peak_bytes
+        assert after.real_chunk <= before.real_chunk and after.class_chunk <= before.class_chunk
+        assert after.activation_checkpointing >= before.activation_checkpointing
+        assert after.estimated_peak_bytes == estimate_peak_bytes(config, shape, after)
+
+
+@pytest.mark.parametrize("name, config, shape", _configs(), ids=[c[0] for c in _configs()])
+def test_planner_is_monotonic_in_the_budget(name, config, shape):
+    """Less budget: never larger chunks, never a larger estimate, never checkpointing switched
+    back off; every chosen plan fits its budget."""
+    budgets = [int(256 * GiB * 0.8**k) for k in range(60)]
+    previous = None
+    for size in budgets:
+        try:
+            plan = plan_run(config, shape, "cuda", size)
+        except BudgetInfeasibleError:
+            break
+        assert plan.estimated_peak_bytes <= size == plan.budget_bytes
+        if previous is not None:
+            assert plan.real_chunk <= previous.real_chunk
+            assert plan.class_chunk <= previous.class_chunk
+            assert plan.activation_checkpointing >= previous.activation_checkpointing
+            assert plan.estimated_peak_bytes <= previous.estimated_peak_bytes
+        previous = plan
+    assert previous is not None and previous is not plan_path(config, shape, "cuda")[0]
+    with pytest.raises(BudgetInfeasibleError):  # the sweep did reach an infeasible budget
+        plan_run(config, shape, "cuda", budgets[-1])
+
+
+def test_infeasible_budget_states_the_minimum_that_works():
+    config = make_config("cifar100", 50)
+    with pytest.raises(BudgetInfeasibleError) as caught:
+        plan_run(config, CIFAR100, "cuda", parse_memory("100M"))
+    err = caught.value
+    assert err.exit_code == 4
+    message = str(err)
+    assert "\n" not in message and "--gpu-mem" in message
+    minimum = re.search(r"at least (\d+M)", message).group(1)
+    smallest = plan_path(config, CIFAR100, "cuda")[-1]
+    assert parse_memory(minimum) >= smallest.estimated_peak_bytes > parse_memory(minimum) - MiB
+    plan = plan_run(config, CIFAR100, "cuda", parse_memory(minimum))  # the stated minimum works
+    assert plan.estimated_peak_bytes == smallest.estimated_peak_bytes
+    with pytest.raises(BudgetInfeasibleError):
+        plan_run(config, CIFAR100, "cuda", smallest.estimated_peak_bytes - 1)
+
+
+def test_without_a_budget_the_plan_uses_free_memory_minus_a_margin():
+    config = make_config("cifar10", 10)
+    free = 8 * GiB
+    plan = plan_run(config, CIFAR10, "cpu", None, free_bytes=free)
+    assert plan.budget_bytes == free - int(free * budget.FREE_MARGIN_FRACTION)
+    assert plan.precision == "fp32" and plan.device == "cpu" and "free memory" in plan.budget_source
+    small = plan_run(config, CIFAR10, "cpu", None, free_bytes=1 * GiB)
+    assert small.budget_bytes == GiB - budget.FREE_MARGIN_MIN_BYTES  # 10% < 256 MiB
+    with pytest.raises(BudgetInfeasibleError, match="free memory"):
+        plan_run(config, CIFAR10, "cpu", None, free_bytes=64 * MiB)
+
+
+def test_options_fixed_in_the_config_are_kept():
+    config = make_config("cifar100", 10, real_chunk=100, class_chunk=30, precision="fp32")
+    path = plan_path(config, CIFAR100, "cuda")
+    assert {(p.real_chunk, p.class_chunk, p.precision) for p in path} == {(100, 30, "fp32")}
+    assert [p.activation_checkpointing for p in path] == [False, True]
+
+
+def test_plan_applies_to_the_config_and_serialises():
+    config = make_config("cifar10", 10)
+    plan = plan_run(config, CIFAR10, "cuda", parse_memory("1G"))
+    applied = plan.apply(config)
+    assert (applied.real_chunk, applied.class_chunk, applied.precision, applied.activation_checkpointing) == (
+        plan.real_chunk, plan.class_chunk, plan.precision, plan.activation_checkpointing,
+    )
+    data = json.loads(json.dumps(plan.to_dict()))
+    assert data["budget_bytes"] == parse_memory("1G") and data["device"] == "cuda"
+    assert sum(data["estimate_terms"].values()) == plan.estimated_peak_bytes
+
+
+def test_fake_default_is_cifar10_shaped():
+    shape = DatasetShape.of(load_dataset("fake"))
+    assert shape == dataset_shape("fake")
+    assert (shape.num_classes, shape.channels, shape.image_size) == (10, 3, 32)
+    assert dataset_shape("folder:/x") is None and dataset_shape("cifar10", image_size=16).image_size == 16
+
+
+def test_resolve_precision():
+    assert resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("bf16", "cpu") == "bf16"
+    if not torch.cuda.is_available():
+        assert resolve_precision("auto", "cuda") == "bf16"
+    with pytest.raises(ConfigError, match="precision"):
+        resolve_precision("fp8", "cpu")
+    with pytest.raises(ConfigError, match="--precision"):
+        make_config("fake", 1, precision="fp64")
+
+
+# -- the memory and FLOP models against torch's own accounting --------------------------------
+
+
+def _saved_activation_bytes(net: torch.nn.Module, images: torch.Tensor, dtype: torch.dtype | None) -> int:
+    """Bytes of the distinct storages autograd saves in a forward of ``net.features``
+    (weights and buffers excluded)."""
+    own = {t.untyped_storage().data_ptr() for t in [*net.parameters(), *net.buffers()]}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    autocast = torch.autocast("cpu", dtype=dtype) if dtype is not None else torch.autocast("cpu", enabled=False)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+        net.features(images)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_saved_activation_model_matches_autograd(precision):
+    config = make_config("fake", 1, width=16, depth=2)
+    shape = DatasetShape(10, 3, 16, 100)
+    net = create_network("convnet", in_channels=3, num_classes=10, image_size=16, depth=2, width=16)
+    images = torch.rand(4, 3, 16, 16, requires_grad=True)
+    measured = _saved_activation_bytes(net, images, torch.bfloat16 if precision == "bf16" else None)
+    modelled = 4 * budget._convnet_sizes(config, shape, precision).saved_bytes
+    assert modelled >= measured, (modelled, measured)
+    if precision == "fp32":  # exact
+        assert modelled == measured
+    else:  # CPU autocast keeps group_norm in bf16; the model assumes CUDA's fp32 norm
+        assert modelled <= 2.0 * measured, (modelled, measured)
+
+
+def test_flop_model_matches_the_flop_counter():
+    config = make_config("fake", 1, width=16, depth=2)
+    shape = DatasetShape(10, 3, 16, 100)
+    net = create_network("convnet", in_channels=3, num_classes=10, image_size=16, depth=2, width=16)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        net(torch.rand(3, 3, 16, 16))
+    sizes = budget._convnet_sizes(config, shape, "fp32")
+    assert 3 * (sizes.forward_flops + sizes.classifier_flops) == counter.get_total_flops()
+    plan = plan_path(config, shape, "cpu")[0]
+    flops = estimate_iteration_flops(config, shape, plan)
+    assert flops["total"] == sum(v for k, v in flops.items() if k != "total")
+    assert flops["real forward (no grad)"] == 10 * config.real_per_class * sizes.forward_flops
+
+
+def test_traced_model_covers_other_networks():
+    config = make_config("fake", 1, network="alexnet")
+    shape = DatasetShape(10, 3, 32, 640)
+    plan = plan_path(config, shape, "cpu")[0]
+    estimate = estimate_memory(config, shape, plan)
+    assert estimate.peak_bytes > 0 and estimate.phase in ("real", "synthetic", "real-backward")
+    assert estimate_iteration_flops(config, shape, plan)["synthetic forward"] > 0
+
+
+def test_device_helpers_on_cpu():
+    assert cap_device_memory("cpu", GiB) is None
+    peak = measure_peak("cpu")
+    assert peak.rss_bytes and peak.rss_bytes > 10 * MiB and "RSS" in peak.source
+    assert peak.to_dict()["peak_bytes"] == peak.rss_bytes
+    free, total = budget.detect_memory("cpu")
+    assert 0 < free <= (total or free)
+
+
+# -- the plan's options do not change the step -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    dataset = load_dataset("fake", num_classes=4, channels=1, image_size=8, train_per_class=12, test_per_class=4)
+    base = make_config(
+        "fake", 2, factor=2, width=8, pool_size=2, pool_epochs=1, pool_batch=16, real_per_class=10, num_freqs=32,
+        seed=3,
+    )
+    pool = train_pool(PoolSpec.from_config(base, dataset), dataset, "cpu")
+    return dataset, base, pool
+
+
+def _one_step(config, dataset, pool):
+    d = Distiller(config, dataset, pool, "cpu")
+    return d.step(), d
+
+
+@pytest.mark.parametrize("sampler", [True, False])
+def test_the_smallest_plan_gives_the_same_step_as_none(tiny, sampler):
+    dataset, base, pool = tiny
+    config = base.replace(sampler=sampler)
+    smallest = plan_path(config.replace(real_chunk=4), DatasetShape.of(dataset), "cpu")[-1]
+    assert smallest.class_chunk == 1 and smallest.activation_checkpointing and smallest.real_chunk == 4
+    m1, whole = _one_step(config, dataset, pool)
+    m2, planned = _one_step(smallest.apply(config), dataset, pool)
+    assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-5)
+    torch.testing.assert_close(planned.images, whole.images, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("class_chunk", [1, 3])
+def test_class_chunked_step_equals_the_unchunked_step(tiny, class_chunk):
+    dataset, base, pool = tiny
+    m1, whole = _one_step(base, dataset, pool)
+    m2, chunked = _one_step(base.replace(class_chunk=class_chunk), dataset, pool)
+    assert (m2["loss"], m2["match_loss"], m2["calib_loss"]) == pytest.approx(
+        (m1["loss"], m1["match_loss"], m1["calib_loss"]), rel=1e-5
+    )
+    torch.testing.assert_close(chunked.images, whole.images, atol=1e-6, rtol=0)
+    torch.testing.assert_close(chunked.sampler.log_scales, whole.sampler.log_scales, atol=1e-6, rtol=0)
+
+
+# Low precision changes the network forwards only; on this net the first-step loss moves by
+# ~1e-4 relative. 1e-2 is the bound we hold bf16 and fp16 to.
+LOW_PRECISION_RTOL = 1e-2
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_loss_is_close_to_fp32_on_cpu(tiny, precision):
+    dataset, base, pool = tiny
+    m32, _ = _one_step(base.replace(precision="fp32"), dataset, pool)
+    m16, low = _one_step(base.replace(precision=precision), dataset, pool)
+    assert low.precision == precision
+    assert m16["loss"] == pytest.approx(m32["loss"], rel=LOW_PRECISION_RTOL)
+    assert m16["loss"] != m32["loss"]  # autocast really ran
+    assert (low.grad_scaler is not None) == (precision == "fp16")
+    assert torch.isfinite(low.images).all() and low.images.min() >= 0 and low.images.max() <= 1
+
+
+def test_channels_last_gives_the_same_step(tiny):
+    dataset, base, pool = tiny
+    m1, a = _one_step(base.replace(channels_last=False), dataset, pool)
+    m2, b = _one_step(base.replace(channels_last=True), dataset, pool)
+    assert b.channels_last and not a.channels_last
+    assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-5)
+    torch.testing.assert_close(a.images, b.images, atol=1e-6, rtol=0)
+
+
+def test_compile_falls_back_to_eager_when_compiling_fails(tiny, monkeypatch):
+    dataset, base, pool = tiny
+
+    def broken_compile(module, **kwargs):
+        def run(x):
+            raise RuntimeError("no compiler here")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    m1, eager = _one_step(base, dataset, pool)
+    with pytest.warns(UserWarning, match="running eagerly"):
+        m2, compiled = _one_step(base.replace(compile=True), dataset, pool)
+    assert m2["loss"] == m1["loss"]
+    assert torch.equal(compiled.images, eager.images)
+
+
+# -- CUDA only ---------------------------------------------------------------------------------
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda_only
+def test_capped_cuda_run_stays_under_its_budget(tiny):
+    dataset, base, pool = tiny
+    config = base.replace(real_per_class=12)
+    limit = parse_memory("256M")
+    plan = plan_run(config, DatasetShape.of(dataset), "cuda", limit)
+    budget.reset_peak("cuda")
+    cap_device_memory("cuda", limit)
+    try:
+        d = Distiller(plan.apply(config), dataset, pool, "cuda")
+        d.run(3)
+        torch.cuda.synchronize()
+        peak = measure_peak("cuda")
+    finally:
+        cap_device_memory("cuda", torch.cuda.get_device_properties(0).total_memory)
+    assert peak.reserved_bytes <= limit
+    assert peak.allocated_bytes <= plan.estimated_peak_bytes
+
+
+@cuda_only
+def test_cuda_low_precision_step_is_close_to_fp32_and_losses_are_read_lazily(tiny):
+    dataset, base, pool = tiny
+
+    def first_loss(config):
+        d = Distiller(config, dataset, pool, "cuda")
+        metrics = d.step()
+        assert metrics["loss_iteration"] == 0  # not read back yet: no host sync in the step
+        d._read_pending()
+        return d._last["loss"], d
+
+    loss32, _ = first_loss(base.replace(precision="fp32"))
+    loss_auto, d = first_loss(base.replace(precision="auto"))
+    assert d.precision in ("bf16", "fp16")
+    assert loss_auto == pytest.approx(loss32, rel=LOW_PRECISION_RTOL)
