@@ -1,21 +1,36 @@
-"""``ncfm eval``: train fresh networks on a synthetic set and report their test accuracy."""
+"""``ncfm eval``: train fresh networks on a synthetic set, with baselines, and report their accuracy."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import typer
+from rich.table import Table
 
 from ncfm_cli.options import (
     CommandJsonOption,
     DataDirOption,
     DeviceOption,
+    EvalBaselineOption,
+    EvalBaselineSeedOption,
+    EvalBatchSizeOption,
+    EvalBestOverEpochsOption,
+    EvalCutmixOption,
     EvalEpochsOption,
     EvalLrOption,
-    EvalModelOption,
+    EvalModelsOption,
+    EvalMomentumOption,
+    EvalOptimizerOption,
     EvalProtocolOption,
+    EvalRepeatModeOption,
     EvalRepeatsOption,
+    EvalRrcOption,
     EvalSeedOption,
+    EvalSoftLabelsOption,
+    EvalTeacherMemberOption,
+    EvalTemperatureOption,
+    EvalWeightDecayOption,
+    EvalWidthOption,
     MinAccOption,
     RefArgument,
 )
@@ -29,16 +44,30 @@ from ncfm_cli.output import (
     global_options,
     print_json,
     print_pairs,
+    print_table,
 )
 from ncfm_core.errors import ConfigError
 from ncfm_core.evaluate import EvalConfig, protocol_config
 from ncfm_core.jobs import eval_job
 
 EVAL_EPILOG = (
-    "Accuracies are fractions in [0, 1] in --json output (percentages in the table). "
+    "--json prints one object: {artifact, path, model, protocol {every knob, as run}, "
+    "accuracy {mean, std, runs}, seeds, training, train_set, baselines {random {accuracy, subset, "
+    "subset_seed, ...}, full {accuracy, cached, cache_key, ...}}, metrics {ior, hlr, lrs}, teacher "
+    "(null with hard labels), models {name: the same per model} (only with several --model), "
+    "timings, seconds (whole job), created, device, min_acc, passed}. The top-level results are "
+    "the first model's. Accuracies, IOR = acc(synthetic) - acc(random), HLR = acc(full) - "
+    "acc(synthetic) and LRS are fractions (percentages and points in the table). The random "
+    "subset has the synthetic set's stored IPC (same storage). "
     "Exit codes: 0 ok; 1 failure (e.g. a corrupt synset.safetensors); 2 invalid option; "
     "3 artifact not found; 5 mean accuracy below --min-acc (the result is printed and "
     "recorded first)."
+)
+
+
+METRICS_LEGEND = (
+    "IOR = synthetic - random and HLR = full - synthetic, in accuracy points; LRS in [0, 1]. "
+    "Higher IOR and LRS, lower HLR are better."
 )
 
 
@@ -50,11 +79,50 @@ def build_eval_config(
     model: str | None = None,
     lr: float | None = None,
     seed: int | None = None,
+    width: int | None = None,
+    batch_size: int | None = None,
+    optimizer: str | None = None,
+    weight_decay: float | None = None,
+    momentum: float | None = None,
+    cutmix_prob: float | None = None,
+    rrc: bool | None = None,
+    repeat_mode: str | None = None,
+    best_over_epochs: bool = False,
+    soft_labels: bool = False,
+    temperature: float | None = None,
+    teacher_member: int | None = None,
 ) -> EvalConfig:
-    """The named evaluation protocol (default ``ncfm``) with the options given on top."""
+    """The named evaluation protocol (default ``ncfm``) with the options given on top
+    (``None``: the protocol's value)."""
     if lr is not None and lr <= 0:
         raise ConfigError("--lr must be > 0")
-    return protocol_config(protocol or "ncfm", repeats=repeats, epochs=epochs, model=model, lr=lr, seed=seed)
+    if not soft_labels and (temperature is not None or teacher_member is not None):
+        raise ConfigError("--temperature and --teacher-member only apply with --soft-labels; add --soft-labels")
+    return protocol_config(
+        protocol or "ncfm",
+        repeats=repeats,
+        epochs=epochs,
+        model=model,
+        lr=lr,
+        seed=seed,
+        width=width,
+        batch_size=batch_size,
+        optimizer=None if optimizer is None else optimizer.strip().lower(),
+        weight_decay=weight_decay,
+        momentum=momentum,
+        cutmix_prob=cutmix_prob,
+        random_resized_crop=rrc,
+        repeat_mode=None if repeat_mode is None else repeat_mode.strip().lower(),
+        best_over_epochs=best_over_epochs,
+        soft_labels=soft_labels,
+        temperature=temperature,
+        teacher_member=teacher_member,
+    )
+
+
+def split_names(values: list[str] | None) -> list[str]:
+    """Repeated options, each possibly comma-separated (``--model convnet,alexnet``), in order."""
+    return [part.strip() for value in values or [] for part in value.split(",") if part.strip()]
 
 
 def check_min_acc(min_acc: float | None) -> None:
@@ -67,14 +135,15 @@ def passed(record: dict[str, Any], min_acc: float | None) -> bool:
 
 
 def eval_pairs(record: dict[str, Any]) -> list[tuple[str, Any]]:
-    """Human lines of one evaluation record."""
+    """Human lines of one evaluation record (the synthetic set of its first model)."""
     accuracy, protocol = record["accuracy"], record.get("protocol", {})
     runs = ", ".join(format_accuracy(run) for run in accuracy["runs"])
+    synthetic_seconds = (record.get("timings") or {}).get("synthetic", record.get("seconds"))
     return [
         ("evaluated", f"{protocol.get('model')} x {len(accuracy['runs'])}, {protocol.get('epochs')} epochs "
                       f"on {record.get('device')}"),
         ("accuracy", f"{format_accuracy(accuracy['mean'])} +- {format_accuracy(accuracy['std'])} ({runs})"),
-        ("eval time", format_seconds(record.get("seconds"))),
+        ("eval time", format_seconds(synthetic_seconds)),
     ]
 
 
@@ -89,11 +158,107 @@ def fail_below_min_acc(record: dict[str, Any], min_acc: float | None) -> None:
         raise typer.Exit(EXIT_BELOW_MIN_ACC)
 
 
+# ----------------------------------------------------------------------------- human output
+
+
+def _protocol_line(protocol: dict[str, Any]) -> str:
+    crop = "random resized crop" if protocol.get("random_resized_crop") else "no crop"
+    return (
+        f"{protocol.get('protocol')}: {protocol.get('optimizer')} lr {protocol.get('lr')}, batch "
+        f"{protocol.get('batch_size')}, {protocol.get('epochs')} epochs ({protocol.get('schedule')}), "
+        f"CutMix p={protocol.get('cutmix_prob')}, {crop}, {protocol.get('repeats')} repeats from seed "
+        f"{protocol.get('seed')}; final-epoch accuracy"
+    )
+
+
+def _labels_line(record: dict[str, Any]) -> str:
+    teacher = record.get("teacher")
+    if not teacher:
+        return "hard"
+    return (f"soft: teacher = pool member {teacher['member']} ({teacher['network']}, test accuracy "
+            f"{format_accuracy(teacher['test_accuracy'])}), T = {teacher['temperature']}, {teacher['loss']}")
+
+
+def _trained_on(kind: str, result: dict[str, Any]) -> str:
+    train_set = result.get("train_set") or {}
+    if kind == "synthetic":
+        factor = int(train_set.get("factor", 1))
+        decoded = f", x{factor * factor} decoded" if factor > 1 else ""
+        return f"synthetic ({train_set.get('stored')} stored{decoded})"
+    if kind == "random":
+        return f"random real ({train_set.get('ipc')}/class, seed {result.get('subset_seed')})"
+    return "full training set"
+
+
+def _time_cell(kind: str, result: dict[str, Any]) -> str:
+    if kind == "synthetic":  # a top-level record's "seconds" is the whole job's
+        return format_seconds((result.get("timings") or {}).get("synthetic", result.get("seconds")))
+    if kind == "full" and result.get("cached"):
+        return f"cached ({format_seconds(result.get('seconds'))} when computed)"
+    return format_seconds(result.get("seconds"))
+
+
+def results_table(record: dict[str, Any]) -> Table:
+    """One row per (model, trained-on set): mean +- std over repeats, the runs, the time."""
+    entries = record.get("models") or {record.get("model"): record}
+    several = len(entries) > 1
+    table = Table(title="test accuracy (final epoch)", title_justify="left")
+    if several:
+        table.add_column("model")
+    for header in ("trained on", "images", "mean +- std", "runs", "time"):
+        table.add_column(header, justify="right" if header in ("images", "mean +- std") else "left")
+    for name, entry in entries.items():
+        rows = [("synthetic", entry), *((kind, entry["baselines"][kind]) for kind in ("random", "full")
+                                        if kind in (entry.get("baselines") or {}))]
+        for kind, result in rows:
+            accuracy = result["accuracy"]
+            cells = [
+                _trained_on(kind, result),
+                str((result.get("train_set") or {}).get("size", "-")),
+                f"{format_accuracy(accuracy['mean'])} +- {format_accuracy(accuracy['std'])}",
+                ", ".join(format_accuracy(run) for run in accuracy["runs"]),
+                _time_cell(kind, result),
+            ]
+            table.add_row(*([str(name)] if several else []), *cells)
+            best = result.get("best_over_epochs_test_acc")
+            if best:
+                table.add_row(*([""] if several else []), "  best epoch: TEST-SET MODEL SELECTION", "",
+                              format_accuracy(best["mean"]), ", ".join(format_accuracy(r) for r in best["runs"]),
+                              "not the reported figure")
+    return table
+
+
+def metrics_table(record: dict[str, Any]) -> Table | None:
+    """IOR and HLR in points, LRS in [0, 1], per model; None when no baseline ran."""
+    entries = record.get("models") or {record.get("model"): record}
+    if not any(entry.get("metrics") for entry in entries.values()):
+        return None
+    table = Table(title="fair metrics", title_justify="left")
+    for header in ("model", "IOR", "HLR", "LRS"):
+        table.add_column(header, justify="left" if header == "model" else "right")
+    for name, entry in entries.items():
+        metrics = entry.get("metrics") or {}
+        points = {key: "-" if key not in metrics else f"{100 * metrics[key]:+.2f} pts" for key in ("ior", "hlr")}
+        table.add_row(str(name), points["ior"], points["hlr"], "-" if "lrs" not in metrics else f"{metrics['lrs']:.3f}")
+    return table
+
+
 def _print_result(opts: GlobalOptions, record: dict[str, Any], min_acc: float | None) -> None:
     if opts.json:
         print_json({**record, "min_acc": min_acc, "passed": passed(record, min_acc)})
-    else:
-        print_pairs([("artifact", record["artifact"]), *eval_pairs(record)])
+        return
+    print_pairs([
+        ("artifact", record["artifact"]),
+        ("protocol", _protocol_line(record.get("protocol") or {})),
+        ("labels", _labels_line(record)),
+        ("device", record.get("device")),
+        ("total time", format_seconds(record.get("seconds"))),
+    ])
+    print_table(results_table(record))
+    metrics = metrics_table(record)
+    if metrics is not None:
+        print_table(metrics)
+        typer.echo(METRICS_LEGEND)
 
 
 def eval_command(
@@ -102,9 +267,23 @@ def eval_command(
     protocol: EvalProtocolOption = None,
     repeats: EvalRepeatsOption = None,
     epochs: EvalEpochsOption = None,
-    model: EvalModelOption = None,
+    model: EvalModelsOption = None,
     lr: EvalLrOption = None,
+    batch_size: EvalBatchSizeOption = None,
+    optimizer: EvalOptimizerOption = None,
+    weight_decay: EvalWeightDecayOption = None,
+    momentum: EvalMomentumOption = None,
+    cutmix_prob: EvalCutmixOption = None,
+    rrc: EvalRrcOption = None,
+    width: EvalWidthOption = None,
     seed: EvalSeedOption = None,
+    repeat_mode: EvalRepeatModeOption = None,
+    best_over_epochs: EvalBestOverEpochsOption = False,
+    soft_labels: EvalSoftLabelsOption = False,
+    temperature: EvalTemperatureOption = None,
+    teacher_member: EvalTeacherMemberOption = None,
+    baseline: EvalBaselineOption = None,
+    baseline_seed: EvalBaselineSeedOption = 0,
     min_acc: MinAccOption = None,
     device: DeviceOption = "auto",
     data_dir: DataDirOption = None,
@@ -112,22 +291,32 @@ def eval_command(
 ) -> None:
     """Train fresh networks on a synthetic set and report their accuracy on the real test set.
 
-    Each network learns from scratch on the decoded synthetic images. Results go into the manifest.
+    Each network learns from scratch on the decoded synthetic images under a named protocol
+    (every knob overridable, the effective protocol recorded). Baselines train the same way on
+    real images: IOR, HLR and LRS follow. The whole record goes into the manifest's eval history.
 
     Example:
 
-        ncfm eval digits-ipc10 --repeats 3 --min-acc 0.85
+        ncfm eval digits-ipc10 --baseline random --baseline full --repeats 5 --json
     """
     opts = global_options(ctx, json_flag)
     with command_errors(opts):
         check_min_acc(min_acc)
+        models = split_names(model)
         eval_config = build_eval_config(
-            protocol=protocol, repeats=repeats, epochs=epochs, model=model, lr=lr, seed=seed
+            protocol=protocol, repeats=repeats, epochs=epochs, model=models[0] if models else None, lr=lr,
+            seed=seed, width=width, batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay,
+            momentum=momentum, cutmix_prob=cutmix_prob, rrc=rrc, repeat_mode=repeat_mode,
+            best_over_epochs=best_over_epochs, soft_labels=soft_labels, temperature=temperature,
+            teacher_member=teacher_member,
         )
         with ProgressRenderer(opts) as progress:
             record = eval_job(
                 opts.open_store(), ref, eval_config, device, progress,
                 data_dir=None if data_dir is None else str(data_dir),
+                models=models or None,
+                baselines=split_names(baseline),
+                baseline_seed=baseline_seed,
             )
     _print_result(opts, record, min_acc)
     fail_below_min_acc(record, min_acc)

@@ -105,3 +105,77 @@ CommandJsonOption = Annotated[
     bool,
     typer.Option("--json", help="Same as the global --json: print exactly one JSON object on stdout."),
 ]
+
+# evaluation suite (ncfm eval): every protocol knob, baselines, soft labels
+EvalModelsOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--model", help="Network to train: convnet, alexnet, vgg11, resnet18, ... Repeat it for a "
+                 "cross-architecture evaluation, one result per model (default convnet).", show_default=False),
+]
+EvalWidthOption = Annotated[
+    Optional[int],
+    typer.Option("--width", min=1, help="ConvNet width of the evaluation networks (default 128; smaller is "
+                 "faster). Other networks ignore it.", show_default=False),
+]
+EvalBatchSizeOption = Annotated[
+    Optional[int],
+    typer.Option("--batch-size", min=1, help="Training batch size (default: the protocol's, 128 or 256).",
+                 show_default=False),
+]
+EvalOptimizerOption = Annotated[
+    Optional[str],
+    typer.Option("--optimizer", help="adamw or sgd (default: the protocol's).", show_default=False),
+]
+EvalWeightDecayOption = Annotated[
+    Optional[float],
+    typer.Option("--weight-decay", min=0.0, help="Weight decay (default: the protocol's, 0.01 or 5e-4).",
+                 show_default=False),
+]
+EvalMomentumOption = Annotated[
+    Optional[float],
+    typer.Option("--momentum", min=0.0, help="SGD momentum / AdamW beta1 (default 0.9).", show_default=False),
+]
+EvalCutmixOption = Annotated[
+    Optional[float],
+    typer.Option("--cutmix-prob", min=0.0, max=1.0, help="Probability that a batch gets CutMix (ncfm 0.5, "
+                 "dsa 0).", show_default=False),
+]
+EvalRrcOption = Annotated[
+    Optional[bool],
+    typer.Option("--rrc/--no-rrc", help="Random resized crop before DSA (ncfm on, dsa off).", show_default=False),
+]
+EvalRepeatModeOption = Annotated[
+    Optional[str],
+    typer.Option("--repeat-mode", help="How repeats train: auto (batched on CUDA when the network allows), "
+                 "batched (vmapped together) or sequential. Same numbers up to rounding.", show_default=False),
+]
+EvalBestOverEpochsOption = Annotated[
+    bool,
+    typer.Option("--best-over-epochs", help="Also record the best test accuracy over epochs: TEST-SET MODEL "
+                 "SELECTION, shown apart; the reported accuracy stays the final epoch's."),
+]
+EvalSoftLabelsOption = Annotated[
+    bool,
+    typer.Option("--soft-labels", help="Train against a teacher (a trained member of the artifact's pool): "
+                 "T^2 * KL(teacher/T || student/T). Applies to the baselines too."),
+]
+EvalTemperatureOption = Annotated[
+    Optional[float],
+    typer.Option("--temperature", help="Soft-label temperature T > 0 (default 1; needs --soft-labels).",
+                 show_default=False),
+]
+EvalTeacherMemberOption = Annotated[
+    Optional[int],
+    typer.Option("--teacher-member", min=0, help="Which pool member is the teacher (default 0; needs "
+                 "--soft-labels).", show_default=False),
+]
+EvalBaselineOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--baseline", help="random (a seeded random real subset of the same stored IPC: gives IOR) "
+                 "or full (the whole training set, cached in the store: gives HLR); repeat for both (LRS).",
+                 show_default=False),
+]
+EvalBaselineSeedOption = Annotated[
+    int,
+    typer.Option("--baseline-seed", help="Seed that draws the random real subset of --baseline random."),
+]

@@ -240,10 +240,16 @@ class ProgressRenderer:
             self._log(f"checkpoint at iteration {event['iteration']}", "debug")
         elif stage == "eval":
             repeat, repeats = int(event["repeat"]), int(event["repeats"])
+            # One bar per (trained-on set, model): synthetic set, random subset, full data.
+            what = str(event.get("what", "synthetic"))
+            model = event.get("model")
+            label = {"synthetic": "eval"}.get(what, what)
+            subject = label if model is None else f"{label} {model}"
             if self.progress is not None:
-                self._bar("eval", "eval", repeats, repeat + 1, f"last {format_accuracy(event['accuracy'])}")
+                self._bar(f"eval:{what}:{model}", subject, repeats, repeat + 1,
+                          f"last {format_accuracy(event['accuracy'])}")
             else:
-                self._log(f"eval: network {repeat + 1}/{repeats} accuracy {format_accuracy(event['accuracy'])}",
+                self._log(f"{subject}: network {repeat + 1}/{repeats} accuracy {format_accuracy(event['accuracy'])}",
                           "debug")
 
 
