@@ -11,6 +11,7 @@ from ncfm_cli.options import (
     CommandJsonOption,
     DataDirOption,
     DeviceOption,
+    GpuMemOption,
     IterationsOption,
     MinAccOption,
 )
@@ -21,29 +22,37 @@ from ncfm_cli.output import (
     format_bytes,
     format_seconds,
     global_options,
+    format_flops,
     print_json,
     print_pairs,
+    print_plan,
 )
+from ncfm_core import distributed
 from ncfm_core.config import make_config
-from ncfm_core.jobs import DEFAULT_CHECKPOINT_EVERY, artifact_summary, distill_job, eval_job
+from ncfm_core.jobs import DEFAULT_CHECKPOINT_EVERY, artifact_summary, distill_job, eval_job, plan_job
 from ncfm_core.store import ArtifactVersion
 
 DISTILL_EPILOG = (
-    "Options left out take the dataset's preset (see the docs). Exit codes: 0 ok; 1 failure; "
-    "2 invalid option (e.g. --ipc larger than a class); 3 dataset files not found; "
-    "5 with --eval, accuracy below --min-acc; 130 interrupted by Ctrl-C after saving a "
-    "checkpoint (continue with `ncfm resume NAME@vN`)."
+    "Options left out take the dataset's preset (see the docs). Memory: the run is planned to fit "
+    "--gpu-mem SIZE (2.5G, 800M: K, M, G, T are powers of 1024, KB, MB, GB powers of 1000; or 0.3, a "
+    "fraction of the device), else the free memory minus a margin; --dry-run shows the plan and writes "
+    "nothing. Exit codes: 0 ok; 1 failure; 2 invalid option (e.g. --ipc larger than a class); "
+    "3 dataset files not found; 4 memory budget too small (the message states the minimum) or out of "
+    "memory under it; 5 with --eval, accuracy below --min-acc; 130 interrupted by Ctrl-C after saving "
+    "a checkpoint (continue with `ncfm resume NAME@vN`)."
 )
 
 _SET = "Synthetic set"
 _MATCH = "Matching"
 _POOL = "Feature-extractor pool"
 _EVAL = "Evaluation (--eval)"
+_MEMORY = "Memory and speed"
 
 
 def summary_pairs(summary: dict[str, Any]) -> list[tuple[str, Any]]:
     """Human lines of a distill/resume result."""
-    source = {"process_peak_rss": "process peak RSS", "cuda_max_memory_allocated": "CUDA peak allocated"}.get(
+    source = {"process_peak_rss": "process peak RSS", "cuda_max_memory_allocated": "CUDA peak allocated",
+              "cuda_max_memory_reserved": "CUDA peak reserved"}.get(
         str(summary.get("peak_memory_source")), str(summary.get("peak_memory_source"))
     )
     iterations = summary.get("iterations")
@@ -54,13 +63,27 @@ def summary_pairs(summary: dict[str, Any]) -> list[tuple[str, Any]]:
         ("iterations", iterations if iterations == target else f"{iterations} of {target}"),
         ("time", format_seconds(summary.get("seconds"))),
         ("peak memory", f"{format_bytes(summary.get('peak_memory_bytes'))} ({source})"),
+        *_plan_pairs(summary.get("plan"), summary.get("flops_per_iteration")),
         ("path", summary["path"]),
     ]
 
 
+def _plan_pairs(plan: Any, flops: Any) -> list[tuple[str, Any]]:
+    """One line for the memory plan a run used (none for versions made before plans)."""
+    if not isinstance(plan, dict):
+        return []
+    checkpointing = ", checkpointing" if plan.get("activation_checkpointing") else ""
+    line = (f"real chunk {plan.get('real_chunk')}, class chunk {plan.get('class_chunk')}, {plan.get('precision')}"
+            f"{checkpointing}; estimated peak {format_bytes(plan.get('estimated_peak_bytes'))}")
+    return [("plan", line), ("FLOPs / iteration", format_flops(flops))]
+
+
 def report_version(opts: GlobalOptions, version: ArtifactVersion, extra: dict[str, Any] | None = None,
                    eval_record: dict[str, Any] | None = None, min_acc: float | None = None) -> None:
-    """Print the result of a distill/resume (plus an evaluation, if one ran) on stdout."""
+    """Print the result of a distill/resume (plus an evaluation, if one ran) on stdout.
+    Under torchrun only rank 0 prints."""
+    if not distributed.current().is_main:
+        return
     summary = {**artifact_summary(version), **(extra or {})}
     if opts.json:
         if eval_record is not None:
@@ -131,8 +154,27 @@ def distill_command(
         "--calib-weight", rich_help_panel=_MATCH, show_default=False,
         help="Weight of the calibration cross-entropy (0 turns it off).")] = None,
     real_chunk: Annotated[Optional[int], typer.Option(
-        "--real-chunk", min=1, rich_help_panel=_MATCH, show_default=False,
-        help="Real images per no-grad forward chunk (bounds memory).")] = None,
+        "--real-chunk", min=1, rich_help_panel=_MEMORY, show_default=False,
+        help="Real images per no-grad forward chunk (default: planned to fit the budget).")] = None,
+    gpu_mem: GpuMemOption = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", rich_help_panel=_MEMORY,
+        help="Print the memory plan and exit; writes nothing and loads no data (folder: datasets are read).")] = False,
+    class_chunk: Annotated[Optional[int], typer.Option(
+        "--class-chunk", min=1, rich_help_panel=_MEMORY, show_default=False,
+        help="Classes per synthetic forward/backward (default: planned to fit the budget).")] = None,
+    precision: Annotated[Optional[str], typer.Option(
+        "--precision", rich_help_panel=_MEMORY, show_default=False,
+        help="Network forwards in auto, fp32, bf16 or fp16 (autocast); auto: bf16/fp16 on CUDA, else fp32.")] = None,
+    checkpointing: Annotated[Optional[bool], typer.Option(
+        "--checkpointing/--no-checkpointing", rich_help_panel=_MEMORY, show_default=False,
+        help="Recompute activations instead of storing them (default: only if the budget needs it).")] = None,
+    channels_last: Annotated[bool, typer.Option(
+        "--channels-last", rich_help_panel=_MEMORY,
+        help="Run the networks in NHWC memory format (same maths up to rounding; faster on some GPUs).")] = False,
+    compile_blocks: Annotated[bool, typer.Option(
+        "--compile", rich_help_panel=_MEMORY,
+        help="torch.compile the extractor blocks (falls back to eager if compiling fails).")] = False,
     network: Annotated[Optional[str], typer.Option("--network", rich_help_panel=_POOL, show_default=False,
                                                    help="Feature extractor, e.g. convnet.")] = None,
     depth: Annotated[Optional[int], typer.Option("--depth", min=1, rich_help_panel=_POOL, show_default=False,
@@ -202,13 +244,28 @@ def distill_command(
             pool_epochs=pool_epochs,
             seed=seed,
             real_chunk=real_chunk,
+            class_chunk=class_chunk,
+            precision=None if precision is None else precision.lower(),
+            # False is the config's default, which lets the planner turn it on; --no-checkpointing
+            # forbids that instead (allow_checkpointing below).
+            activation_checkpointing=True if checkpointing else None,
+            channels_last=True if channels_last else None,
+            compile=True if compile_blocks else None,
         )
+        allow_checkpointing = checkpointing is not False
+        if dry_run:
+            result = plan_job(config, device=device, gpu_mem=gpu_mem, allow_checkpointing=allow_checkpointing)
+            if opts.json:
+                print_json(result)
+            else:
+                print_plan(result)
+            return
         store = opts.open_store()
         with ProgressRenderer(opts) as progress:
             version = distill_job(store, config, name=name, device=device, checkpoint_every=checkpoint_every,
-                                  callback=progress)
+                                  callback=progress, gpu_mem=gpu_mem, allow_checkpointing=allow_checkpointing)
             record = None
-            if eval_config is not None:
+            if eval_config is not None and distributed.current().is_main:  # under torchrun: rank 0 evaluates
                 record = eval_job(store, version.ref, eval_config, device, progress)
     report_version(opts, version, eval_record=record, min_acc=min_acc)
     if record is not None:

@@ -57,6 +57,17 @@ DataDirOption = Annotated[
         show_default=False,
     ),
 ]
+GpuMemOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--gpu-mem",
+        metavar="SIZE",
+        help="Memory budget: 2.5G or 800M (K, M, G, T are powers of 1024; KB, MB, GB of 1000) or a "
+        "fraction of the device such as 0.3. Caps the CUDA allocator and plans the run to fit it; "
+        "exit code 4 if even the smallest plan does not.",
+        show_default=False,
+    ),
+]
 IterationsOption = Annotated[
     Optional[int],
     typer.Option("--iterations", min=0, help="Distillation iterations (default: the dataset's preset).",

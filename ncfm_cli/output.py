@@ -139,6 +139,52 @@ def format_bytes(count: int | None) -> str:
     return f"{count} B"
 
 
+def format_loss(loss: float | None) -> str:
+    """A loss for a progress line; None (not read back from the accelerator yet) as ``-``."""
+    return "-" if loss is None else f"{loss:.4f}"
+
+
+def format_flops(count: int | float | None) -> str:
+    if count is None:
+        return "-"
+    for unit, scale in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if count >= scale:
+            return f"{count / scale:.2f} {unit}"
+    return f"{int(count)} FLOP"
+
+
+def print_plan(result: dict[str, Any]) -> None:
+    """The human rendering of ``ncfm distill --dry-run`` (``ncfm_core.jobs.plan_job``): the plan
+    as a short table, then the terms of its peak-memory estimate, largest first."""
+    plan = result["plan"]
+    shape = result.get("shape") or {}
+    budget = "none" if plan.get("budget_bytes") is None else format_bytes(plan["budget_bytes"])
+    source = plan.get("budget_source")
+    pairs: list[tuple[str, Any]] = [
+        ("dataset", f"{result.get('dataset')} ({shape.get('num_classes')} classes, {shape.get('channels')}x"
+                    f"{shape.get('image_size')}x{shape.get('image_size')}, {shape.get('num_train')} train images)"),
+        ("ipc", result.get("ipc")),
+        ("device", f"{result.get('device')} ({result.get('device_reason')})"),
+        ("real chunk", plan.get("real_chunk")),
+        ("class chunk", plan.get("class_chunk")),
+        ("precision", plan.get("precision")),
+        ("checkpointing", "on" if plan.get("activation_checkpointing") else "off"),
+        ("budget", budget if not source else f"{budget} ({source})"),
+        ("estimated peak", format_bytes(plan.get("estimated_peak_bytes"))),
+        ("FLOPs / iteration", format_flops(result.get("flops_per_iteration"))),
+    ]
+    print_pairs(pairs)
+    terms = plan.get("estimate_terms") or {}
+    if terms:
+        typer.echo("")
+        typer.echo("estimate terms:")
+        width = max(len(name) for name in terms)
+        for name, size in sorted(terms.items(), key=lambda item: -item[1]):
+            typer.echo(f"  {name:<{width}}  {format_bytes(size):>10}")
+    typer.echo("")
+    typer.echo("dry run: nothing was written to the store")
+
+
 def format_seconds(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -229,10 +275,10 @@ class ProgressRenderer:
         elif stage == "distill":
             iteration, total = int(event["iteration"]), int(event["total"])
             if self.progress is not None:
-                self._bar("distill", "distill", total, iteration, f"loss {event['loss']:.4f}")
+                self._bar("distill", "distill", total, iteration, f"loss {format_loss(event.get('loss'))}")
             elif iteration == total or iteration % max(1, total // 20) == 0:
                 self._log(
-                    f"distill: iteration {iteration}/{total} loss {event['loss']:.4f} "
+                    f"distill: iteration {iteration}/{total} loss {format_loss(event.get('loss'))} "
                     f"({event['seconds']:.3f} s/it)",
                     "debug",
                 )

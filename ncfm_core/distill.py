@@ -155,15 +155,39 @@ class _CompiledOrEager:
         return self.module(x)
 
 
+def _owned_rows_of_state(state: dict[str, Any], rows: slice, total_rows: int) -> dict[str, Any]:
+    """A whole-set state (images (total_rows, ...) and image-optimiser moments of that shape)
+    cut to ``rows``, the stored rows of one process's class block. A state of any other shape
+    is returned as is (the shape check then rejects it)."""
+    if state["images"].shape[0] != total_rows:
+        return state
+
+    def cut(value: Any) -> Any:
+        return value[rows] if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == total_rows else value
+
+    optimizer = state["image_optimizer"]
+    moments = {key: {name: cut(v) for name, v in entry.items()} for key, entry in optimizer["state"].items()}
+    return {**state, "images": state["images"][rows], "image_optimizer": {**optimizer, "state": moments}}
+
+
 class Distiller:
     """Holds the synthetic images, psi, both optimisers and the run's generator.
 
     ``dataset`` is moved to ``device`` once; nothing is read from disk inside :meth:`step`.
     Memory/speed options come from the config: ``real_chunk``, ``class_chunk``, ``precision``,
     ``activation_checkpointing``, ``channels_last``, ``compile`` (see ``ncfm_core.budget``).
+
+    Several processes (``ncfm_core.distributed``): ``classes`` is the contiguous block of class
+    ids this process owns (default all). Every process draws the SAME random numbers for all
+    classes (so generator states stay identical) and keeps only its block's rows: ``images``,
+    ``labels`` and the image optimiser cover the block, the real side reads only its classes.
+    ``all_reduce(t)`` sums ``t`` in place over the processes; it is applied to the loss totals
+    and to the frequencies' gradient, so psi, the scheduler and the loss curve stay identical
+    everywhere. :meth:`load_state_dict` accepts a whole-set state and keeps the block's rows.
     """
 
-    def __init__(self, config: DistillConfig, dataset: ImageDataset, pool: Pool, device: torch.device | str):
+    def __init__(self, config: DistillConfig, dataset: ImageDataset, pool: Pool, device: torch.device | str,
+                 *, classes: range | None = None, all_reduce: Callable[[Tensor], None] | None = None):
         self.config = config
         self.device = torch.device(device)
         self.num_classes = dataset.num_classes
@@ -196,6 +220,12 @@ class Distiller:
             config.init,
             self.generator,
         )
+        self.classes = range(self.num_classes) if classes is None else classes
+        if self.classes.step != 1 or not 0 <= self.classes.start < self.classes.stop <= self.num_classes:
+            raise ConfigError(f"classes {self.classes} is not a non-empty block of 0..{self.num_classes - 1}")
+        self._all_reduce = all_reduce
+        owned_rows = slice(self.classes.start * config.ipc, self.classes.stop * config.ipc)
+        images, self.labels = images[owned_rows], self.labels[owned_rows]
         self.images = images.detach().clone().requires_grad_(True)  # stored form, (C*ipc, C, H, W)
         # No weight decay on pixels: decay would pull every image towards black.
         self.image_optimizer = torch.optim.AdamW([self.images], lr=config.image_lr, weight_decay=0.0)
@@ -238,9 +268,12 @@ class Distiller:
             self.sampler_optimizer = None
 
         self.real_chunk = config.real_chunk or DEFAULT_REAL_CHUNK
-        self.class_chunk = min(config.class_chunk or self.num_classes, self.num_classes)
-        self._real_bounds = chunk_bounds(self.num_classes, self.real_per_class, self.real_chunk)
-        self._real_labels = torch.arange(self.num_classes, device=self.device).repeat_interleave(self.real_per_class)
+        owned = len(self.classes)
+        self.class_chunk = min(config.class_chunk or owned, owned)
+        self._real_bounds = chunk_bounds(owned, self.real_per_class, self.real_chunk)
+        self._real_labels = torch.arange(
+            self.classes.start, self.classes.stop, device=self.device
+        ).repeat_interleave(self.real_per_class)
         self.iteration = 0
         self.loss_curve: list[list[float]] = []  # [iteration, mean loss over the last LOSS_LOG_EVERY]
         self._loss_window: list[float] = []
@@ -292,14 +325,17 @@ class Distiller:
         Every train image gets a uniform key; a per-class ``topk`` of the smallest keys is a
         uniformly random ordered subset of the class, in O(N) rather than the O(N log N) of
         sorting the whole set. A class smaller than the batch is used whole (in random order)
-        before anything repeats. Returns indices (C*B,) class-major and labels (C*B,).
+        before anything repeats. Returns indices (C*B,) class-major and labels (C*B,), C the owned classes.
         """
         keys = torch.rand(
             self._class_table.shape, generator=self.generator, device=self.device, dtype=torch.float64
         ).masked_fill_(self._padding, 2.0)  # padding sorts after every real key in [0, 1)
         ranked = torch.topk(keys, self._ranks_needed, dim=1, largest=False, sorted=True).indices  # (C, k)
         columns = ranked.gather(1, self._slot_rank)  # (C, B)
-        return self._class_table.gather(1, columns).reshape(-1), self._real_labels
+        # Keys are drawn for every class (identical generator streams in every process); only
+        # the owned block's rows are kept.
+        owned = slice(self.classes.start, self.classes.stop)
+        return self._class_table[owned].gather(1, columns[owned]).reshape(-1), self._real_labels
 
     def _raw_features(self, net: nn.Module, images: Tensor, *, grad: bool) -> Tensor:
         """The network's flattened last feature map (B, d), under autocast if asked, with
@@ -336,7 +372,7 @@ class Distiller:
         """
         b = self.real_per_class
         width = freqs.shape[0] if freqs is not None else self.extractor.feature_dim
-        sums_a = torch.zeros(self.num_classes, width, dtype=torch.float64, device=self.device)
+        sums_a = torch.zeros(len(self.classes), width, dtype=torch.float64, device=self.device)
         sums_b = torch.zeros_like(sums_a) if freqs is not None else None
         kept = []
         for start, end in self._real_bounds:
@@ -404,8 +440,8 @@ class Distiller:
         if config.calib_weight > 0:
             with self._autocast():
                 logits = self.teacher.classifier(self._raw_features(self.teacher, syn_input, grad=True))
-            # a sum over the group / all synthetic images: the groups add up to the full mean
-            total = self.images.shape[0] * config.factor**2
+            # a sum over the group / all synthetic images (of every process): the groups add up to the full mean
+            total = self.num_classes * config.ipc * config.factor**2
             calib = config.calib_weight * F.cross_entropy(logits.float(), syn_labels, reduction="sum") / total
         return match + calib, match, calib
 
@@ -456,8 +492,8 @@ class Distiller:
         image_grad = torch.empty_like(self.images)
         totals = torch.zeros(3, device=self.device)
         stored_per_class = config.ipc
-        for first in range(0, self.num_classes, self.class_chunk):
-            last = min(first + self.class_chunk, self.num_classes)
+        for first in range(0, len(self.classes), self.class_chunk):
+            last = min(first + self.class_chunk, len(self.classes))
             rows = slice(first * stored_per_class, last * stored_per_class)
             group_images = self.images.detach()[rows].requires_grad_(True)  # a leaf per group
             loss, match, calib = self._group_loss(group_images, first, params, freqs, real_a, real_b)
@@ -471,6 +507,8 @@ class Distiller:
                 real_index, params, freqs.detach(), kept, real_a.grad, real_b.grad
             )
             del kept
+            if self._all_reduce is not None:
+                self._all_reduce(freq_grad)  # every process's classes: one psi, identical everywhere
             reverse_gradient(freqs_source).backward(freq_grad)  # psi ascends what the images descend
 
         optimizers = [opt for opt in (self.image_optimizer, self.sampler_optimizer) if opt is not None]
@@ -485,6 +523,8 @@ class Distiller:
             self.images.clamp_(0.0, 1.0)
 
         self.iteration += 1
+        if self._all_reduce is not None:
+            self._all_reduce(totals)
         self._pending.append(totals)
         if self.iteration % self._sync_every == 0:
             self._read_pending()
@@ -571,6 +611,10 @@ class Distiller:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("format") != STATE_FORMAT:
             raise CorruptArtifactError(f"checkpoint format {state.get('format')!r} is not {STATE_FORMAT}")
+        if len(self.classes) != self.num_classes:
+            ipc = self.config.ipc
+            rows = slice(self.classes.start * ipc, self.classes.stop * ipc)
+            state = _owned_rows_of_state(state, rows, self.num_classes * ipc)
         if tuple(state["images"].shape) != tuple(self.images.shape):
             raise CorruptArtifactError(
                 f"checkpoint images have shape {tuple(state['images'].shape)}, expected {tuple(self.images.shape)}"

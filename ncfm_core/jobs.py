@@ -31,7 +31,6 @@ import re
 import signal
 import socket
 import statistics
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -44,12 +43,26 @@ import torch
 from torch import Tensor, nn
 
 from ncfm_core import __version__, augment
+from ncfm_core import distributed
 from ncfm_core import store as store_lib
-from ncfm_core.budget import resolve_device
+from ncfm_core.budget import (
+    DatasetShape,
+    Plan,
+    cap_device_memory,
+    dataset_shape,
+    device_total_bytes,
+    estimate_iteration_flops,
+    format_bytes,
+    measure_peak,
+    parse_memory,
+    plan_run,
+    reset_peak,
+    resolve_device,
+)
 from ncfm_core.config import DistillConfig
 from ncfm_core.data import ImageDataset, check_ipc, load_dataset
 from ncfm_core.distill import Distiller
-from ncfm_core.errors import ConfigError, CorruptArtifactError, NcfmError, NotFoundError
+from ncfm_core.errors import BudgetInfeasibleError, ConfigError, CorruptArtifactError, NcfmError, NotFoundError
 from ncfm_core.evaluate import (
     EvalConfig,
     EvalResult,
@@ -150,18 +163,23 @@ def _check_fingerprint(version: ArtifactVersion, manifest: dict, dataset: ImageD
         )
 
 
-def _peak_memory(device: torch.device) -> tuple[int | None, str]:
-    """(bytes, what was measured). On CUDA the allocator's peak since the run started; elsewhere
-    the process's peak resident set size, which also counts everything else the process did."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_memory_allocated"
+def _peak_memory(device: torch.device) -> tuple[dict[str, Any] | None, int | None, str]:
+    """(``measure_peak(device).to_dict()`` or None, the figure to report, what it measures).
+
+    On CUDA the figure is the caching allocator's peak reserved bytes since :func:`reset_peak`
+    (what a ``--gpu-mem`` cap applies to); elsewhere the process's peak resident set size,
+    which also counts everything else the process did."""
     try:
-        import resource
-    except ImportError:  # Windows has no resource module
-        return None, "unavailable"
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # Linux reports KiB, macOS bytes.
-    return int(peak if sys.platform == "darwin" else peak * 1024), "process_peak_rss"
+        peak = measure_peak(device)
+    except (ImportError, RuntimeError, AttributeError):  # no resource module (Windows), old MPS
+        return None, None, "unavailable"
+    if peak.reserved_bytes is not None:
+        source = "cuda_max_memory_reserved"
+    elif peak.rss_bytes is not None:
+        source = "process_peak_rss"
+    else:
+        source = "mps_driver_allocated"
+    return peak.to_dict(), peak.peak_bytes, source
 
 
 def _validate_job(config: DistillConfig, dataset: ImageDataset, spec: PoolSpec) -> None:
@@ -251,7 +269,8 @@ def _obtain_pool(store: Store, version: ArtifactVersion, spec: PoolSpec, dataset
               "epochs": spec.epochs, "loss": float(loss)})
 
     started = time.perf_counter()
-    pool, from_cache = load_or_train_pool(spec, dataset, device, cache_dir=cache_dir, on_progress=on_progress)
+    pool, from_cache = distributed.distributed_load_or_train_pool(spec, dataset, device, cache_dir=cache_dir,
+                                                                  on_progress=on_progress)
     session.pool_seconds = time.perf_counter() - started
     store.update_manifest(
         version,
@@ -273,23 +292,30 @@ def _distill_into(
     checkpoint_every: int,
     state: dict | None,
     emit: JobCallback,
+    gpu_mem: str | None = None,
 ) -> ArtifactVersion:
     """Build the pool and the distiller (from ``state`` if given), iterate to ``target`` with
-    checkpoints, then write the results. The caller holds the version's run lock."""
+    checkpoints, then write the results. The caller holds the version's run lock (and has
+    capped the allocator at ``gpu_mem``, the ``--gpu-mem`` figure, if one was given).
+    A CUDA out-of-memory error becomes a one-line :class:`BudgetInfeasibleError` (exit 4)
+    naming the budget; the last checkpoint stays."""
     # A resumed run already has a checkpoint on disk: an interrupt before the first new one
     # must not claim otherwise.
     session = _Session(checkpoint_iteration=None if state is None else int(state["iteration"]))
     distiller: Distiller | None = None
     consistent = False  # True while the distiller sits between two iterations
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     try:
         store.update_manifest(
             version, status="running", error=None, interrupted=False, iterations_target=target,
             process={"pid": os.getpid(), "host": socket.gethostname()},
+            world_size=distributed.current().world_size,
         )
+        # Under torchrun the other ranks join here (ncfm_core.distributed); no-ops in one process.
+        distributed.send_order(config, dataset, device, target=target, checkpoint_every=checkpoint_every,
+                               state=state)
         pool = _obtain_pool(store, version, spec, dataset, device, emit, session)
-        distiller = Distiller(config, dataset, pool, device)
+        distiller = distributed.make_distiller(config, dataset, pool, device, target=target,
+                                               checkpoint_every=checkpoint_every)
         if state is not None:
             distiller.load_state_dict(state)
             session.checkpoint_iteration = distiller.iteration
@@ -300,6 +326,8 @@ def _distill_into(
             )
         consistent = True
         _log(emit, f"distilling {version.ref}: iterations {distiller.iteration} -> {target} on {device}")
+        # The loop's peak, comparable with the plan's estimate (pool training is not in it).
+        reset_peak(device)
         with _interrupt_between_iterations() as interrupt:
             while distiller.iteration < target:
                 if interrupt["requested"]:
@@ -315,13 +343,38 @@ def _distill_into(
                           "path": str(version.checkpoint_path)})
             if interrupt["requested"]:
                 raise KeyboardInterrupt
+            distiller.read_metrics()  # accelerators read losses lazily: the curve needs the last ones
             _finish(store, version, distiller, dataset, device, session)
     except BaseException as err:
+        if isinstance(err, _OUT_OF_MEMORY):
+            err = _out_of_memory_error(version, session, gpu_mem)
         _record_failure(store, version, distiller if consistent else None, session, err)
         if isinstance(err, KeyboardInterrupt) and not isinstance(err, JobInterrupted):
             raise JobInterrupted(version, session.checkpoint_iteration) from None
+        if isinstance(err, BudgetInfeasibleError):
+            raise err from None
         raise
     return version
+
+
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+def _out_of_memory_error(version: ArtifactVersion, session: _Session, gpu_mem: str | None) -> BudgetInfeasibleError:
+    """The one-line error for a CUDA out-of-memory error inside a run."""
+    if session.checkpoint_iteration is not None:
+        kept = f"checkpoint at iteration {session.checkpoint_iteration} kept"
+    else:
+        kept = "no checkpoint yet"
+    if gpu_mem is not None:
+        return BudgetInfeasibleError(
+            f"CUDA ran out of memory under --gpu-mem {gpu_mem} ({kept}); continue with "
+            f"`ncfm resume {version.ref} --gpu-mem` and a larger figure, or distill again with a larger --gpu-mem"
+        )
+    return BudgetInfeasibleError(
+        f"CUDA ran out of memory with the plan made for the free memory ({kept}); other processes may hold "
+        f"the GPU: distill again with --gpu-mem set below what is free"
+    )
 
 
 def _record_failure(store: Store, version: ArtifactVersion, distiller: Distiller | None,
@@ -384,7 +437,7 @@ def _finish(store: Store, version: ArtifactVersion, distiller: Distiller, datase
         session.checkpoint_iteration = distiller.iteration
 
     previous = version.manifest()
-    peak_bytes, peak_source = _peak_memory(device)
+    peak, peak_bytes, peak_source = _peak_memory(device)
     old_peak = previous.get("peak_memory_bytes")
     if isinstance(old_peak, int) and peak_bytes is not None:
         peak_bytes = max(peak_bytes, old_peak)
@@ -398,6 +451,7 @@ def _finish(store: Store, version: ArtifactVersion, distiller: Distiller, datase
         checkpoint_iteration=distiller.iteration,
         finished=_utc_now(),
         timings=_accumulated_timings(previous, session),
+        peak_memory=peak,  # this session's measurement; peak_memory_bytes is the max over sessions
         peak_memory_bytes=peak_bytes,
         peak_memory_source=peak_source,
         loss_curve=distiller.loss_curve,
@@ -412,8 +466,100 @@ def _finish(store: Store, version: ArtifactVersion, distiller: Distiller, datase
 # ----------------------------------------------------------------------------- distill, resume
 
 
+# ----------------------------------------------------------------------------- memory plans
+
+
+def make_plan(
+    config: DistillConfig,
+    shape: DatasetShape,
+    device: torch.device,
+    gpu_mem: str | None = None,
+    *,
+    allow_checkpointing: bool = True,
+) -> tuple[Plan, dict[str, Any]]:
+    """The memory plan of a run and what the manifest records about it.
+
+    ``gpu_mem`` is the ``--gpu-mem`` text (``"2.5G"``, ``"800M"``, ``"0.3"`` of the device);
+    None plans for the free memory minus a margin. ``allow_checkpointing=False``
+    (``--no-checkpointing``) refuses plans that recompute activations. Returns
+    ``(plan, {"plan": plan.to_dict(), "flops_per_iteration": int, "gpu_mem": gpu_mem})``.
+    ``ConfigError`` for an unreadable size (or a fraction of a device whose size is unknown
+    here), :class:`BudgetInfeasibleError` (exit 4) naming the minimum when nothing fits.
+    """
+    budget_bytes = None if gpu_mem is None else parse_memory(gpu_mem, device_total_bytes(device))
+    plan = plan_run(config, shape, device, budget_bytes)
+    if plan.activation_checkpointing and not config.activation_checkpointing and not allow_checkpointing:
+        raise BudgetInfeasibleError(
+            f"{config.dataset} at IPC {config.ipc} fits in {format_bytes(plan.budget_bytes or 0)} only with "
+            f"activation checkpointing; drop --no-checkpointing, raise --gpu-mem, or lower --ipc or --real-per-class"
+        )
+    flops = estimate_iteration_flops(config, shape, plan)["total"]
+    return plan, {"plan": plan.to_dict(), "flops_per_iteration": int(flops), "gpu_mem": gpu_mem}
+
+
+def _plan_message(plan: Plan) -> str:
+    budget = "no budget" if plan.budget_bytes is None else f"budget {format_bytes(plan.budget_bytes)}"
+    return (
+        f"plan: real chunk {plan.real_chunk}, {plan.class_chunk} class(es) per pass, {plan.precision}, "
+        f"checkpointing {'on' if plan.activation_checkpointing else 'off'}; estimated peak "
+        f"{format_bytes(plan.estimated_peak_bytes)} of the {budget} ({plan.budget_source or 'given'})"
+    )
+
+
+def _planning_device(requested: str, gpu_mem: str | None) -> tuple[torch.device, str]:
+    """The device a dry run plans for: as ``resolve_device``, except that a GPU budget (or an
+    explicit ``cuda``) on a machine without CUDA plans for CUDA, so plans can be checked anywhere."""
+    base = requested.lower().split(":", 1)[0]
+    try:
+        device, reason = resolve_device(requested)
+    except ConfigError:
+        if base != "cuda":
+            raise
+        return torch.device(requested.lower()), "planning only: no CUDA device here; the plan is for one"
+    if device.type == "cpu" and base == "auto" and gpu_mem is not None:
+        return torch.device("cuda"), "planning only: --gpu-mem is a GPU budget and there is no GPU here"
+    return device, reason
+
+
+def plan_job(
+    config: DistillConfig,
+    *,
+    device: str = "auto",
+    gpu_mem: str | None = None,
+    allow_checkpointing: bool = True,
+) -> dict[str, Any]:
+    """What ``ncfm distill --dry-run`` shows: the plan a run of ``config`` would get, without
+    writing anything and, for registered datasets, without loading data (``folder:`` datasets
+    are loaded for their shape). On a machine without a GPU a ``gpu_mem`` budget is planned
+    for CUDA; without one the plan uses the free memory of the device (RAM on CPU).
+
+    Returns ``{dry_run: True, dataset, ipc, device, device_reason, shape {num_classes, channels,
+    image_size, num_train}, shape_source ("registry" | "loaded"), plan (Plan.to_dict()),
+    flops_per_iteration, flops (by part), gpu_mem, config (with the plan applied)}``.
+    """
+    shape = dataset_shape(config.dataset, config.image_size)
+    shape_source = "registry"
+    if shape is None:
+        shape, shape_source = DatasetShape.of(_load_dataset(config)), "loaded"
+    torch_device, reason = _planning_device(device, gpu_mem)
+    plan, record = make_plan(config, shape, torch_device, gpu_mem, allow_checkpointing=allow_checkpointing)
+    return {
+        "dry_run": True,
+        "dataset": config.dataset,
+        "ipc": config.ipc,
+        "device": str(torch_device),
+        "device_reason": reason,
+        "shape": dataclasses.asdict(shape),
+        "shape_source": shape_source,
+        **record,
+        "flops": estimate_iteration_flops(config, shape, plan),
+        "config": plan.apply(config).to_dict(),
+    }
+
+
 def _initial_manifest(config: DistillConfig, dataset: ImageDataset, device: torch.device, reason: str,
-                      checkpoint_every: int, parent: str | None) -> dict[str, Any]:
+                      checkpoint_every: int, parent: str | None,
+                      plan_record: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "kind": "ncfm-synset",
         "config": config.to_dict(),
@@ -429,6 +575,7 @@ def _initial_manifest(config: DistillConfig, dataset: ImageDataset, device: torc
         "checkpoint_iteration": None,
         "parent": parent,
         "evals": [],
+        **(plan_record or {}),  # plan, flops_per_iteration, gpu_mem
     }
 
 
@@ -438,6 +585,7 @@ def _check_checkpoint_every(checkpoint_every: int) -> int:
     return checkpoint_every
 
 
+@distributed.ranked_job
 def distill_job(
     store: Store,
     config: DistillConfig,
@@ -446,11 +594,16 @@ def distill_job(
     device: str = "auto",
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
     callback: JobCallback | None = None,
+    gpu_mem: str | None = None,
+    allow_checkpointing: bool = True,
 ) -> ArtifactVersion:
     """Distill ``config.dataset`` into a new version of ``name`` (default ``<dataset>-ipc<IPC>``).
 
     Everything that can be checked before any work is checked first (name, dataset, IPC, factor,
-    network, device), so bad input leaves nothing behind. Returns the complete version.
+    network, device, the memory plan), so bad input leaves nothing behind. The run is planned
+    for ``gpu_mem`` (see :func:`make_plan`; the CUDA allocator is capped at it) and the plan is
+    applied to the config before the manifest is written, so a resume replays it. Returns the
+    complete version.
     Raises :class:`JobInterrupted` on Ctrl-C (after checkpointing), ``NcfmError`` subclasses for
     bad input, and re-raises anything else after marking the version failed.
     """
@@ -461,14 +614,21 @@ def distill_job(
     spec = PoolSpec.from_config(config, dataset)
     _validate_job(config, dataset, spec)
     torch_device, reason = resolve_device(device)
+    plan, plan_record = make_plan(config, DatasetShape.of(dataset), torch_device, gpu_mem,
+                                  allow_checkpointing=allow_checkpointing)
+    if plan.budget_bytes is not None and gpu_mem is not None:
+        cap_device_memory(torch_device, plan.budget_bytes)
+    config = plan.apply(config)
     version = store.create_version(
-        name, _initial_manifest(config, dataset, torch_device, reason, checkpoint_every, parent=None)
+        name, _initial_manifest(config, dataset, torch_device, reason, checkpoint_every, parent=None,
+                                plan_record=plan_record)
     )
     emit({"stage": "created", "artifact": version.ref, "path": str(version.path)})
     _log(emit, f"created {version.ref} at {version.path}")
+    _log(emit, _plan_message(plan))
     with _run_lock(version):
         return _distill_into(store, version, config, dataset, spec, torch_device, target=config.iterations,
-                             checkpoint_every=checkpoint_every, state=None, emit=emit)
+                             checkpoint_every=checkpoint_every, state=None, emit=emit, gpu_mem=gpu_mem)
 
 
 def _resolve_any_status(store: Store, ref: str) -> ArtifactVersion:
@@ -502,6 +662,31 @@ def _config_from_manifest(version: ArtifactVersion, manifest: dict) -> DistillCo
         raise CorruptArtifactError(f"{version.manifest_path}: invalid config ({_one_line(err)})") from None
 
 
+def _resume_budget(version: ArtifactVersion, manifest: dict, device: torch.device,
+                   gpu_mem: str | None) -> tuple[str | None, dict[str, Any]]:
+    """(the ``--gpu-mem`` figure a resumed run is capped at, manifest fields to record).
+
+    A resumed run keeps its recorded plan (its config), so its images stay exactly those of an
+    uninterrupted run; only the allocator cap may change. Without ``gpu_mem`` the recorded
+    figure applies again. A new figure below the plan's estimate is refused (exit 4)."""
+    recorded = manifest.get("gpu_mem")
+    if gpu_mem is None:
+        gpu_mem = recorded if isinstance(recorded, str) else None
+    if gpu_mem is None:
+        return None, {}
+    budget_bytes = parse_memory(gpu_mem, device_total_bytes(device))
+    plan = manifest.get("plan") if isinstance(manifest.get("plan"), dict) else {}
+    needed = plan.get("estimated_peak_bytes")
+    if isinstance(needed, int) and needed > budget_bytes:
+        raise BudgetInfeasibleError(
+            f"{version.ref} was planned to need {format_bytes(needed)} and a resumed run keeps its plan; "
+            f"give --gpu-mem at least {math.ceil(needed / 2**20)}M, or distill again with --gpu-mem {gpu_mem}"
+        )
+    cap_device_memory(device, budget_bytes)
+    return gpu_mem, {"gpu_mem": gpu_mem}
+
+
+@distributed.ranked_job
 def resume_job(
     store: Store,
     ref: str,
@@ -510,6 +695,7 @@ def resume_job(
     device: str = "auto",
     data_dir: str | None = None,
     callback: JobCallback | None = None,
+    gpu_mem: str | None = None,
 ) -> ArtifactVersion:
     """Continue a distillation.
 
@@ -518,7 +704,9 @@ def resume_job(
     complete version with ``iterations`` above its count is extended into a NEW version whose
     ``parent`` is the old one. A complete version with nothing to do is returned unchanged (a
     warning event says so). ``data_dir`` overrides where the dataset is read; its fingerprint
-    must match the manifest's. Returns the version that holds the result.
+    must match the manifest's. The recorded memory plan is replayed as it is; ``gpu_mem``
+    (default: the recorded ``--gpu-mem``) only caps the allocator (see :func:`_resume_budget`).
+    Returns the version that holds the result.
     """
     emit = _emitter(callback)
     if iterations is not None and (isinstance(iterations, bool) or iterations < 0):
@@ -546,6 +734,9 @@ def resume_job(
             f"{version.ref} was checkpointed on {recorded_device}; resume it with --device {recorded_device} "
             f"(random-number states do not carry across device types)"
         )
+    gpu_mem, budget_record = _resume_budget(version, manifest, torch_device, gpu_mem)
+    plan_record = {key: manifest[key] for key in ("plan", "flops_per_iteration", "gpu_mem") if key in manifest}
+    plan_record.update(budget_record)
 
     if complete:
         if not version.checkpoint_path.exists():
@@ -555,7 +746,8 @@ def resume_job(
         config = config.replace(iterations=target)
         spec = PoolSpec.from_config(config, dataset)
         _validate_job(config, dataset, spec)
-        new_manifest = _initial_manifest(config, dataset, torch_device, reason, checkpoint_every, parent=version.ref)
+        new_manifest = _initial_manifest(config, dataset, torch_device, reason, checkpoint_every, parent=version.ref,
+                                         plan_record=plan_record)
         new_manifest.update(iterations_done=done, checkpoint_iteration=done)
         child = store.create_version(version.name, new_manifest)
         # The child starts with a copy of the parent's checkpoint, so it can itself be resumed
@@ -565,7 +757,7 @@ def resume_job(
         _log(emit, f"extending {version.ref} from {done} to {target} iterations as {child.ref}")
         with _run_lock(child):
             return _distill_into(store, child, config, dataset, spec, torch_device, target=target,
-                                 checkpoint_every=checkpoint_every, state=state, emit=emit)
+                                 checkpoint_every=checkpoint_every, state=state, emit=emit, gpu_mem=gpu_mem)
 
     target = int(iterations) if iterations is not None else int(manifest.get("iterations_target") or config.iterations)
     if target != config.iterations:
@@ -575,12 +767,13 @@ def resume_job(
     with _run_lock(version):
         # Read the checkpoint only once we own the version: before, a live run could still replace it.
         state = _load_distiller_state(version) if version.checkpoint_path.exists() else None
-        store.update_manifest(version, config=config.to_dict(), device=str(torch_device), device_reason=reason)
+        store.update_manifest(version, config=config.to_dict(), device=str(torch_device), device_reason=reason,
+                              **budget_record)
         if state is None:
             _log(emit, f"{version.ref} has no checkpoint; starting it again from iteration 0", level="warning")
             store.update_manifest(version, iterations_done=0, checkpoint_iteration=None)
         return _distill_into(store, version, config, dataset, spec, torch_device, target=target,
-                             checkpoint_every=checkpoint_every, state=state, emit=emit)
+                             checkpoint_every=checkpoint_every, state=state, emit=emit, gpu_mem=gpu_mem)
 
 
 def _load_distiller_state(version: ArtifactVersion) -> dict:
@@ -1041,8 +1234,9 @@ def list_job(store: Store) -> dict[str, Any]:
 
 def artifact_summary(version: ArtifactVersion) -> dict[str, Any]:
     """What ``ncfm distill`` / ``ncfm resume`` report: ``{artifact, path, status, iterations,
-    iterations_target, seconds, peak_memory_bytes, peak_memory_source, dataset, ipc, parent,
-    pool_cached}``."""
+    iterations_target, seconds, peak_memory_bytes, peak_memory_source, peak_memory, plan,
+    flops_per_iteration, dataset, ipc, parent, pool_cached}`` (``peak_memory``, ``plan`` and
+    ``flops_per_iteration`` are None for versions made before memory plans)."""
     manifest = version.manifest()
     timings = manifest.get("timings") if isinstance(manifest.get("timings"), dict) else {}
     config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
@@ -1056,6 +1250,9 @@ def artifact_summary(version: ArtifactVersion) -> dict[str, Any]:
         "seconds": timings.get("seconds"),
         "peak_memory_bytes": manifest.get("peak_memory_bytes"),
         "peak_memory_source": manifest.get("peak_memory_source"),
+        "peak_memory": manifest.get("peak_memory"),
+        "plan": manifest.get("plan"),
+        "flops_per_iteration": manifest.get("flops_per_iteration"),
         "dataset": config.get("dataset"),
         "ipc": config.get("ipc"),
         "parent": manifest.get("parent"),
@@ -1078,5 +1275,7 @@ __all__ = [
     "inspect_job",
     "list_job",
     "load_synset",
+    "make_plan",
+    "plan_job",
     "resume_job",
 ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,11 +165,13 @@ def train_pool(
     dataset: ImageDataset,
     device: torch.device | str,
     on_progress: PoolProgress | None = None,
+    members: Sequence[int] | None = None,
 ) -> Pool:
     """Train ``spec.size`` networks from scratch on the real training set (SGD as the authors).
 
     Member ``i`` uses its own seed derived from ``spec.seed``, so members differ and the pool is
-    reproducible. Images stay on ``device`` as uint8.
+    reproducible. Images stay on ``device`` as uint8. ``members`` (default all) trains only those
+    members, in that order (one process's share in ``ncfm_core.distributed``).
     """
     images = dataset.train_images.to(device)
     labels = dataset.train_labels.to(device)
@@ -187,7 +189,7 @@ def train_pool(
         allow_flip=dataset.allow_flip,
     )
     init_states, trained_states, accuracies = [], [], []
-    for member in range(spec.size):
+    for member in range(spec.size) if members is None else members:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed * 1000 + member)  # this member's weight init; global RNG restored
             net = spec.build().to(device)
