@@ -6,7 +6,7 @@ repeats, IOR and HLR (ncfm_core.metrics), and at IPC 1 the alpha sweep (amplitud
 the paper's Figure 5) and the frequency-count sweep (Figure 6). Every distillation shares one
 feature-extractor pool (trained once) and uses the core API directly.
 
-    uv run python benchmarks/digits_table.py            # the full run (about 30-40 min, 2 cores)
+    uv run python benchmarks/digits_table.py            # the full run (75 min measured on a shared 2-core CPU)
     uv run python benchmarks/digits_table.py --quick    # seconds: plumbing check, numbers are meaningless
 
 Writes ``<out>/results/digits.md`` (tables, command, machine, settings, date),
