@@ -1,7 +1,7 @@
 """CIFAR-10 and CIFAR-100 from the official "python version" archives.
 
 Why our own reader instead of ``torchvision.datasets.CIFAR10``: the batch files are
-pickles, and torchvision unpickles them with the plain ``pickle.load``, which runs any code
+pickles, and torchvision unpickles them with the unrestricted standard loader, which runs any code
 a tampered file asks for. We read them with `SafeBatchUnpickler`, which resolves only the
 three globals a genuine batch needs (numpy's array reconstructor, ``numpy.ndarray`` and
 ``numpy.dtype``) and refuses every other one. It also lets us read files whose md5 differs
