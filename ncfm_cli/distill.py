@@ -20,9 +20,9 @@ from ncfm_cli.output import (
     ProgressRenderer,
     command_errors,
     format_bytes,
+    format_flops,
     format_seconds,
     global_options,
-    format_flops,
     print_json,
     print_pairs,
     print_plan,
@@ -265,8 +265,9 @@ def distill_command(
             version = distill_job(store, config, name=name, device=device, checkpoint_every=checkpoint_every,
                                   callback=progress, gpu_mem=gpu_mem, allow_checkpointing=allow_checkpointing)
             record = None
-            if eval_config is not None and distributed.current().is_main:  # under torchrun: rank 0 evaluates
+            if eval_config is not None:  # under torchrun every rank joins: the repeats are spread
                 record = eval_job(store, version.ref, eval_config, device, progress)
+        distributed.finish()  # under torchrun: the ranks leave the group together
     report_version(opts, version, eval_record=record, min_acc=min_acc)
     if record is not None:
         fail_below_min_acc(record, min_acc)

@@ -46,6 +46,7 @@ from ncfm_cli.output import (
     print_pairs,
     print_table,
 )
+from ncfm_core import distributed
 from ncfm_core.errors import ConfigError
 from ncfm_core.evaluate import EvalConfig, protocol_config
 from ncfm_core.jobs import eval_job
@@ -55,7 +56,8 @@ EVAL_EPILOG = (
     "accuracy {mean, std, runs}, seeds, training, train_set, baselines {random {accuracy, subset, "
     "subset_seed, ...}, full {accuracy, cached, cache_key, ...}}, metrics {ior, hlr, lrs}, teacher "
     "(null with hard labels), models {name: the same per model} (only with several --model), "
-    "timings, seconds (whole job), created, device, min_acc, passed}. The top-level results are "
+    "timings, seconds (whole job), created, device, world_size (processes under torchrun), min_acc, "
+    "passed}. The top-level results are "
     "the first model's. Accuracies, IOR = acc(synthetic) - acc(random), HLR = acc(full) - "
     "acc(synthetic) and LRS are fractions (percentages and points in the table). The random "
     "subset has the synthetic set's stored IPC (same storage). "
@@ -150,6 +152,8 @@ def eval_pairs(record: dict[str, Any]) -> list[tuple[str, Any]]:
 def fail_below_min_acc(record: dict[str, Any], min_acc: float | None) -> None:
     """After the result is printed: exit 5 with a one-line reason if it is below ``min_acc``."""
     if not passed(record, min_acc):
+        if not distributed.current().is_main:  # under torchrun rank 0 says it; every rank exits 5
+            raise typer.Exit(EXIT_BELOW_MIN_ACC)
         typer.echo(
             f"error: mean accuracy {format_accuracy(record['accuracy']['mean'])} is below "
             f"--min-acc {format_accuracy(min_acc)}",
@@ -244,6 +248,8 @@ def metrics_table(record: dict[str, Any]) -> Table | None:
 
 
 def _print_result(opts: GlobalOptions, record: dict[str, Any], min_acc: float | None) -> None:
+    if not distributed.current().is_main:  # under torchrun only rank 0 prints
+        return
     if opts.json:
         print_json({**record, "min_acc": min_acc, "passed": passed(record, min_acc)})
         return
@@ -294,6 +300,7 @@ def eval_command(
     Each network learns from scratch on the decoded synthetic images under a named protocol
     (every knob overridable, the effective protocol recorded). Baselines train the same way on
     real images: IOR, HLR and LRS follow. The whole record goes into the manifest's eval history.
+    Under torchrun the repeats are spread over the processes (docs/multi-gpu.md).
 
     Example:
 
@@ -318,5 +325,6 @@ def eval_command(
                 baselines=split_names(baseline),
                 baseline_seed=baseline_seed,
             )
+        distributed.finish()  # under torchrun: the ranks leave the group together
     _print_result(opts, record, min_acc)
     fail_below_min_acc(record, min_acc)

@@ -339,6 +339,8 @@ def command_errors(opts: GlobalOptions) -> Iterator[None]:
     except Exception as err:
         if os.environ.get("NCFM_DEBUG") == "1":
             raise
+        if getattr(err, "relayed", False):  # rank 0's error, passed on under torchrun: rank 0 printed it
+            raise typer.Exit(exit_code_for(err)) from None
         if isinstance(err, NcfmError):
             message = _one_line(err)
         else:

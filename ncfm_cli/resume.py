@@ -9,6 +9,7 @@ import typer
 from ncfm_cli.distill import report_version
 from ncfm_cli.options import CommandJsonOption, DataDirOption, DeviceOption, GpuMemOption, RefArgument
 from ncfm_cli.output import ProgressRenderer, command_errors, global_options
+from ncfm_core import distributed
 from ncfm_core.jobs import resume_job
 
 RESUME_EPILOG = (
@@ -54,4 +55,5 @@ def resume_command(
                 opts.open_store(), ref, iterations=iterations, device=device,
                 data_dir=None if data_dir is None else str(data_dir), callback=progress, gpu_mem=gpu_mem,
             )
+        distributed.finish()  # under torchrun: the ranks leave the group together
     report_version(opts, version)

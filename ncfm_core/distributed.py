@@ -17,18 +17,25 @@ Distillation (rank = one process, K = world size):
   to rank 0, which writes ONE whole-set state, the same format a single process writes (plus
   ``world_size``). Resuming cuts that state by class block, so any world size can resume it.
 
+Evaluation: the repeats are split into contiguous blocks (:func:`repeats_of_rank`), repeat r
+seeded with ``seed + r`` wherever it trains, and the accuracies all-gathered
+(:func:`evaluate_images_distributed`), so the result is the one-process result.
+
 The job protocol: rank 0 runs the ordinary job (``ncfm_core.jobs``); the other ranks wait in
-:func:`ranked_job` for an order from rank 0 (the distillation to join, or nothing) and then for
-its outcome (the version, or the error to raise).
+:func:`ranked_job` for orders from rank 0 (a distillation, an evaluation or a pool to join; see
+:func:`send_order`, :func:`job_evaluator`, :func:`job_pool`) and then for its outcome (the
+job's result, or the error to raise).
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import copy
 import dataclasses
 import datetime as _dt
 import functools
+import inspect
 import os
 import signal
 import sys
@@ -48,7 +55,7 @@ from ncfm_core.config import DistillConfig
 from ncfm_core.data import ImageDataset
 from ncfm_core.distill import Distiller
 from ncfm_core.errors import ConfigError, NcfmError
-from ncfm_core.evaluate import EvalConfig, EvalResult, evaluate_images
+from ncfm_core.evaluate import EvalConfig, EvalResult, ImageEvaluator, evaluate_images
 from ncfm_core.pool import Pool, PoolProgress, PoolSpec, load_or_train_pool, train_pool
 
 GROUP_TIMEOUT = _dt.timedelta(minutes=30)
@@ -118,6 +125,18 @@ def init_from_env(device: torch.device) -> tuple[DistContext, torch.device]:
 
 def _destroy_group() -> None:
     if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def finish() -> None:
+    """After a command's last job succeeded, on every rank: wait for each other (barrier), then
+    leave the group. Without the barrier a rank that exits first can close its connections
+    while a peer's gloo threads still use them, and that peer aborts ("terminate called
+    without an active exception"). Failures skip this (a peer may be gone); the group is then
+    left at exit. The rank stays known (:func:`current`), so only rank 0 prints. No-op in one
+    process."""
+    if _context is not None and _context.distributed and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -242,7 +261,7 @@ class ShardedDistiller(Distiller):
             labels = torch.cat([lab for _, lab in shards])
         self._gathered = (self.iteration, state, labels)
         if self.iteration == self.target:
-            _leader["followers_done"] = True
+            _order_done()
         return state, labels
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
@@ -305,31 +324,66 @@ def distributed_load_or_train_pool(
 
 
 # ----------------------------------------------------------------------------- job protocol
+#
+# Rank 0 runs the job (ncfm_core.jobs). Whenever it needs the other ranks it broadcasts an
+# order, ("distill" | "pool" | "eval", payload); they carry it out together with rank 0 (the
+# order's own collectives) and come back for the next message. Last comes the outcome,
+# ("ok", result) or ("error", class name, message). An order's dataset travels once: the
+# followers keep the last one they were sent, so their file systems need not hold it.
 
-_leader: dict[str, bool] = {"order_sent": False, "followers_done": False}
+_leader: dict[str, Any] = {"busy": False, "dataset": None}
+"""Rank 0's view: ``busy`` while the followers are inside an order (its collectives not all
+done; they cannot take a message then), ``dataset`` the fingerprint they hold."""
+_follower: dict[str, Any] = {"dataset": None}
 JobFunction = TypeVar("JobFunction", bound=Callable[..., Any])
+
+
+def _send_order(kind: str, payload: dict[str, Any], dataset: ImageDataset) -> None:
+    """Rank 0: tell the other ranks to join ``kind`` (no-op in one process)."""
+    ctx = current()
+    if not (ctx.distributed and ctx.is_main):
+        return
+    fresh = _leader["dataset"] != dataset.fingerprint
+    broadcast_object(ctx, (kind, {**payload, "fingerprint": dataset.fingerprint,
+                                  "dataset": dataset if fresh else None}))
+    _leader.update(busy=True, dataset=dataset.fingerprint)
+
+
+def _order_done() -> None:
+    """Rank 0, after the last collective of an order: the followers wait for a message again."""
+    _leader["busy"] = False
+
+
+def _order_dataset(order: dict[str, Any]) -> ImageDataset:
+    if order["dataset"] is not None:
+        _follower["dataset"] = order["dataset"]
+    dataset = _follower["dataset"]
+    if dataset is None or dataset.fingerprint != order["fingerprint"]:
+        raise RuntimeError("rank 0 named a dataset this rank was never sent (a job protocol error)")
+    return dataset
+
+
+def _order_device(ctx: DistContext, order: dict[str, Any], device: torch.device) -> torch.device:
+    """The device a follower computes an order on: the type rank 0 computes on (random-number
+    states belong to a device type), this rank's own GPU."""
+    if order["device_type"] == device.type:
+        return device
+    return torch.device("cuda", ctx.local_rank) if order["device_type"] == "cuda" else torch.device("cpu")
 
 
 def send_order(config: DistillConfig, dataset: ImageDataset, device: torch.device, *, target: int,
                checkpoint_every: int, state: dict | None) -> None:
-    """Rank 0, at the start of a distillation: tell the other ranks what to join (the dataset
-    travels with it, so their file systems need not hold it; ``device``'s type is the one they
-    compute on, as random-number states belong to a device type)."""
-    ctx = current()
-    if not ctx.distributed:
-        return
-    broadcast_object(ctx, {"config": config.to_dict(), "dataset": dataset, "device_type": device.type,
-                           "target": target, "checkpoint_every": checkpoint_every, "state": state})
-    _leader["order_sent"] = True
-    _leader["followers_done"] = False
+    """Rank 0, at the start of a distillation: the other ranks join it (pool, their class
+    blocks, the gathers) from ``state`` (None: from scratch). No-op in one process."""
+    _send_order("distill", {"config": config.to_dict(), "device_type": device.type, "target": target,
+                            "checkpoint_every": checkpoint_every, "state": state}, dataset)
 
 
 def _follow_distillation(ctx: DistContext, order: dict[str, Any], device: torch.device) -> None:
     """A non-zero rank's part of a distillation: pool, shard, iterations, gathers."""
-    if order["device_type"] != device.type:
-        device = torch.device("cuda", ctx.local_rank) if order["device_type"] == "cuda" else torch.device("cpu")
+    device = _order_device(ctx, order, device)
     config = DistillConfig.from_dict(order["config"])
-    dataset: ImageDataset = order["dataset"]
+    dataset = _order_dataset(order)
     spec = PoolSpec.from_config(config, dataset)
     pool, _ = distributed_load_or_train_pool(spec, dataset, device)
     distiller = ShardedDistiller(config, dataset, pool, device, ctx, target=order["target"],
@@ -341,6 +395,39 @@ def _follow_distillation(ctx: DistContext, order: dict[str, Any], device: torch.
         if distiller.is_sync_point() and distiller.iteration < distiller.target:
             distiller.gather()
     distiller.gather()
+
+
+def job_pool(
+    spec: PoolSpec,
+    dataset: ImageDataset,
+    device: torch.device | str,
+    cache_dir: Path | None = None,
+    on_progress: PoolProgress | None = None,
+) -> tuple[Pool, bool]:
+    """A pool a job needs outside a distillation (the soft-label teacher of ``ncfm eval``):
+    :func:`ncfm_core.pool.load_or_train_pool` in one process; under torchrun rank 0 orders
+    the other ranks to train their members with it (:func:`distributed_load_or_train_pool`)."""
+    _send_order("pool", {"spec": spec, "device_type": torch.device(device).type}, dataset)
+    found = distributed_load_or_train_pool(spec, dataset, device, cache_dir=cache_dir, on_progress=on_progress)
+    _order_done()
+    return found
+
+
+def _follow_pool(ctx: DistContext, order: dict[str, Any], device: torch.device) -> None:
+    distributed_load_or_train_pool(order["spec"], _order_dataset(order), _order_device(ctx, order, device))
+
+
+def _follow_evaluation(ctx: DistContext, order: dict[str, Any], device: torch.device) -> None:
+    evaluate_images_distributed(order["images"], order["labels"], _order_dataset(order),
+                                EvalConfig.from_dict(order["config"]), _order_device(ctx, order, device), ctx,
+                                teacher=order["teacher"])
+
+
+_FOLLOW: dict[str, Callable[[DistContext, dict[str, Any], torch.device], None]] = {
+    "distill": _follow_distillation,
+    "pool": _follow_pool,
+    "eval": _follow_evaluation,
+}
 
 
 class RankTerminated(NcfmError):
@@ -373,10 +460,20 @@ def _error_class(name: str) -> type[NcfmError]:
     return found if isinstance(found, type) and issubclass(found, NcfmError) else NcfmError
 
 
+def _requested_device(job: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> str:
+    """The job call's ``device`` argument, positional or keyword ("auto" when not given)."""
+    try:
+        bound = inspect.signature(job).bind_partial(None, *args, **kwargs)
+    except TypeError:
+        return "auto"
+    return str(bound.arguments.get("device", "auto"))
+
+
 def ranked_job(job: JobFunction) -> JobFunction:
-    """Run a distill/resume job under torchrun: rank 0 runs ``job``; the others follow its order
-    and return its result (the version) or raise its error. ``job`` takes ``store`` first and a
-    ``device`` keyword. One process: ``job`` itself."""
+    """Run a job (distill, resume, eval) under torchrun: rank 0 runs ``job``, sending orders
+    for the work it spreads; the other ranks carry out the orders, then return rank 0's result
+    or raise its error. ``job`` takes ``store`` first and a ``device`` argument. One process:
+    ``job`` itself."""
 
     @functools.wraps(job)
     def wrapper(store: Any, *args: Any, **kwargs: Any) -> Any:
@@ -384,31 +481,29 @@ def ranked_job(job: JobFunction) -> JobFunction:
             return job(store, *args, **kwargs)
         from ncfm_core.budget import resolve_device
 
-        ctx, device = init_from_env(resolve_device(str(kwargs.get("device", "auto")))[0])
+        ctx, device = init_from_env(resolve_device(_requested_device(job, args, kwargs))[0])
         if ctx.is_main:
-            _leader.update(order_sent=False, followers_done=False)
+            _leader["busy"] = False
             try:
                 with _terminate_as_error():
                     result = job(store, *args, **kwargs)
             except BaseException as err:
-                # Followers that are still inside the iterations cannot take a message; they
-                # stop when torchrun tears the group down after this process exits non-zero.
-                if not _leader["order_sent"]:
-                    broadcast_object(ctx, None)
-                if not _leader["order_sent"] or _leader["followers_done"]:
+                # Followers inside an order cannot take a message; they stop when torchrun tears
+                # the group down after this process exits non-zero.
+                if not _leader["busy"]:
                     broadcast_object(ctx, ("error", type(err).__name__, str(err)))
                 raise
-            if not _leader["order_sent"]:
-                broadcast_object(ctx, None)
             broadcast_object(ctx, ("ok", result))
             return result
-        order = broadcast_object(ctx)
-        if order is not None:
-            _follow_distillation(ctx, order, device)
-        outcome = broadcast_object(ctx)
-        if outcome[0] == "error":
-            raise _error_class(outcome[1])(outcome[2])
-        return outcome[1]  # rank 0's ArtifactVersion (its path is on rank 0's machine)
+        while True:
+            message = broadcast_object(ctx)
+            if message[0] == "ok":
+                return message[1]  # rank 0's result (a version's path is on rank 0's machine)
+            if message[0] == "error":
+                error = _error_class(message[1])(message[2])
+                error.relayed = True  # rank 0 reports it; the CLI does not print it again
+                raise error
+            _FOLLOW[message[0]](ctx, message[1], device)
 
     return wrapper  # type: ignore[return-value]
 
@@ -416,9 +511,15 @@ def ranked_job(job: JobFunction) -> JobFunction:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def repeats_of_rank(repeats: int, world_size: int, rank: int) -> list[int]:
-    """The evaluation repeats rank ``rank`` trains: r, r + K, r + 2K, ..."""
-    return list(range(rank, repeats, world_size))
+def repeats_of_rank(repeats: int, world_size: int, rank: int) -> range:
+    """The evaluation repeats rank ``rank`` trains: a contiguous block, the first
+    ``repeats % world_size`` ranks one more (a block keeps batched training possible on a rank;
+    ranks beyond ``repeats`` get none)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a world of {world_size}")
+    base, extra = divmod(repeats, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))
 
 
 def evaluate_images_distributed(
@@ -428,36 +529,69 @@ def evaluate_images_distributed(
     config: EvalConfig,
     device: torch.device | str,
     ctx: DistContext | None = None,
+    on_repeat: Callable[[int, float], None] | None = None,
     *,
     teacher: torch.nn.Module | None = None,
 ) -> EvalResult:
-    """:func:`ncfm_core.evaluate.evaluate_images` with the repeats spread over the ranks: rank r
-    trains repeats r, r + K, ... (repeat i still seeded with ``config.seed + i``), and the
-    accuracies are all-gathered, so every rank returns the result of one process training all
-    the repeats (exactly, with sequential repeats; batched repeats agree up to rounding)."""
+    """:func:`ncfm_core.evaluate.evaluate_images` with the repeats spread over the ranks (every
+    rank calls it): rank r trains its block :func:`repeats_of_rank` (repeat i still seeded with
+    ``config.seed + i``) and the accuracies are all-gathered, so every rank returns what one
+    process training all the repeats returns (exactly, with sequential training; batched
+    training agrees up to rounding). ``on_repeat(i, accuracy)``: this rank's repeats as they
+    finish, the others' after the gather."""
     ctx = ctx or current()
     started = time.perf_counter()
     mine = repeats_of_rank(config.repeats, ctx.world_size, ctx.rank)
-    found: dict[int, tuple[float, float | None, str]] = {}
-    for repeat in mine:
-        one = dataclasses.replace(config, seed=config.seed + repeat, repeats=1)
-        result = evaluate_images(images, labels, dataset, one, device, teacher=teacher)
-        best = None if result.best_over_epochs is None else result.best_over_epochs[0]
-        found[repeat] = (result.runs[0], best, result.training)
-    merged: dict[int, tuple[float, float | None, str]] = {}
-    for part in all_gather(ctx, found):
+    found: dict[int, tuple[float, float | None]] = {}
+    training: str | None = None
+    if len(mine):
+        block = dataclasses.replace(config, seed=config.seed + mine.start, repeats=len(mine))
+        report = None if on_repeat is None else (lambda i, accuracy: on_repeat(mine.start + i, accuracy))
+        result = evaluate_images(images, labels, dataset, block, device, report, teacher=teacher)
+        best = result.best_over_epochs or [None] * len(mine)
+        found = {mine.start + i: (run, best[i]) for i, run in enumerate(result.runs)}
+        training = result.training
+    merged: dict[int, tuple[float, float | None]] = {}
+    trainings: set[str] = set()
+    for part, how in all_gather(ctx, (found, training)):
         merged.update(part)
+        trainings.update([how] if how else [])
+    if on_repeat is not None:
+        for repeat in sorted(set(merged) - set(found)):
+            on_repeat(repeat, merged[repeat][0])
     order = range(config.repeats)
-    best_runs = [merged[r][1] for r in order]
     return EvalResult(
         runs=[merged[r][0] for r in order],
         seconds=time.perf_counter() - started,
         protocol=config.to_dict(),
         seeds=[config.seed + r for r in order],
-        training="sequential",
-        best_over_epochs=best_runs if config.best_over_epochs else None,  # type: ignore[arg-type]
+        training=trainings.pop() if len(trainings) == 1 else "mixed",
+        best_over_epochs=[merged[r][1] for r in order] if config.best_over_epochs else None,  # type: ignore[misc]
         train_set={"kind": "images", "size": int(images.shape[0])},
     )
+
+
+def job_evaluator() -> ImageEvaluator:
+    """The ``evaluator`` a job passes to ``ncfm_core.evaluate``: :func:`evaluate_images` in one
+    process; under torchrun, on rank 0, one that orders the other ranks to join and spreads the
+    repeats with :func:`evaluate_images_distributed`."""
+    ctx = current()
+    if not (ctx.distributed and ctx.is_main):
+        return evaluate_images
+
+    def spread(images: Tensor, labels: Tensor, dataset: ImageDataset, config: EvalConfig,
+               device: torch.device | str, on_repeat: Callable[[int, float], None] | None = None, *,
+               teacher: torch.nn.Module | None = None) -> EvalResult:
+        cpu_teacher = None if teacher is None else copy.deepcopy(teacher).to("cpu")
+        _send_order("eval", {"images": images.detach().cpu(), "labels": labels.cpu(),
+                             "config": config.to_dict(), "device_type": torch.device(device).type,
+                             "teacher": cpu_teacher}, dataset)
+        result = evaluate_images_distributed(images, labels, dataset, config, device, ctx, on_repeat,
+                                             teacher=teacher)
+        _order_done()
+        return result
+
+    return spread
 
 
 __all__ = [
@@ -471,8 +605,11 @@ __all__ = [
     "distributed_load_or_train_pool",
     "env_world_size",
     "evaluate_images_distributed",
+    "finish",
     "gather_to_main",
     "init_from_env",
+    "job_evaluator",
+    "job_pool",
     "make_distiller",
     "merge_shard_states",
     "ranked_job",

@@ -369,6 +369,13 @@ def evaluate_images(
     )
 
 
+ImageEvaluator = Callable[..., EvalResult]
+"""Anything called like :func:`evaluate_images` ``(images, labels, dataset, config, device,
+on_repeat, *, teacher)`` that returns the same result: the functions below take one as
+``evaluator`` (default :func:`evaluate_images`); ``ncfm_core.distributed`` passes one that
+spreads the repeats over the ranks of a torchrun job."""
+
+
 def evaluate_synset(
     images: Tensor,
     labels: Tensor,
@@ -379,11 +386,12 @@ def evaluate_synset(
     on_repeat: Callable[[int, float], None] | None = None,
     *,
     teacher: nn.Module | None = None,
+    evaluator: ImageEvaluator | None = None,
 ) -> EvalResult:
     """Decode stored multi-formation images (N, C, H, W) with factor ``factor`` (N * factor^2
-    training images), then :func:`evaluate_images`."""
+    training images), then :func:`evaluate_images` (or ``evaluator``, see :data:`ImageEvaluator`)."""
     decoded, decoded_labels = decode_synset(images.float(), labels, factor)
-    result = evaluate_images(decoded.detach(), decoded_labels, dataset, config, device, on_repeat, teacher=teacher)
+    result = (evaluator or evaluate_images)(decoded.detach(), decoded_labels, dataset, config, device, on_repeat, teacher=teacher)
     result.train_set = {"kind": "synthetic", "stored": int(images.shape[0]), "factor": factor,
                         "size": int(decoded.shape[0])}
     return result
@@ -400,6 +408,7 @@ def evaluate_models(
     factor: int = 1,
     teacher: nn.Module | None = None,
     on_repeat: Callable[[str, int, float], None] | None = None,
+    evaluator: ImageEvaluator | None = None,
 ) -> dict[str, EvalResult]:
     """Cross-architecture evaluation: the same protocol with each network in ``models``
     (e.g. ``("convnet", "alexnet", "vgg11", "resnet18")``; repeated names once), on stored
@@ -413,7 +422,7 @@ def evaluate_models(
         model_config = dataclasses.replace(config, model=name)
         callback = None if on_repeat is None else (lambda r, acc, name=name: on_repeat(name, r, acc))
         results[name] = evaluate_synset(images, labels, factor, dataset, model_config, device, callback,
-                                        teacher=teacher)
+                                        teacher=teacher, evaluator=evaluator)
     return results
 
 
@@ -433,13 +442,14 @@ def evaluate_random_baseline(
     *,
     teacher: nn.Module | None = None,
     on_repeat: Callable[[int, float], None] | None = None,
+    evaluator: ImageEvaluator | None = None,
 ) -> EvalResult:
     """The same protocol on ``ipc`` random real images per class (the subset drawn with
     ``seed``): the reference of IOR. Use the synthetic set's stored IPC, the same storage
     budget (multi-formation decodes it into factor^2 times more training images)."""
     check_ipc(dataset, ipc)
     images, labels = random_real_subset(dataset, ipc, seed)
-    result = evaluate_images(images, labels, dataset, config, device, on_repeat, teacher=teacher)
+    result = (evaluator or evaluate_images)(images, labels, dataset, config, device, on_repeat, teacher=teacher)
     result.train_set = {"kind": "random", "ipc": ipc, "subset_seed": seed, "size": int(images.shape[0])}
     return result
 
@@ -451,11 +461,12 @@ def evaluate_full_baseline(
     *,
     teacher: nn.Module | None = None,
     on_repeat: Callable[[int, float], None] | None = None,
+    evaluator: ImageEvaluator | None = None,
 ) -> EvalResult:
     """The same protocol on the whole training set: the reference of HLR. Expensive (every
     epoch passes over all training images); cache it under :func:`baseline_cache_key`."""
-    result = evaluate_images(dataset.train_images, dataset.train_labels, dataset, config, device, on_repeat,
-                             teacher=teacher)
+    evaluator = evaluator or evaluate_images
+    result = evaluator(dataset.train_images, dataset.train_labels, dataset, config, device, on_repeat, teacher=teacher)
     result.train_set = {"kind": "full", "size": int(dataset.train_images.shape[0])}
     return result
 

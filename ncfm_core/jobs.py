@@ -25,8 +25,8 @@ import dataclasses
 import datetime as _dt
 import json
 import math
-import platform
 import os
+import platform
 import re
 import signal
 import socket
@@ -42,8 +42,7 @@ import filelock
 import torch
 from torch import Tensor, nn
 
-from ncfm_core import __version__, augment
-from ncfm_core import distributed
+from ncfm_core import __version__, augment, distributed
 from ncfm_core import store as store_lib
 from ncfm_core.budget import (
     DatasetShape,
@@ -75,7 +74,7 @@ from ncfm_core.evaluate import (
 )
 from ncfm_core.export import export_synset
 from ncfm_core.metrics import fair_metrics
-from ncfm_core.pool import PoolSpec, load_or_train_pool
+from ncfm_core.pool import PoolSpec
 from ncfm_core.store import ArtifactVersion, Store
 from ncfm_core.synset import check_factor
 from ncfm_core.train import can_stack
@@ -957,7 +956,8 @@ def _full_baseline(
     _log(emit, f"baseline full: training {model_config.repeats} x {model_config.model} on all "
                f"{dataset.num_train} training images for {model_config.epochs} epochs (cached afterwards)")
     result = evaluate_full_baseline(dataset, model_config, device, teacher=teacher,
-                                    on_repeat=_repeat_reporter(emit, "full", model_config))
+                                    on_repeat=_repeat_reporter(emit, "full", model_config),
+                                    evaluator=distributed.job_evaluator())
     record = {**_result_record(result, protocol_extra), "created": _utc_now()}
     try:
         store_lib.write_json(path, {**record, "format": BASELINE_FORMAT, "key": key,
@@ -1004,7 +1004,7 @@ def _teacher(
               "epochs": spec.epochs, "loss": float(loss)})
 
     started = time.perf_counter()
-    pool, from_cache = load_or_train_pool(spec, dataset, device, cache_dir=cache_dir, on_progress=on_progress)
+    pool, from_cache = distributed.job_pool(spec, dataset, device, cache_dir=cache_dir, on_progress=on_progress)
     teacher = teacher_from_pool(pool, member, device)
     info = {
         "pool": key,
@@ -1045,7 +1045,8 @@ def _model_entry(
         _log(emit, f"baseline random: training {model_config.repeats} x {model_config.model} on {ipc} random "
                    f"real image(s) per class (subset seed {baseline_seed})")
         result = evaluate_random_baseline(dataset, ipc, model_config, device, baseline_seed, teacher=teacher,
-                                          on_repeat=_repeat_reporter(emit, "random", model_config))
+                                          on_repeat=_repeat_reporter(emit, "random", model_config),
+                                          evaluator=distributed.job_evaluator())
         record = _result_record(result, protocol_extra)
         del record["protocol"]  # the synthetic set's protocol, repeated
         # Multi-formation stores factor^2 tiles per image; the fair comparison is the same storage.
@@ -1067,6 +1068,7 @@ def _model_entry(
     return entry
 
 
+@distributed.ranked_job
 def eval_job(
     store: Store,
     ref: str,
@@ -1090,7 +1092,11 @@ def eval_job(
 
         {artifact, path, model, protocol, accuracy {mean, std, runs}, seeds, training, train_set,
          baselines {random: {...}, full: {..., cached}}, metrics {ior, hlr, lrs}, teacher,
-         models {name: {...}} (only with several models), seconds (whole job), created, device}
+         models {name: {...}} (only with several models), seconds (whole job), created, device,
+         world_size}
+
+    Under torchrun (:func:`ncfm_core.distributed.ranked_job`) rank 0 runs this and the repeats
+    of every evaluation are spread over the ranks; the other ranks return rank 0's record.
 
     The top-level results are those of the first model. Accuracies and metrics are fractions.
     """
@@ -1121,7 +1127,7 @@ def eval_job(
                f"{eval_config.epochs} epochs on {torch_device}")
     synthetic = evaluate_models(
         synset.images, synset.labels, dataset, eval_config, torch_device, model_names, factor=synset.factor,
-        teacher=teacher,
+        teacher=teacher, evaluator=distributed.job_evaluator(),
         on_repeat=lambda model, repeat, accuracy: _eval_event(emit, "synthetic", model, repeat,
                                                               eval_config.repeats, accuracy),
     )
@@ -1142,6 +1148,7 @@ def eval_job(
                  "total": total},
         created=_utc_now(),
         device=str(torch_device),
+        world_size=distributed.current().world_size,
     )
     store.append_eval(version, record)
     return {"artifact": version.ref, "path": str(version.path), **record}

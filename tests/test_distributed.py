@@ -61,9 +61,30 @@ def test_shard_classes_reference_values_and_errors():
         shard_classes(10, 2, 2)
 
 
-def test_repeats_of_rank_round_robin():
-    assert [repeats_of_rank(5, 2, r) for r in range(2)] == [[0, 2, 4], [1, 3]]
-    assert repeats_of_rank(1, 3, 2) == []
+@pytest.mark.parametrize("repeats, world", [(5, 2), (3, 2), (1, 3), (8, 8), (10, 3), (4, 1)])
+def test_repeats_of_rank_are_contiguous_balanced_blocks_covering_each_repeat_once(repeats, world):
+    blocks = [repeats_of_rank(repeats, world, rank) for rank in range(world)]
+    assert [r for block in blocks for r in block] == list(range(repeats))
+    sizes = [len(block) for block in blocks]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+def test_repeats_of_rank_reference_values_and_errors():
+    assert [list(repeats_of_rank(5, 2, r)) for r in range(2)] == [[0, 1, 2], [3, 4]]
+    assert [list(repeats_of_rank(2, 3, r)) for r in range(3)] == [[0], [1], []]
+    with pytest.raises(ValueError):
+        repeats_of_rank(5, 2, 2)
+
+
+def test_ranked_job_finds_the_device_argument_however_it_is_passed():
+    from ncfm_core.distributed import _requested_device
+
+    def job(store, ref, config, device="auto", callback=None, *, data_dir=None):
+        return None
+
+    assert _requested_device(job, ("ref", "config", "cuda"), {}) == "cuda"  # positional, as ncfm eval passes it
+    assert _requested_device(job, ("ref", "config"), {"device": "cpu"}) == "cpu"
+    assert _requested_device(job, ("ref", "config"), {"data_dir": "d"}) == "auto"
 
 
 def test_cut_then_merge_of_a_state_is_the_identity():
@@ -134,7 +155,13 @@ def _two_rank_worker(rank: int, port: int, out_dir: str) -> None:
     eval_config = protocol_config("dsa", epochs=2, repeats=3, width=8, batch_size=16, seed=11)
     eval_images = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     eval_labels = torch.arange(4).repeat_interleave(2)
-    two_rank_eval = distributed.evaluate_images_distributed(eval_images, eval_labels, dataset, eval_config, device)
+    events: list[tuple[int, float]] = []
+    two_rank_eval = distributed.evaluate_images_distributed(eval_images, eval_labels, dataset, eval_config, device,
+                                                            on_repeat=lambda r, acc: events.append((r, acc)))
+    # Own repeats as they finish, then the other rank's after the gather.
+    own = list(distributed.repeats_of_rank(3, 2, rank))
+    assert [r for r, _ in events] == own + [r for r in range(3) if r not in own]
+    assert sorted(events) == list(enumerate(two_rank_eval.runs))
 
     if rank != 0:
         assert at_two is None
@@ -248,3 +275,53 @@ def test_torchrun_kill_one_rank_then_resume_with_two_ranks(tmp_path):
     synset = load_synset(manifest_path.parent / "synset.safetensors")
     assert synset.images.shape[0] == 10 and synset.num_classes == 10
     assert torch.equal(synset.labels, torch.arange(10))
+
+
+def ncfm(store: Path, *args: str) -> subprocess.CompletedProcess:
+    """One process, as a user runs it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "ncfm_cli", "--store", str(store), *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=POLL_LIMIT_S)
+
+
+def test_torchrun_eval_spreads_repeats_and_equals_one_process(tmp_path):
+    """`ncfm distill --eval` and `ncfm eval` on 2 ranks. The latter (synthetic set, random baseline, soft labels from the artifact's
+    pool) gives exactly the single-process accuracies, prints one JSON document and records one
+    eval; an error is reported once, by rank 0."""
+    store = tmp_path / "store"
+    made = torchrun(store, "--json", "distill", "digits", "--name", "tiny", "--ipc", "1", "--factor", "1",
+                    "--iterations", "2", "--pool-size", "2", "--pool-epochs", "1", "--freqs", "16",
+                    "--real-per-class", "4", "--width", "8", "--device", "cpu",
+                    "--eval", "--eval-repeats", "2", "--eval-epochs", "1", "--eval-protocol", "dsa")
+    stdout, stderr = made.communicate(timeout=POLL_LIMIT_S)
+    assert made.returncode == 0, stderr
+    distilled = json.loads(stdout)  # distill --eval: the evaluation joined by both ranks too
+    assert distilled["status"] == "complete" and distilled["eval"]["world_size"] == 2
+    assert len(distilled["eval"]["accuracy"]["runs"]) == 2
+    synset = load_synset(store / "artifacts" / "tiny" / "v1" / "synset.safetensors")
+    assert torch.equal(synset.labels, torch.arange(10))  # every class, from both ranks' shards
+    eval_args = ("--json", "eval", "tiny", "--protocol", "dsa", "--repeats", "3", "--epochs", "10", "--width", "8",
+                 "--baseline", "random", "--soft-labels", "--device", "cpu")
+    spread = torchrun(store, *eval_args)
+    stdout, stderr = spread.communicate(timeout=POLL_LIMIT_S)
+    assert spread.returncode == 0, stderr
+    assert "terminate called" not in stderr
+    two = json.loads(stdout)  # one document: only rank 0 prints
+    one_run = ncfm(store, *eval_args)
+    assert one_run.returncode == 0, one_run.stderr
+    one = json.loads(one_run.stdout)
+
+    assert (two["world_size"], one["world_size"]) == (2, 1)
+    assert two["seeds"] == one["seeds"] == [0, 1, 2]
+    assert two["accuracy"]["runs"] == one["accuracy"]["runs"]
+    assert two["baselines"]["random"]["accuracy"]["runs"] == one["baselines"]["random"]["accuracy"]["runs"]
+    assert two["teacher"]["member"] == one["teacher"]["member"] == 0 and two["teacher"]["pool_cached"]
+    assert two["protocol"] == one["protocol"]
+    assert len(set(one["accuracy"]["runs"])) > 1  # three different networks, not one result thrice
+    manifest = json.loads((store / "artifacts" / "tiny" / "v1" / "manifest.json").read_text())
+    assert [record["world_size"] for record in manifest["evals"]] == [2, 2, 1]  # rank 0 alone appended
+
+    missing = torchrun(store, "eval", "nope", "--device", "cpu")
+    _, stderr = missing.communicate(timeout=POLL_LIMIT_S)
+    assert missing.returncode != 0
+    assert stderr.count("error: no artifact named 'nope'") == 1, stderr
