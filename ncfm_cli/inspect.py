@@ -30,6 +30,34 @@ def _dict(value: Any) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def _mean_cell(result: Any) -> str:
+    """``mean +- std`` of a result's accuracy block, "-" when there is none."""
+    accuracy = _dict(_dict(result).get("accuracy"))
+    if accuracy.get("mean") is None:
+        return "-"
+    return f"{format_accuracy(accuracy.get('mean'))} +- {format_accuracy(accuracy.get('std'))}"
+
+
+def evals_table(evals: list[Any]) -> Table:
+    """The eval history, one row per recorded evaluation: the synthetic set's accuracy, the
+    baselines it was compared with and its IOR (in points)."""
+    table = Table(title="evaluations", title_justify="left")
+    for column in ("created", "model", "epochs", "repeats", "synthetic", "random", "full", "IOR", "device"):
+        table.add_column(column, justify="right" if column in ("synthetic", "random", "full", "IOR") else "left")
+    for record in evals:
+        record = _dict(record)
+        protocol, accuracy = _dict(record.get("protocol")), _dict(record.get("accuracy"))
+        baselines = _dict(record.get("baselines"))
+        ior = _dict(record.get("metrics")).get("ior")
+        table.add_row(
+            str(record.get("created")), str(protocol.get("model")), str(protocol.get("epochs")),
+            str(len(accuracy.get("runs") or [])), _mean_cell(record), _mean_cell(baselines.get("random")),
+            _mean_cell(baselines.get("full")), "-" if ior is None else f"{100 * ior:+.2f} pts",
+            str(record.get("device")),
+        )
+    return table
+
+
 def _print_human(info: dict[str, Any]) -> None:
     dataset, timings, pool = _dict(info.get("dataset")), _dict(info.get("timings")), _dict(info.get("pool"))
     versions = _dict(info.get("versions"))
@@ -59,20 +87,8 @@ def _print_human(info: dict[str, Any]) -> None:
         print_pairs([(f"  {key}", value) for key, value in config.items()])
     evals = info.get("evals") if isinstance(info.get("evals"), list) else []
     if evals:
-        table = Table(title="evaluations", title_justify="left")
-        for column in ("created", "model", "epochs", "repeats", "accuracy", "device"):
-            table.add_column(column)
-        for record in evals:
-            record = _dict(record)
-            protocol, accuracy = _dict(record.get("protocol")), _dict(record.get("accuracy"))
-            table.add_row(
-                str(record.get("created")), str(protocol.get("model")), str(protocol.get("epochs")),
-                str(len(accuracy.get("runs") or [])),
-                f"{format_accuracy(accuracy.get('mean'))} +- {format_accuracy(accuracy.get('std'))}",
-                str(record.get("device")),
-            )
         typer.echo("")
-        print_table(table)
+        print_table(evals_table(evals))
     typer.echo("\nfiles")
     print_pairs([(f"  {path}", format_bytes(size)) for path, size in info["file_sizes"].items()])
 

@@ -374,3 +374,27 @@ def test_readme_newcomer_commands():
     for line in distill_lines:
         args = line.split()[3:]  # after "uv run ncfm"
         invoke(*(args[: args.index("&&")] if "&&" in args else args), "--help")
+
+
+def test_inspect_eval_history_shows_baselines_and_ior():
+    from rich.console import Console
+
+    from ncfm_cli.inspect import evals_table
+
+    with_baselines = {
+        "created": "2026-01-01T00:00:00Z", "protocol": {"model": "convnet", "epochs": 300}, "device": "cpu",
+        "accuracy": {"mean": 0.9312, "std": 0.004, "runs": [0.93, 0.935, 0.929]},
+        "baselines": {"random": {"accuracy": {"mean": 0.69, "std": 0.012}},
+                      "full": {"accuracy": {"mean": 0.981, "std": 0.001}}},
+        "metrics": {"ior": 0.2412},
+    }
+    plain = {"created": "2026-01-02T00:00:00Z", "protocol": {"model": "alexnet", "epochs": 5},
+             "accuracy": {"mean": 0.5, "std": 0.0, "runs": [0.5]}, "device": "cuda:0"}
+    console = Console(record=True, width=200)
+    console.print(evals_table([with_baselines, plain, "not a record"]))
+    text = console.export_text()
+    rows = [line for line in text.splitlines() if "convnet" in line or "alexnet" in line]
+    assert len(rows) == 2
+    assert "93.12% +- 0.40%" in rows[0] and "69.00% +- 1.20%" in rows[0] and "98.10% +- 0.10%" in rows[0]
+    assert "+24.12 pts" in rows[0]
+    assert "50.00% +- 0.00%" in rows[1] and rows[1].count(" - ") >= 1 and "pts" not in rows[1]
