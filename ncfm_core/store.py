@@ -6,7 +6,7 @@ Layout under the root (see ``store_root``)::
     <root>/artifacts/<name>/v<N>/synset.safetensors            stored-form images, labels
     <root>/artifacts/<name>/v<N>/sampler.safetensors           psi weights
     <root>/artifacts/<name>/v<N>/checkpoint/state.safetensors  everything resume needs
-    <root>/pools/<key>/pool.safetensors (+ pool.json)          cached feature-extractor pools
+    <root>/pools/<key>/pool.safetensors                        cached feature-extractor pools
 
 Rules this module keeps:
 
