@@ -27,7 +27,7 @@ import torch
 
 from ncfm_core.config import PRECISIONS, DistillConfig
 from ncfm_core.errors import BudgetInfeasibleError, ConfigError
-from ncfm_core.models import create_network, default_depth
+from ncfm_core.models import create_network, default_depth, supported_options
 
 __all__ = [
     "DEVICE_CHOICES",
@@ -461,9 +461,9 @@ def _convnet_sizes(config: DistillConfig, shape: DatasetShape, precision: str) -
 
 def _meta_network(config: DistillConfig, shape: DatasetShape) -> torch.nn.Module:
     """The extractor built on the meta device: shapes and parameter counts, no memory."""
-    options = {}
-    if config.network == "convnet":
-        options = dict(depth=config.depth or default_depth(shape.image_size), width=config.width, norm=config.norm)
+    # The knobs the network has, as the pool builds it (ncfm_core.pool.PoolSpec.build).
+    options = supported_options(config.network, depth=config.depth or default_depth(shape.image_size),
+                                width=config.width, norm=config.norm)
     with torch.device("meta"):
         return create_network(
             config.network, in_channels=shape.channels, num_classes=shape.num_classes,

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from ncfm_core import augment
 from ncfm_core.data import ImageDataset, check_ipc
 from ncfm_core.errors import ConfigError
-from ncfm_core.models import create_network
+from ncfm_core.models import create_network, supported_options
 from ncfm_core.synset import decode_synset, sample_per_class
 from ncfm_core.train import (
     StackedNetworks,
@@ -89,13 +89,6 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
         "random_resized_crop": False,
         "rrc_min_scale": 0.5,
     },
-}
-
-# Per-network options that EvalConfig.depth / .width map to.
-_NETWORK_SHAPE_OPTIONS: dict[str, tuple[str, ...]] = {
-    "convnet": ("depth", "width"),
-    "convnet_bn": ("depth", "width"),
-    **{f"convnet{depth}": ("width",) for depth in (2, 3, 4, 5)},
 }
 
 
@@ -253,8 +246,7 @@ class EvalResult:
 
 def build_eval_network(config: EvalConfig, dataset: ImageDataset) -> torch.nn.Module:
     """A fresh ``config.model`` for ``dataset`` (global-RNG init: callers fork and seed it)."""
-    values = {"depth": config.depth, "width": config.width}
-    kwargs = {name: values[name] for name in _NETWORK_SHAPE_OPTIONS.get(config.model.strip().lower(), ())}
+    kwargs = supported_options(config.model, depth=config.depth, width=config.width)
     return create_network(
         config.model,
         in_channels=dataset.channels,

@@ -35,7 +35,9 @@ __all__ = [
     "create_network",
     "default_depth",
     "network_names",
+    "network_options",
     "register_network",
+    "supported_options",
 ]
 
 NetworkFactory = Callable[..., "ImageClassifier"]
@@ -66,6 +68,24 @@ def register_network(name: str) -> Callable[[NetworkFactory], NetworkFactory]:
 def network_names() -> list[str]:
     """Sorted names of every registered network."""
     return sorted(_NETWORKS)
+
+
+def network_options(name: str) -> frozenset[str]:
+    """The options registered network ``name`` takes besides the data's shape and statistics
+    (e.g. ``{"depth", "width", "norm", "pooling"}`` for ConvNet, none for AlexNet)."""
+    factory = _NETWORKS.get(name.strip().lower())
+    if factory is None:
+        return frozenset()
+    return frozenset(
+        p.name for p in inspect.signature(factory).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
+    ) - {"in_channels", "num_classes", "image_size", "mean", "std"}
+
+
+def supported_options(name: str, **candidates: object) -> dict[str, object]:
+    """The ``candidates`` (e.g. a config's depth, width, norm) that network ``name`` takes: a
+    ConvNet gets all three, ConvNet-3 its width and norm (its depth is fixed), AlexNet none."""
+    accepted = network_options(name)
+    return {option: value for option, value in candidates.items() if option in accepted}
 
 
 def default_depth(image_size: int) -> int:
@@ -106,11 +126,7 @@ def create_network(
             f"network {key!r} needs positive in_channels, num_classes and image_size, got "
             f"{in_channels}, {num_classes}, {image_size}"
         )
-    accepted = {
-        p.name
-        for p in inspect.signature(factory).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-    } - {"in_channels", "num_classes", "image_size", "mean", "std"}
+    accepted = network_options(key)
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
         valid = ", ".join(sorted(accepted)) or "none"

@@ -22,7 +22,7 @@ from ncfm_core import store
 from ncfm_core.config import DistillConfig
 from ncfm_core.data import ImageDataset
 from ncfm_core.errors import CorruptArtifactError
-from ncfm_core.models import create_network, default_depth
+from ncfm_core.models import create_network, default_depth, supported_options
 from ncfm_core.train import TrainSettings, accuracy, train_classifier
 
 POOL_FORMAT = 1
@@ -81,8 +81,8 @@ class PoolSpec:
 
     def build(self) -> nn.Module:
         """A fresh (randomly initialised, CPU) network of the members' shape."""
-        # depth/width/norm are the plain ConvNet's knobs; other registered nets fix their own.
-        shape = dict(depth=self.depth, width=self.width, norm=self.norm) if self.network == "convnet" else {}
+        # Each network gets the knobs it has (ConvNet-3: width and norm; AlexNet: none).
+        shape = supported_options(self.network, depth=self.depth, width=self.width, norm=self.norm)
         return create_network(
             self.network,
             in_channels=self.in_channels,

@@ -13,7 +13,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from ncfm_core.errors import ConfigError
-from ncfm_core.models import create_network, default_depth, network_names
+from ncfm_core.models import create_network, default_depth, network_names, network_options, supported_options
 
 
 def min_image_size(name: str) -> int:
@@ -211,3 +211,13 @@ def test_instance_norm_never_sees_a_1x1_map():
         assert not torch.allclose(feats[0], feats[1], rtol=1e-3, atol=1e-6)
     with pytest.raises(ConfigError, match="at least 9"):
         create_network("resnet18", in_channels=1, num_classes=2, image_size=8)
+
+
+def test_network_options_come_from_each_factory_signature():
+    assert network_options("convnet") == {"depth", "width", "norm", "pooling"}
+    assert network_options("ConvNet3") == {"width", "norm", "pooling"}  # depth is in the name
+    assert network_options("convnet_bn") == {"depth", "width"}
+    assert network_options("alexnet") == frozenset()
+    assert network_options("no-such-net") == frozenset()
+    assert supported_options("convnet3", depth=4, width=8, norm="none") == {"width": 8, "norm": "none"}
+    assert supported_options("alexnet", depth=4, width=8) == {}

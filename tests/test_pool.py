@@ -61,3 +61,19 @@ def test_pool_key_changes_with_training_settings(tiny):
     _, spec, _ = tiny
     assert spec.key() == PoolSpec(**spec.__dict__).key()
     assert spec.key() != PoolSpec(**{**spec.__dict__, "epochs": spec.epochs + 1}).key()
+
+
+@pytest.mark.parametrize("network, width_seen, depth_seen", [
+    ("convnet", 8, 2), ("convnet3", 8, 3), ("convnet_bn", 8, 2), ("alexnet", None, None),
+])
+def test_spec_build_honours_the_knobs_each_network_has(network, width_seen, depth_seen):
+    """--width 8 reaches every ConvNet variant (it used to reach only the plain one)."""
+    dataset = load_dataset("fake", num_classes=3, channels=1, image_size=16, train_per_class=2, test_per_class=1)
+    config = make_config("fake", 1, network=network, width=8, depth=2)
+    net = PoolSpec.from_config(config, dataset).build()
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    if width_seen is None:
+        assert convs[0].out_channels != 8  # AlexNet has fixed widths
+        return
+    assert {c.out_channels for c in convs} == {width_seen}
+    assert len(convs) == depth_seen
