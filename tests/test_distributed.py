@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -207,10 +208,12 @@ def test_two_gloo_ranks_pool_distill_resume_and_eval_match_one_process(tmp_path)
 # ----------------------------------------------------------------------------- torchrun processes
 
 
-def torchrun(store: Path, *args: str) -> subprocess.Popen:
+def torchrun(store: Path, *args: str, entry_point: bool = False) -> subprocess.Popen:
+    """``torchrun --nproc_per_node=2 -m ncfm_cli ...``, or with the installed ``ncfm`` script."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    program = [shutil.which("ncfm") or "ncfm"] if entry_point else ["-m", "ncfm_cli"]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-               "-m", "ncfm_cli", "--store", str(store), *args]
+               *program, "--store", str(store), *args]
     return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
@@ -321,7 +324,7 @@ def test_torchrun_eval_spreads_repeats_and_equals_one_process(tmp_path):
     manifest = json.loads((store / "artifacts" / "tiny" / "v1" / "manifest.json").read_text())
     assert [record["world_size"] for record in manifest["evals"]] == [2, 2, 1]  # rank 0 alone appended
 
-    missing = torchrun(store, "eval", "nope", "--device", "cpu")
+    missing = torchrun(store, "eval", "nope", "--device", "cpu", entry_point=True)  # the `ncfm` script too
     _, stderr = missing.communicate(timeout=POLL_LIMIT_S)
     assert missing.returncode != 0
     assert stderr.count("error: no artifact named 'nope'") == 1, stderr
