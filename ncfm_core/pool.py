@@ -25,7 +25,7 @@ from ncfm_core.errors import CorruptArtifactError
 from ncfm_core.models import create_network, default_depth, supported_options
 from ncfm_core.train import TrainSettings, accuracy, train_classifier
 
-POOL_FORMAT = 1
+POOL_FORMAT = 2  # 2: every ConvNet variant built with the spec's width/norm (1: only 'convnet')
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class PoolSpec:
 
     def key(self) -> str:
         """A stable content hash: the cache key of this pool in the store."""
-        blob = json.dumps(self.__dict__, sort_keys=True).encode()
+        blob = json.dumps({**self.__dict__, "format": POOL_FORMAT}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:24]
 
     def build(self) -> nn.Module:

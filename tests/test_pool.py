@@ -77,3 +77,13 @@ def test_spec_build_honours_the_knobs_each_network_has(network, width_seen, dept
         return
     assert {c.out_channels for c in convs} == {width_seen}
     assert len(convs) == depth_seen
+
+
+def test_key_changes_with_the_pool_format(tiny, monkeypatch):
+    """A pool built by an older build rule lives under another key: it is retrained, not misread."""
+    from ncfm_core import pool as pool_module
+
+    _, spec, _ = tiny
+    before = spec.key()
+    monkeypatch.setattr(pool_module, "POOL_FORMAT", pool_module.POOL_FORMAT + 1)
+    assert spec.key() != before
