@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import inspect
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -446,6 +447,20 @@ class ResNet18(ImageClassifier):
         return self.pool(self.stages(self.stem(normalized))).flatten(1)  # (B, 512)
 
 
+def _variant(factory: Callable[..., ImageClassifier], **fixed: Any) -> NetworkFactory:
+    """``factory`` with the options ``fixed`` set. Its signature (which :func:`network_options`
+    and :func:`create_network` read) leaves them out, so they cannot be overridden."""
+    signature = inspect.signature(factory)
+
+    def variant(**options: Any) -> ImageClassifier:
+        return factory(**options, **fixed)
+
+    variant.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[p for p in signature.parameters.values() if p.name not in fixed]
+    )
+    return variant
+
+
 @register_network("convnet")
 def _convnet(
     *,
@@ -459,124 +474,18 @@ def _convnet(
     norm: str = "instance",
     pooling: str = "avg",
 ) -> ConvNet:
-    return ConvNet(
-        in_channels=in_channels,
-        num_classes=num_classes,
-        image_size=image_size,
-        mean=mean,
-        std=std,
-        depth=default_depth(image_size) if depth is None else depth,
-        width=width,
-        norm=norm,
-        pooling=pooling,
-    )
-
-
-def _fixed_depth_convnet(depth: int) -> NetworkFactory:
-    def factory(
-        *,
-        in_channels: int,
-        num_classes: int,
-        image_size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        width: int = 128,
-        norm: str = "instance",
-        pooling: str = "avg",
-    ) -> ConvNet:
-        return ConvNet(
-            in_channels=in_channels,
-            num_classes=num_classes,
-            image_size=image_size,
-            mean=mean,
-            std=std,
-            depth=depth,
-            width=width,
-            norm=norm,
-            pooling=pooling,
-        )
-
-    return factory
+    """ConvNet-D; ``depth`` None follows the resolution (:func:`default_depth`)."""
+    return ConvNet(in_channels=in_channels, num_classes=num_classes, image_size=image_size, mean=mean, std=std,
+                   depth=default_depth(image_size) if depth is None else depth, width=width, norm=norm,
+                   pooling=pooling)
 
 
 for _depth in (2, 3, 4, 5):
-    register_network(f"convnet{_depth}")(_fixed_depth_convnet(_depth))
+    register_network(f"convnet{_depth}")(_variant(ConvNet, depth=_depth))
 del _depth
-
-
-@register_network("convnet_bn")
-def _convnet_bn(
-    *,
-    in_channels: int,
-    num_classes: int,
-    image_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    depth: int | None = None,
-    width: int = 128,
-) -> ConvNet:
-    return _convnet(
-        in_channels=in_channels,
-        num_classes=num_classes,
-        image_size=image_size,
-        mean=mean,
-        std=std,
-        depth=depth,
-        width=width,
-        norm="batch",
-    )
-
-
-@register_network("alexnet")
-def _alexnet(
-    *, in_channels: int, num_classes: int, image_size: int, mean: Sequence[float], std: Sequence[float]
-) -> AlexNet:
-    return AlexNet(in_channels=in_channels, num_classes=num_classes, image_size=image_size, mean=mean, std=std)
-
-
-@register_network("vgg11")
-def _vgg11(
-    *,
-    in_channels: int,
-    num_classes: int,
-    image_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    norm: str = "instance",
-) -> VGG11:
-    return VGG11(
-        in_channels=in_channels, num_classes=num_classes, image_size=image_size, mean=mean, std=std, norm=norm
-    )
-
-
-@register_network("vgg11_bn")
-def _vgg11_bn(
-    *, in_channels: int, num_classes: int, image_size: int, mean: Sequence[float], std: Sequence[float]
-) -> VGG11:
-    return VGG11(
-        in_channels=in_channels, num_classes=num_classes, image_size=image_size, mean=mean, std=std, norm="batch"
-    )
-
-
-@register_network("resnet18")
-def _resnet18(
-    *,
-    in_channels: int,
-    num_classes: int,
-    image_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    norm: str = "instance",
-) -> ResNet18:
-    return ResNet18(
-        in_channels=in_channels, num_classes=num_classes, image_size=image_size, mean=mean, std=std, norm=norm
-    )
-
-
-@register_network("resnet18_bn")
-def _resnet18_bn(
-    *, in_channels: int, num_classes: int, image_size: int, mean: Sequence[float], std: Sequence[float]
-) -> ResNet18:
-    return ResNet18(
-        in_channels=in_channels, num_classes=num_classes, image_size=image_size, mean=mean, std=std, norm="batch"
-    )
+register_network("convnet_bn")(_variant(_convnet, norm="batch"))
+register_network("alexnet")(AlexNet)
+register_network("vgg11")(VGG11)
+register_network("vgg11_bn")(_variant(VGG11, norm="batch"))
+register_network("resnet18")(ResNet18)
+register_network("resnet18_bn")(_variant(ResNet18, norm="batch"))

@@ -216,8 +216,21 @@ def test_instance_norm_never_sees_a_1x1_map():
 def test_network_options_come_from_each_factory_signature():
     assert network_options("convnet") == {"depth", "width", "norm", "pooling"}
     assert network_options("ConvNet3") == {"width", "norm", "pooling"}  # depth is in the name
-    assert network_options("convnet_bn") == {"depth", "width"}
+    assert network_options("convnet_bn") == {"depth", "width", "pooling"}  # norm is fixed to batch
     assert network_options("alexnet") == frozenset()
     assert network_options("no-such-net") == frozenset()
     assert supported_options("convnet3", depth=4, width=8, norm="none") == {"width": 8, "norm": "none"}
     assert supported_options("alexnet", depth=4, width=8) == {}
+
+
+@pytest.mark.parametrize("name, fixed", [("vgg11_bn", "norm"), ("resnet18_bn", "norm"), ("convnet_bn", "norm"),
+                                          ("convnet3", "depth")])
+def test_variants_fix_their_option_and_refuse_an_override(name, fixed):
+    shape = dict(in_channels=3, num_classes=4, image_size=16)
+    net = create_network(name, **shape)
+    if fixed == "norm":
+        assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    else:
+        assert sum(isinstance(m, torch.nn.Conv2d) for m in net.modules()) == 3
+    with pytest.raises(ConfigError, match=f"no option.*{fixed}"):
+        create_network(name, **shape, **{fixed: "instance" if fixed == "norm" else 2})
