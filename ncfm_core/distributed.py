@@ -418,9 +418,12 @@ def _follow_pool(ctx: DistContext, order: dict[str, Any], device: torch.device) 
 
 
 def _follow_evaluation(ctx: DistContext, order: dict[str, Any], device: torch.device) -> None:
-    evaluate_images_distributed(order["images"], order["labels"], _order_dataset(order),
-                                EvalConfig.from_dict(order["config"]), _order_device(ctx, order, device), ctx,
-                                teacher=order["teacher"])
+    dataset = _order_dataset(order)
+    images, labels = order["images"], order["labels"]
+    if images is None:  # the whole training set (the full baseline)
+        images, labels = dataset.train_images, dataset.train_labels
+    evaluate_images_distributed(images, labels, dataset, EvalConfig.from_dict(order["config"]),
+                                _order_device(ctx, order, device), ctx, teacher=order["teacher"])
 
 
 _FOLLOW: dict[str, Callable[[DistContext, dict[str, Any], torch.device], None]] = {
@@ -583,9 +586,11 @@ def job_evaluator() -> ImageEvaluator:
                device: torch.device | str, on_repeat: Callable[[int, float], None] | None = None, *,
                teacher: torch.nn.Module | None = None) -> EvalResult:
         cpu_teacher = None if teacher is None else copy.deepcopy(teacher).to("cpu")
-        _send_order("eval", {"images": images.detach().cpu(), "labels": labels.cpu(),
-                             "config": config.to_dict(), "device_type": torch.device(device).type,
-                             "teacher": cpu_teacher}, dataset)
+        # The full baseline trains on the dataset's own training set, which the followers hold.
+        whole = images is dataset.train_images and labels is dataset.train_labels
+        _send_order("eval", {"images": None if whole else images.detach().cpu(),
+                             "labels": None if whole else labels.cpu(), "config": config.to_dict(),
+                             "device_type": torch.device(device).type, "teacher": cpu_teacher}, dataset)
         result = evaluate_images_distributed(images, labels, dataset, config, device, ctx, on_repeat,
                                              teacher=teacher)
         _order_done()

@@ -288,9 +288,10 @@ def ncfm(store: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_torchrun_eval_spreads_repeats_and_equals_one_process(tmp_path):
-    """`ncfm distill --eval` and `ncfm eval` on 2 ranks. The latter (synthetic set, random baseline, soft labels from the artifact's
-    pool) gives exactly the single-process accuracies, prints one JSON document and records one
-    eval; an error is reported once, by rank 0."""
+    """`ncfm distill --eval` and `ncfm eval` on 2 ranks. The latter (synthetic set, random and
+    full baselines, soft labels from the artifact's pool) gives exactly the single-process
+    accuracies, prints one JSON document and records one eval; an error is reported once, by
+    rank 0."""
     store = tmp_path / "store"
     made = torchrun(store, "--json", "distill", "digits", "--name", "tiny", "--ipc", "1", "--factor", "1",
                     "--iterations", "2", "--pool-size", "2", "--pool-epochs", "1", "--freqs", "16",
@@ -304,25 +305,29 @@ def test_torchrun_eval_spreads_repeats_and_equals_one_process(tmp_path):
     synset = load_synset(store / "artifacts" / "tiny" / "v1" / "synset.safetensors")
     assert torch.equal(synset.labels, torch.arange(10))  # every class, from both ranks' shards
     eval_args = ("--json", "eval", "tiny", "--protocol", "dsa", "--repeats", "3", "--epochs", "10", "--width", "8",
-                 "--baseline", "random", "--soft-labels", "--device", "cpu")
+                 "--baseline", "random", "--baseline", "full", "--soft-labels", "--device", "cpu")
+    one_run = ncfm(store, *eval_args)
+    assert one_run.returncode == 0, one_run.stderr
+    one = json.loads(one_run.stdout)
+    for cached in (store / "baselines").glob("*.json"):
+        cached.unlink()  # the 2-rank run trains the full baseline again rather than reading it
     spread = torchrun(store, *eval_args)
     stdout, stderr = spread.communicate(timeout=POLL_LIMIT_S)
     assert spread.returncode == 0, stderr
     assert "terminate called" not in stderr
     two = json.loads(stdout)  # one document: only rank 0 prints
-    one_run = ncfm(store, *eval_args)
-    assert one_run.returncode == 0, one_run.stderr
-    one = json.loads(one_run.stdout)
 
     assert (two["world_size"], one["world_size"]) == (2, 1)
     assert two["seeds"] == one["seeds"] == [0, 1, 2]
     assert two["accuracy"]["runs"] == one["accuracy"]["runs"]
-    assert two["baselines"]["random"]["accuracy"]["runs"] == one["baselines"]["random"]["accuracy"]["runs"]
+    for kind in ("random", "full"):
+        assert two["baselines"][kind]["accuracy"]["runs"] == one["baselines"][kind]["accuracy"]["runs"], kind
+    assert two["baselines"]["full"]["cached"] is False and one["baselines"]["full"]["cached"] is False
     assert two["teacher"]["member"] == one["teacher"]["member"] == 0 and two["teacher"]["pool_cached"]
     assert two["protocol"] == one["protocol"]
     assert len(set(one["accuracy"]["runs"])) > 1  # three different networks, not one result thrice
     manifest = json.loads((store / "artifacts" / "tiny" / "v1" / "manifest.json").read_text())
-    assert [record["world_size"] for record in manifest["evals"]] == [2, 2, 1]  # rank 0 alone appended
+    assert [record["world_size"] for record in manifest["evals"]] == [2, 1, 2]  # rank 0 alone appended
 
     missing = torchrun(store, "eval", "nope", "--device", "cpu", entry_point=True)  # the `ncfm` script too
     _, stderr = missing.communicate(timeout=POLL_LIMIT_S)
