@@ -124,3 +124,15 @@ def test_line_plot_puts_each_point_where_its_value_says(kit, tmp_path):
         x, y = round(x_of(value)), round(y_of(value))
         assert image.getpixel((x, y)) == blue, (value, image.getpixel((x, y)))
     assert image.getpixel((round(x_of(0.5)), round(y_of(0.9)))) != blue  # nothing drawn off the line
+
+
+def test_eval_ranks_runs_one_process_and_torchrun_and_writes_its_page(tmp_path):
+    eval_ranks = _load("eval_ranks")
+    out = tmp_path / "eval_ranks.md"
+    argv = ["--repeats", "2", "--epochs", "1", "--rounds", "1", "--ipc", "1", "--out", str(out)]
+    assert eval_ranks.main(argv) == 0
+    page = out.read_text()
+    assert f"`uv run python benchmarks/eval_ranks.py {' '.join(argv)}`" in page
+    rows = [line for line in page.splitlines() if line.startswith("| one process") or line.startswith("| torchrun")]
+    assert len(rows) == 2 and all(len(row.split("|")) == 5 for row in rows)  # label, 1 round, median
+    assert "Speed-up of 2 processes over one" in page and "largest difference" in page
