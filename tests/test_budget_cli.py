@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import error_line, invoke, one_json
 from typer.testing import CliRunner
 
 from ncfm_cli.main import app
@@ -47,26 +48,6 @@ def no_gpu(monkeypatch):
         monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
 
 
-def invoke(*args: object, expect: int = 0):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exit_code == expect, (
-        f"exit {result.exit_code} != {expect}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}\n"
-        f"exception: {result.exception!r}"
-    )
-    return result
-
-
-def one_json(result) -> dict:
-    lines = [line for line in result.stdout.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stdout
-    return json.loads(lines[0])
-
-
-def error_line(result) -> str:
-    lines = result.stderr.strip().splitlines()
-    assert lines and lines[-1].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output, result.output
-    return lines[-1]
 
 
 def store_files(store: Path) -> list[Path]:

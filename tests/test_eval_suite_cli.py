@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from cli_runner import invoke, one_json
 
-from ncfm_cli.main import app
 from ncfm_core import jobs
 from ncfm_core.store import Store
 
@@ -33,19 +32,6 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def invoke(*args, expect: int = 0):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exit_code == expect, (
-        f"exit {result.exit_code} != {expect}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}\n"
-        f"exception: {result.exception!r}"
-    )
-    return result
-
-
-def one_json(result) -> dict:
-    lines = [line for line in result.stdout.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stdout
-    return json.loads(lines[0])
 
 
 @pytest.fixture(scope="module")
