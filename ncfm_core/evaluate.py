@@ -383,7 +383,8 @@ def evaluate_synset(
     """Decode stored multi-formation images (N, C, H, W) with factor ``factor`` (N * factor^2
     training images), then :func:`evaluate_images` (or ``evaluator``, see :data:`ImageEvaluator`)."""
     decoded, decoded_labels = decode_synset(images.float(), labels, factor)
-    result = (evaluator or evaluate_images)(decoded.detach(), decoded_labels, dataset, config, device, on_repeat, teacher=teacher)
+    evaluator = evaluator or evaluate_images
+    result = evaluator(decoded.detach(), decoded_labels, dataset, config, device, on_repeat, teacher=teacher)
     result.train_set = {"kind": "synthetic", "stored": int(images.shape[0]), "factor": factor,
                         "size": int(decoded.shape[0])}
     return result
@@ -441,7 +442,8 @@ def evaluate_random_baseline(
     budget (multi-formation decodes it into factor^2 times more training images)."""
     check_ipc(dataset, ipc)
     images, labels = random_real_subset(dataset, ipc, seed)
-    result = (evaluator or evaluate_images)(images, labels, dataset, config, device, on_repeat, teacher=teacher)
+    evaluator = evaluator or evaluate_images
+    result = evaluator(images, labels, dataset, config, device, on_repeat, teacher=teacher)
     result.train_set = {"kind": "random", "ipc": ipc, "subset_seed": seed, "size": int(images.shape[0])}
     return result
 

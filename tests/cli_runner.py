@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 
+import torch
 from typer.testing import CliRunner
 
 from ncfm_cli.main import app
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Tiny ops on an oversubscribed machine run far faster on one thread; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def invoke(*args: object, expect: int = 0):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_runner import error_line, invoke, one_json
+from cli_runner import error_line, invoke, one_json, one_thread
 from typer.testing import CliRunner
 
 from ncfm_cli.main import app
@@ -34,10 +34,8 @@ TINY = ["--pool-size", "1", "--pool-epochs", "0", "--freqs", "16", "--real-per-c
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_thread():
+        yield
 
 
 @pytest.fixture
@@ -46,8 +44,6 @@ def no_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     if getattr(torch.backends, "mps", None) is not None:
         monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-
-
 
 
 def store_files(store: Path) -> list[Path]:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from cli_runner import error_line, invoke, one_json
+from cli_runner import error_line, invoke, one_json, one_thread
 from typer.testing import CliRunner
 
 from ncfm_cli import distill as distill_module
@@ -28,28 +28,18 @@ EVAL_TINY = ["--epochs", "1", "--repeats", "1"]
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    # Tiny ops on an oversubscribed machine run far faster on one thread; restored afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
     """One distilled and evaluated artifact, shared read-only by the tests of this module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         store = tmp_path_factory.mktemp("cli_store")
         distilled = one_json(invoke("--store", store, "--json", "distill", "digits", "--ipc", "1",
                                     "--iterations", "3", *TINY))
         evaluated = one_json(invoke("--store", store, "eval", "digits-ipc1", *EVAL_TINY, "--json"))
-    finally:
-        torch.set_num_threads(before)
     return {"store": store, "distill": distilled, "eval": evaluated}
 
 

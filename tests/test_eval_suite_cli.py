@@ -9,8 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from cli_runner import invoke, one_json
+from cli_runner import invoke, one_json, one_thread
 
 from ncfm_core import jobs
 from ncfm_core.store import Store
@@ -26,25 +25,17 @@ DIGITS_TRAIN = 1257
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
     """A tiny artifact evaluated once with both baselines (which fills the baseline cache)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         store = tmp_path_factory.mktemp("suite_store")
         invoke("--store", store, "--json", *DISTILL)
         first = one_json(invoke("--store", store, *EVAL, *BOTH, "--json"))
-    finally:
-        torch.set_num_threads(before)
     return {"store": store, "first": first}
 
 
