@@ -171,7 +171,7 @@ def train_pool(
 
     Member ``i`` uses its own seed derived from ``spec.seed``, so members differ and the pool is
     reproducible. Images stay on ``device`` as uint8. ``members`` (default all) trains only those
-    members, in that order (one process's share in ``ncfm_core.distributed``).
+    members, in that order (one process's share in ``ncfm_core.parallel``).
     """
     images = dataset.train_images.to(device)
     labels = dataset.train_labels.to(device)
@@ -213,7 +213,7 @@ def load_or_train_pool(
 
     Returns (pool on ``device``, whether it came from the cache).
     """
-    path = None if cache_dir is None else Path(cache_dir) / "pool.safetensors"
+    path = None if cache_dir is None else Path(cache_dir) / store.POOL_FILE
     if path is not None and path.exists():
         return Pool.load(path, spec, device=device), True
     pool = train_pool(spec, dataset, device, on_progress)

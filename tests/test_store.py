@@ -11,11 +11,11 @@ import threading
 import time
 from pathlib import Path
 
+import platformdirs
 import pytest
 import safetensors.torch
 import torch
 
-from ncfm_core import store as store_module
 from ncfm_core.errors import ConfigError, CorruptArtifactError, NotFoundError
 from ncfm_core.store import (
     ArtifactVersion,
@@ -46,7 +46,7 @@ def assert_one_line_naming(err: pytest.ExceptionInfo, path: Path) -> None:
 
 
 def test_store_root_order_resolved_at_call_time(tmp_path, monkeypatch):
-    monkeypatch.setattr(store_module.platformdirs, "user_data_dir", lambda app: str(tmp_path / "pd" / app))
+    monkeypatch.setattr(platformdirs, "user_data_dir", lambda app: str(tmp_path / "pd" / app))
     monkeypatch.delenv("NCFM_HOME", raising=False)
     assert store_root() == tmp_path / "pd" / "ncfm"
     monkeypatch.setenv("NCFM_HOME", str(tmp_path / "home"))
@@ -109,7 +109,7 @@ def test_interrupted_replace_keeps_old_file_and_no_temp(tmp_path, monkeypatch):
     def failing_replace(src, dst):
         raise OSError("disk pulled out")
 
-    monkeypatch.setattr(store_module.os, "replace", failing_replace)
+    monkeypatch.setattr(os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk pulled out"):
         atomic_write_bytes(path, b"new")
     with pytest.raises(OSError):
@@ -545,3 +545,13 @@ def test_safetensors_written_by_us_are_plain_safetensors(tmp_path):
     path = tmp_path / "sampler.safetensors"
     save_tensors(path, {"w": torch.ones(2, 2)})
     assert torch.equal(safetensors.torch.load_file(str(path))["w"], torch.ones(2, 2))
+
+
+def test_without_platformdirs_the_store_needs_ncfm_home_and_says_so(monkeypatch, tmp_path):
+    """Some GPU images ship without platformdirs: ncfm must still run with NCFM_HOME set."""
+    monkeypatch.setitem(sys.modules, "platformdirs", None)  # `import platformdirs` now fails
+    monkeypatch.setenv("NCFM_HOME", str(tmp_path / "home"))
+    assert store_root() == tmp_path / "home"
+    monkeypatch.delenv("NCFM_HOME")
+    with pytest.raises(ConfigError, match="platformdirs is not installed.*set NCFM_HOME"):
+        store_root()

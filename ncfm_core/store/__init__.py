@@ -1,0 +1,100 @@
+"""The artifact store: versioned results on disk, written atomically, read defensively.
+
+Layout under the root (see ``store_root``)::
+
+    <root>/artifacts/<name>/v<N>/manifest.json                 JSON: config, status, metrics, ...
+    <root>/artifacts/<name>/v<N>/synset.safetensors            stored-form images, labels
+    <root>/artifacts/<name>/v<N>/sampler.safetensors           psi weights
+    <root>/artifacts/<name>/v<N>/checkpoint/state.safetensors  everything resume needs
+    <root>/pools/<key>/pool.safetensors                        cached feature-extractor pools
+
+Rules this package keeps:
+
+- Every file is written to ``<name>.<random>.tmp`` in its own directory, fsynced and then
+  moved over the target with ``os.replace``: a crash leaves the old file or the new one.
+- Nothing is loaded with pickle: tensors go through safetensors, everything else is JSON.
+  Arbitrary nested states (optimiser state dicts, RNG states) are split into a flat
+  tensor dict plus a JSON tree (``flatten_state``), so one checkpoint is one file.
+- Any unreadable file becomes a one-line ``CorruptArtifactError`` naming the file.
+- Version numbers are allocated with ``os.mkdir`` (atomic, fails if the directory exists),
+  so two writers never share a version even without the per-name file lock; the lock
+  only serialises read-modify-write of manifests and keeps allocation tidy.
+
+Modules, each importing only those before it: ``files`` (atomic writes, JSON),
+``tensors`` (safetensors), ``state`` (nested states), ``layout`` (every file and folder
+name), ``versions`` (names, versions, ``Store``), then the formats of a version's files:
+``synset`` (synthetic set and sampler) and ``baselines`` (the full-data baseline cache).
+"""
+
+from ncfm_core.store.files import atomic_write_bytes, read_json, write_json
+from ncfm_core.store.layout import (
+    ARTIFACTS_DIR,
+    CHECKPOINT_DIR,
+    CHECKPOINT_FILE,
+    MANIFEST_FILE,
+    POOL_FILE,
+    POOLS_DIR,
+    SAMPLER_FILE,
+    SYNSET_FILE,
+)
+from ncfm_core.store.state import (
+    STATE_TREE_FORMAT,
+    STATE_TREE_KEY,
+    flatten_state,
+    load_state,
+    save_state,
+    unflatten_state,
+)
+from ncfm_core.store.synset import (
+    SAMPLER_FORMAT,
+    SYNSET_FORMAT,
+    SyntheticSet,
+    load_synset,
+    save_sampler,
+    save_synset,
+)
+from ncfm_core.store.tensors import load_tensors, save_tensors
+from ncfm_core.store.versions import (
+    NAME_PATTERN,
+    STATUSES,
+    ArtifactVersion,
+    Store,
+    store_root,
+    utc_now,
+    validate_name,
+)
+
+__all__ = [
+    "ARTIFACTS_DIR",
+    "CHECKPOINT_DIR",
+    "CHECKPOINT_FILE",
+    "MANIFEST_FILE",
+    "NAME_PATTERN",
+    "POOLS_DIR",
+    "POOL_FILE",
+    "SAMPLER_FILE",
+    "SAMPLER_FORMAT",
+    "STATE_TREE_FORMAT",
+    "STATE_TREE_KEY",
+    "STATUSES",
+    "SYNSET_FILE",
+    "SYNSET_FORMAT",
+    "SyntheticSet",
+    "ArtifactVersion",
+    "Store",
+    "atomic_write_bytes",
+    "flatten_state",
+    "load_state",
+    "load_synset",
+    "load_tensors",
+    "read_json",
+    "save_sampler",
+    "save_state",
+    "save_synset",
+    "save_tensors",
+    "store_root",
+    "unflatten_state",
+    "utc_now",
+    "validate_name",
+    "write_json",
+]

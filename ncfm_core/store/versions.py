@@ -1,0 +1,325 @@
+"""Artifact names, version directories and the ``Store`` that allocates, resolves and
+updates them.
+
+Version numbers are allocated with ``os.mkdir`` (atomic, fails if the directory exists),
+so two writers never share a version even without the per-name file lock; the lock
+only serialises read-modify-write of manifests and keeps allocation tidy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import difflib
+import logging
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import filelock
+
+from ncfm_core.errors import ConfigError, CorruptArtifactError, NotFoundError
+from ncfm_core.platform import user_dir
+from ncfm_core.store.files import read_json, write_json
+from ncfm_core.store.layout import (
+    ARTIFACTS_DIR,
+    CHECKPOINT_DIR,
+    CHECKPOINT_FILE,
+    MANIFEST_FILE,
+    POOLS_DIR,
+    SAMPLER_FILE,
+    SYNSET_FILE,
+)
+
+log = logging.getLogger(__name__)
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+"""Artifact names and pool keys: 1-128 of letters, digits, '.', '_', '-'; first a letter
+or digit (so no hidden files and no option-like names); '..' is rejected separately."""
+
+STATUSES = ("running", "complete", "failed")
+
+_VERSION_DIR = re.compile(r"^v([0-9]+)$")
+_LOCK_FILE = ".lock"
+_LOCK_PATIENCE_S = 10.0
+
+
+# ----------------------------------------------------------------------------- paths, names
+
+
+def store_root(explicit: str | os.PathLike | None = None) -> Path:
+    """The store root: ``explicit`` (the ``--store`` option), else ``$NCFM_HOME``, else
+    ``platformdirs.user_data_dir("ncfm")``. Read at call time so tests and long-lived
+    processes see the current environment. Returns an absolute path (not created)."""
+    if explicit is not None and str(explicit) != "":
+        root = Path(explicit)
+    elif os.environ.get("NCFM_HOME"):
+        root = Path(os.environ["NCFM_HOME"])
+    else:
+        root = Path(user_dir("user_data_dir"))
+    return root.expanduser().absolute()
+
+
+def validate_name(name: str, what: str = "artifact name") -> str:
+    """Return ``name`` unchanged if it is a valid artifact name (or pool key), else raise
+    ``ConfigError``. Valid: 1-128 characters from letters, digits, '.', '_', '-', the first a
+    letter or digit, no '..'. This keeps names one path component on every platform."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
+        raise ConfigError(
+            f"invalid {what} {name!r}: use 1-128 characters from letters, digits, '.', '_', '-', "
+            "starting with a letter or digit and without '..' (e.g. cifar10-ipc10)"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class ArtifactVersion:
+    """One version directory ``<root>/artifacts/<name>/v<version>``."""
+
+    name: str
+    version: int
+    path: Path
+
+    @property
+    def ref(self) -> str:
+        """The reference that resolves to exactly this version, ``name@vN``."""
+        return f"{self.name}@v{self.version}"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST_FILE
+
+    @property
+    def synset_path(self) -> Path:
+        return self.path / SYNSET_FILE
+
+    @property
+    def sampler_path(self) -> Path:
+        return self.path / SAMPLER_FILE
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / CHECKPOINT_DIR / CHECKPOINT_FILE
+
+    def manifest(self) -> dict:
+        """The manifest as a dict (``NotFoundError`` / ``CorruptArtifactError``)."""
+        return read_json(self.manifest_path)
+
+
+def utc_now() -> str:
+    """The current time as ISO-8601 UTC with seconds, e.g. ``2024-01-01T00:00:00+00:00``."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class Store:
+    """The artifact store under ``root`` (default: ``store_root()``)."""
+
+    def __init__(self, root: Path | str | None = None) -> None:
+        self.root = store_root(root)
+        self.artifacts_dir = self.root / ARTIFACTS_DIR
+        self.pools_dir = self.root / POOLS_DIR
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.root)!r})"
+
+    # -- locking
+
+    @contextlib.contextmanager
+    def _name_lock(self, name: str) -> Iterator[None]:
+        name_dir = self.artifacts_dir / name
+        name_dir.mkdir(parents=True, exist_ok=True)
+        lock = filelock.FileLock(str(name_dir / _LOCK_FILE))
+        try:
+            lock.acquire(timeout=_LOCK_PATIENCE_S)
+        except filelock.Timeout:
+            log.warning("still waiting for the lock %s (another ncfm process is writing %s)", lock.lock_file, name)
+            lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
+
+    # -- versions
+
+    def _version_numbers(self, name: str) -> list[int]:
+        name_dir = self.artifacts_dir / name
+        if not name_dir.is_dir():
+            return []
+        numbers = []
+        for entry in name_dir.iterdir():
+            match = _VERSION_DIR.match(entry.name)
+            if match and entry.is_dir():
+                numbers.append(int(match.group(1)))
+        return sorted(numbers)
+
+    def versions(self, name: str) -> list[ArtifactVersion]:
+        """Every version directory of ``name``, sorted by number (empty if none)."""
+        validate_name(name)
+        return [ArtifactVersion(name, n, self.artifacts_dir / name / f"v{n}") for n in self._version_numbers(name)]
+
+    def names(self) -> list[str]:
+        """Every artifact name in the store, sorted."""
+        if not self.artifacts_dir.is_dir():
+            return []
+        return sorted(
+            entry.name
+            for entry in self.artifacts_dir.iterdir()
+            if entry.is_dir() and NAME_PATTERN.match(entry.name) and ".." not in entry.name
+        )
+
+    def create_version(self, name: str, manifest: dict) -> ArtifactVersion:
+        """Allocate ``v<N+1>`` for ``name`` and write its manifest: a copy of ``manifest`` with
+        ``name``, ``version``, ``created`` (ISO-8601 UTC) and ``status`` (default "running")."""
+        validate_name(name)
+        status = manifest.get("status", "running")
+        if status not in STATUSES:
+            raise ConfigError(f"invalid manifest status {status!r}; use one of {', '.join(STATUSES)}")
+        (self.artifacts_dir / name).mkdir(parents=True, exist_ok=True)
+        with self._name_lock(name):
+            # mkdir is the allocation: it fails if a concurrent writer (lock or no lock,
+            # e.g. on a file system without working locks) took this number first.
+            while True:
+                numbers = self._version_numbers(name)
+                number = (numbers[-1] if numbers else 0) + 1
+                version_dir = self.artifacts_dir / name / f"v{number}"
+                try:
+                    os.mkdir(version_dir)
+                    break
+                except FileExistsError:
+                    continue
+            full = dict(manifest)
+            full.update(name=name, version=number, created=utc_now(), status=status)
+            write_json(version_dir / MANIFEST_FILE, full)
+        return ArtifactVersion(name, number, version_dir)
+
+    def update_manifest(self, version: ArtifactVersion, **fields: Any) -> dict:
+        """Set ``fields`` in the manifest of ``version`` (read-modify-write under the name's
+        lock, atomic write); returns the new manifest."""
+        if "status" in fields and fields["status"] not in STATUSES:
+            raise ConfigError(f"invalid manifest status {fields['status']!r}; use one of {', '.join(STATUSES)}")
+        with self._name_lock(version.name):
+            manifest = version.manifest()
+            manifest.update(fields)
+            write_json(version.manifest_path, manifest)
+        return manifest
+
+    def append_eval(self, version: ArtifactVersion, record: dict) -> dict:
+        """Append ``record`` to the manifest's ``"evals"`` list (created if absent), under
+        the lock; returns the new manifest."""
+        with self._name_lock(version.name):
+            manifest = version.manifest()
+            evals = manifest.get("evals")
+            if not isinstance(evals, list):
+                evals = []
+            manifest["evals"] = [*evals, record]
+            write_json(version.manifest_path, manifest)
+        return manifest
+
+    def delete_version(self, version: ArtifactVersion) -> None:
+        """Remove one version directory. It is first renamed out of the ``v<N>`` namespace,
+        so an interrupted delete never leaves a half version that still resolves."""
+        with self._name_lock(version.name):
+            if not version.path.is_dir():
+                raise NotFoundError(f"{version.ref}: no such version")
+            doomed = version.path.with_name(f".deleting-{version.path.name}-{secrets.token_hex(4)}")
+            os.rename(version.path, doomed)
+        shutil.rmtree(doomed)
+
+    def resolve(self, ref: str) -> ArtifactVersion:
+        """Turn a reference into a version.
+
+        ``name`` -> its latest version whose manifest status is "complete";
+        ``name@vN`` or ``name@N`` -> that version, whatever its status;
+        a path to a directory holding ``manifest.json`` -> that directory.
+        ``NotFoundError`` (with suggestions) when nothing matches.
+        """
+        ref = str(ref)
+        as_path = Path(ref).expanduser()
+        if as_path.is_dir() and (as_path / MANIFEST_FILE).is_file():
+            return self._version_from_path(as_path)
+        if "/" in ref or os.sep in ref:
+            raise NotFoundError(f"{ref}: not a version directory (expected a directory containing {MANIFEST_FILE})")
+
+        name, at, version_text = ref.partition("@")
+        validate_name(name)
+        if not at:
+            return self._latest_complete(name)
+        digits = version_text[1:] if version_text[:1] in ("v", "V") else version_text
+        if not digits.isdigit():
+            raise ConfigError(f"invalid version {version_text!r} in {ref!r}: use name@vN, e.g. {name}@v1")
+        number = int(digits)
+        if number not in self._version_numbers(name):
+            self._raise_unknown_name(name)
+            existing = ", ".join(f"v{n}" for n in self._version_numbers(name))
+            raise NotFoundError(f"{name}@v{number}: no such version; {name} has {existing}")
+        return ArtifactVersion(name, number, self.artifacts_dir / name / f"v{number}")
+
+    def _version_from_path(self, directory: Path) -> ArtifactVersion:
+        directory = directory.absolute()
+        match = _VERSION_DIR.match(directory.name)
+        if match and NAME_PATTERN.match(directory.parent.name):
+            return ArtifactVersion(directory.parent.name, int(match.group(1)), directory)
+        # A version directory copied elsewhere: trust what its manifest says.
+        manifest = read_json(directory / MANIFEST_FILE)
+        name, number = manifest.get("name"), manifest.get("version")
+        if not (isinstance(name, str) and NAME_PATTERN.match(name) and isinstance(number, int)):
+            raise CorruptArtifactError(
+                f"{directory / MANIFEST_FILE}: has no valid name/version; restore or delete this file"
+            )
+        return ArtifactVersion(name, number, directory)
+
+    def _raise_unknown_name(self, name: str) -> None:
+        if self._version_numbers(name):
+            return
+        names = self.names()
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+        if close:
+            hint = f"did you mean {', '.join(close)}?"
+        elif names:
+            hint = f"existing artifacts: {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}"
+        else:
+            hint = f"the store at {self.root} is empty; run `ncfm distill` first"
+        raise NotFoundError(f"no artifact named {name!r}; {hint}")
+
+    def _latest_complete(self, name: str) -> ArtifactVersion:
+        self._raise_unknown_name(name)
+        described = []
+        for version in reversed(self.versions(name)):
+            try:
+                status = version.manifest().get("status", "unknown")
+            except (NotFoundError, CorruptArtifactError) as err:
+                log.warning("skipping %s: %s", version.ref, err)
+                status = "unreadable manifest"
+            if status == "complete":
+                return version
+            described.append(f"v{version.version} ({status})")
+        raise NotFoundError(
+            f"{name} has no complete version ({', '.join(reversed(described))}); "
+            f"pick one with {name}@vN or finish it with `ncfm resume {name}@vN`"
+        )
+
+    def scan(self) -> tuple[list[tuple[ArtifactVersion, dict]], list[str]]:
+        """Every version in the store with its manifest, sorted by name and number, plus a
+        warning string per version whose manifest is missing or unreadable (never raises
+        for a broken entry)."""
+        found: list[tuple[ArtifactVersion, dict]] = []
+        warnings: list[str] = []
+        for name in self.names():
+            for version in self.versions(name):
+                try:
+                    found.append((version, version.manifest()))
+                except (NotFoundError, CorruptArtifactError) as err:
+                    warnings.append(f"{version.ref}: {err}")
+        return found, warnings
+
+    # -- pools
+
+    def pool_dir(self, key: str) -> Path:
+        """``<root>/pools/<key>`` for a pool cache key (validated like a name; not created)."""
+        validate_name(key, what="pool key")
+        return self.pools_dir / key
