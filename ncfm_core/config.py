@@ -2,7 +2,8 @@
 
 A distillation is described by one :class:`DistillConfig`, built once by :func:`make_config`
 (defaults <- dataset preset <- explicit overrides) and saved into the artifact manifest, so a
-result always knows how it was made and ``resume`` rebuilds exactly the same job.
+result always knows how it was made and ``resume`` rebuilds exactly the same job. Each dataset
+registers its preset beside its loader (``ncfm_core.data``, ``register_dataset(preset=...)``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from ncfm_core.data.registry import dataset_preset
 from ncfm_core.errors import ConfigError
 
 MATCHING_MODES = ("ncfm", "mmd")
@@ -59,7 +61,7 @@ class DistillConfig:
     # run
     seed: int = 0
     real_chunk: int | None = None  # real images per no-grad forward chunk (None: planner decides)
-    # memory plan and speed (ncfm_core.budget fills these in to fit a budget)
+    # memory plan and speed (ncfm_core.planner fills these in to fit a budget)
     class_chunk: int | None = None  # classes per synthetic forward/backward (None: all at once)
     precision: str = "auto"  # network forwards: auto | fp32 | bf16 | fp16 autocast; CF maths stay fp32
     activation_checkpointing: bool = False  # recompute activations (and psi's real features), not store
@@ -81,36 +83,9 @@ class DistillConfig:
         return validate(dataclasses.replace(self, **changes))
 
 
-# Paper settings (NCFM_NOTES.md): ConvNet-3/4/5 by resolution, factor 2, 1024 real images per
-# class, F = 1024, pools of 20 extractors trained 60 epochs. Digits is our offline real dataset:
-# small enough to distill in minutes on a laptop CPU, so its pool and loop are scaled down.
-_PAPER = dict(factor=2, iterations=20000, real_per_class=1024, num_freqs=1024, pool_size=20, pool_epochs=60)
-PRESETS: dict[str, dict[str, Any]] = {
-    "cifar10": dict(_PAPER),
-    "cifar100": dict(_PAPER),
-    "tinyimagenet": dict(_PAPER),
-    **{
-        name: dict(_PAPER)
-        for name in ("imagenette", "imagewoof", "imagefruit", "imagemeow", "imagesquawk", "imageyellow")
-    },
-    "digits": dict(
-        factor=2,
-        iterations=400,
-        real_per_class=128,
-        num_freqs=1024,
-        pool_size=4,
-        pool_epochs=10,
-        pool_batch=128,
-        lr_patience=200,
-    ),
-    "fake": dict(factor=2, iterations=200, real_per_class=64, num_freqs=256, pool_size=2, pool_epochs=2),
-}
-
-
 def preset_for(dataset: str) -> dict[str, Any]:
     """The preset overrides for a dataset name (``folder:PATH`` uses the paper's defaults)."""
-    key = dataset.split(":", 1)[0]
-    return dict(PRESETS.get(key, {}))
+    return dataset_preset(dataset)
 
 
 def make_config(dataset: str, ipc: int, **overrides: Any) -> DistillConfig:

@@ -3,7 +3,25 @@ import dataclasses
 import pytest
 
 from ncfm_core.config import DistillConfig, make_config, preset_for
+from ncfm_core.data import dataset_names
 from ncfm_core.errors import ConfigError
+
+# preset_for of every name as config.PRESETS gave it before the presets moved beside the loaders.
+_PAPER = dict(factor=2, iterations=20000, real_per_class=1024, num_freqs=1024, pool_size=20, pool_epochs=60)
+_DIGITS = dict(_PAPER, iterations=400, real_per_class=128, pool_size=4, pool_epochs=10, pool_batch=128, lr_patience=200)
+_FAKE = dict(factor=2, iterations=200, real_per_class=64, num_freqs=256, pool_size=2, pool_epochs=2)
+EXPECTED_PRESETS = {
+    "cifar10": _PAPER,
+    "cifar100": _PAPER,
+    "tinyimagenet": _PAPER,
+    **dict.fromkeys(("imagenette", "imagewoof", "imagefruit", "imagemeow", "imagesquawk", "imageyellow"), _PAPER),
+    "digits": _DIGITS,
+    "fake": _FAKE,
+    "folder:PATH": {},  # DistillConfig's own defaults, which are the paper's settings
+    "folder:/some/where": {},
+    "fake:anything": _FAKE,  # looked up by the part before the colon
+    "no-such-dataset": {},
+}
 
 
 def test_presets_follow_the_paper_and_overrides_win():
@@ -19,6 +37,18 @@ def test_presets_follow_the_paper_and_overrides_win():
     assert digits.factor == 1
     assert digits.iterations == preset_for("digits")["iterations"]  # None means "not given"
     assert make_config("folder:/some/where", 1).factor == 2
+
+
+@pytest.mark.parametrize("name", sorted({*dataset_names(), *EXPECTED_PRESETS}))
+def test_preset_for_every_name_is_unchanged(name):
+    preset = preset_for(name)
+    assert preset == EXPECTED_PRESETS[name]
+    preset["factor"] = 99  # a copy: the registered preset stays as it was
+    assert preset_for(name) == EXPECTED_PRESETS[name]
+    config = make_config(name, 1)
+    expected = {**_PAPER, **EXPECTED_PRESETS[name]}
+    assert {key: getattr(config, key) for key in expected} == expected
+    assert make_config(name, 1, factor=3).factor == 3
 
 
 def test_config_round_trips_through_a_dict():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import os
@@ -14,12 +15,17 @@ import pytest
 import torch
 from PIL import Image
 
+from ncfm_core.config import DistillConfig
 from ncfm_core.data import (
     IMAGENET_SUBSETS,
+    PAPER_PRESET,
+    DatasetShape,
     ImageDataset,
     channel_mean_std,
     check_ipc,
     dataset_names,
+    dataset_preset,
+    dataset_shape,
     default_data_dir,
     load_dataset,
     register_dataset,
@@ -153,13 +159,16 @@ def test_unknown_option_and_bad_image_size_are_config_errors():
 
 
 def test_register_dataset_adds_a_loader_and_refuses_duplicates():
-    @register_dataset("unit-test-source")
+    shape = DatasetShape(2, 3, 4, 3)
+
+    @register_dataset("unit-test-source", shape=shape, preset=dict(iterations=7))
     def load_unit(*, data_dir, image_size, download, width: int = 2):
         return tiny_dataset([0, 1, 2])
 
     try:
         assert "unit-test-source" in dataset_names()
         assert load_dataset("Unit-Test-Source", width=3).name == "tiny"
+        assert dataset_shape("Unit-Test-Source") == shape and dataset_preset("unit-test-source") == dict(iterations=7)
         with pytest.raises(ValueError, match="already registered"):
             register_dataset("unit-test-source")(lambda **_: None)
     finally:
@@ -175,6 +184,28 @@ def test_default_data_dir_is_read_at_call_time(monkeypatch, tmp_path):
     assert default_data_dir() == tmp_path / "second"
     monkeypatch.delenv("NCFM_DATA_DIR")
     assert default_data_dir() == Path(platformdirs.user_cache_dir("ncfm")) / "datasets"
+
+
+@pytest.mark.parametrize("name", dataset_names())
+def test_every_source_registers_a_preset_and_a_shape(name):
+    preset = dataset_preset(name)
+    assert set(preset) <= {field.name for field in dataclasses.fields(DistillConfig)}
+    shape = dataset_shape(name)
+    if name.startswith("folder:"):
+        assert shape is None and preset == {}  # shape known once loaded; config defaults are the paper's
+        assert {k: getattr(DistillConfig("folder:/x", 1), k) for k in PAPER_PRESET} == PAPER_PRESET
+    else:
+        assert isinstance(shape, DatasetShape) and preset
+        assert dataset_shape(name.upper()) == shape
+        assert dataset_shape(name, image_size=8) == dataclasses.replace(shape, image_size=8)
+
+
+@pytest.mark.parametrize("name", ["digits", "fake"])
+@pytest.mark.parametrize("image_size", [None, 8])
+def test_registered_shape_is_the_loaded_shape(name, image_size):
+    loaded = load_dataset(name, image_size=image_size)
+    assert dataset_shape(name, image_size=image_size) == DatasetShape.of(loaded)
+    assert DatasetShape.of(loaded).pixels == loaded.train_images[0].numel()
 
 
 # -- digits --------------------------------------------------------------------------------

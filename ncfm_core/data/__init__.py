@@ -3,7 +3,8 @@
 Registered names: ``digits`` (offline), ``cifar10``, ``cifar100``, ``tinyimagenet``, the
 ImageNet subsets ``imagenette``, ``imagewoof``, ``imagefruit``, ``imagemeow``,
 ``imagesquawk``, ``imageyellow``, ``fake``, and the family ``folder:PATH``. Importing this
-package registers them all.
+package registers them all, each with its train-split shape (`dataset_shape`) and its preset
+(`dataset_preset`).
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ from __future__ import annotations
 from ncfm_core.data import cifar, imagenet, sources  # noqa: F401
 from ncfm_core.data.imagenet import IMAGENET_SUBSETS, SubsetClass
 from ncfm_core.data.registry import (
+    PAPER_PRESET,
+    DatasetShape,
     ImageDataset,
     channel_mean_std,
     check_ipc,
     dataset_names,
+    dataset_preset,
+    dataset_shape,
     default_data_dir,
     load_dataset,
     register_dataset,
@@ -23,11 +28,15 @@ from ncfm_core.data.registry import (
 
 __all__ = [
     "IMAGENET_SUBSETS",
+    "PAPER_PRESET",
+    "DatasetShape",
     "ImageDataset",
     "SubsetClass",
     "channel_mean_std",
     "check_ipc",
     "dataset_names",
+    "dataset_preset",
+    "dataset_shape",
     "default_data_dir",
     "load_dataset",
     "register_dataset",

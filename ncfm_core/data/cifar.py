@@ -27,7 +27,15 @@ import torch
 from torch import Tensor
 
 from ncfm_core.data.images import resize_uint8
-from ncfm_core.data.registry import ImageDataset, default_data_dir, file_fingerprint, make_dataset, register_dataset
+from ncfm_core.data.registry import (
+    PAPER_PRESET,
+    DatasetShape,
+    ImageDataset,
+    default_data_dir,
+    file_fingerprint,
+    make_dataset,
+    register_dataset,
+)
 from ncfm_core.errors import NcfmError, NotFoundError
 
 _NATIVE_SIZE = 32
@@ -196,7 +204,7 @@ def _download(torchvision_name: str, base: str, root: Path, name: str) -> None:
         ) from error
 
 
-@register_dataset("cifar10")
+@register_dataset("cifar10", shape=DatasetShape(10, 3, _NATIVE_SIZE, 50_000), preset=PAPER_PRESET)
 def load_cifar10(*, data_dir: Path | None, image_size: int | None, download: bool) -> ImageDataset:
     """CIFAR-10: 50,000 train / 10,000 test RGB images, 32x32, 10 classes."""
     return _load_cifar(
@@ -214,7 +222,7 @@ def load_cifar10(*, data_dir: Path | None, image_size: int | None, download: boo
     )
 
 
-@register_dataset("cifar100")
+@register_dataset("cifar100", shape=DatasetShape(100, 3, _NATIVE_SIZE, 50_000), preset=PAPER_PRESET)
 def load_cifar100(*, data_dir: Path | None, image_size: int | None, download: bool) -> ImageDataset:
     """CIFAR-100: 50,000 train / 10,000 test RGB images, 32x32, 100 fine classes."""
     return _load_cifar(

@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ncfm_core.data.images import list_images, load_labelled_splits
-from ncfm_core.data.registry import ImageDataset, default_data_dir, make_dataset, register_dataset
+from ncfm_core.data.registry import (
+    PAPER_PRESET,
+    DatasetShape,
+    ImageDataset,
+    default_data_dir,
+    make_dataset,
+    register_dataset,
+)
 from ncfm_core.errors import NcfmError, NotFoundError
 
 
@@ -139,7 +146,7 @@ def _tiny_class_names(root: Path, wnids: list[str]) -> list[str]:
     return [names.get(wnid, wnid) for wnid in wnids]
 
 
-@register_dataset("tinyimagenet")
+@register_dataset("tinyimagenet", shape=DatasetShape(200, 3, _TINY_SIZE, 100_000), preset=PAPER_PRESET)
 def load_tinyimagenet(*, data_dir: Path | None, image_size: int | None, download: bool) -> ImageDataset:
     """Tiny ImageNet: 200 classes of 64x64 RGB images (500 train, 50 val each); the labelled
     val split is the test split. Classes are the wnids of ``wnids.txt`` in sorted order (the
@@ -219,8 +226,10 @@ def _subset_root(subset: str, base: Path, wnids: list[str]) -> Path:
 
 def _make_subset_loader(subset: str) -> None:
     classes = IMAGENET_SUBSETS[subset]
+    # The train splits vary a little per class; 1,300 per class is ImageNet's maximum.
+    shape = DatasetShape(len(classes), 3, _SUBSET_SIZE, 1_300 * len(classes))
 
-    @register_dataset(subset)
+    @register_dataset(subset, shape=shape, preset=PAPER_PRESET)
     def load_subset(*, data_dir: Path | None, image_size: int | None, download: bool) -> ImageDataset:
         base = data_dir if data_dir is not None else default_data_dir()
         wnids = [c.wnid for c in classes]

@@ -7,6 +7,12 @@ loader is called with keyword arguments only::
 
 and returns an `ImageDataset`. A name that ends with ``":"`` (``"folder:"``) registers a
 family: ``load_dataset("folder:/x/y")`` calls that loader with ``argument="/x/y"`` as well.
+
+Beside its loader a source registers its train-split `DatasetShape` (so runs can be planned
+where the data is not; None where only loading tells, as for ``folder:``) and its preset, the
+`DistillConfig` field overrides ``config.make_config`` starts from::
+
+    @register_dataset("cifar10", shape=DatasetShape(10, 3, 32, 50_000), preset=PAPER_PRESET)
 """
 
 from __future__ import annotations
@@ -16,19 +22,54 @@ import hashlib
 import inspect
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
-import platformdirs
 import torch
 from torch import Tensor
 
 from ncfm_core.errors import ConfigError
+from ncfm_core.platform import user_dir
 
 DatasetLoader = Callable[..., "ImageDataset"]
 
-_REGISTRY: dict[str, DatasetLoader] = {}
-"""Plain names (``"cifar10"``) and family prefixes (``"folder:"``) to their loaders."""
+# Paper settings (NCFM_NOTES.md): ConvNet-3/4/5 by resolution, factor 2, 1024 real images per
+# class, F = 1024, pools of 20 extractors trained 60 epochs.
+PAPER_PRESET: dict[str, Any] = dict(
+    factor=2, iterations=20000, real_per_class=1024, num_freqs=1024, pool_size=20, pool_epochs=60
+)
+
+
+@dataclass(frozen=True)
+class DatasetShape:
+    """What the planner needs to know about a dataset, without loading it."""
+
+    num_classes: int
+    channels: int
+    image_size: int
+    num_train: int
+
+    @classmethod
+    def of(cls, dataset: ImageDataset) -> DatasetShape:
+        """The shape of a loaded ``ImageDataset``."""
+        return cls(dataset.num_classes, dataset.channels, dataset.image_size, dataset.num_train)
+
+    @property
+    def pixels(self) -> int:
+        """Values per image, C*H*W."""
+        return self.channels * self.image_size * self.image_size
+
+
+@dataclass(frozen=True)
+class _Registration:
+    loader: DatasetLoader
+    shape: DatasetShape | None
+    preset: dict[str, Any]
+
+
+_REGISTRY: dict[str, _Registration] = {}
+"""Plain names (``"cifar10"``) and family prefixes (``"folder:"``) to their loaders, shapes and presets."""
 
 _STANDARD_PARAMETERS = frozenset({"data_dir", "image_size", "download", "argument"})
 """Keyword arguments `load_dataset` passes itself; anything else is a source option."""
@@ -103,14 +144,18 @@ class ImageDataset:
         return list(torch.split(order, counts.tolist()))
 
 
-def register_dataset(name: str) -> Callable[[DatasetLoader], DatasetLoader]:
-    """Decorator: register ``loader`` under ``name`` (lower case; ``"prefix:"`` for a family)."""
+def register_dataset(
+    name: str, *, shape: DatasetShape | None = None, preset: dict[str, Any] | None = None
+) -> Callable[[DatasetLoader], DatasetLoader]:
+    """Decorator: register ``loader`` under ``name`` (lower case; ``"prefix:"`` for a family)
+    with its train-split ``shape`` at the native size (None: only known once loaded) and its
+    ``preset`` of `DistillConfig` field overrides (None: none, the config defaults)."""
     key = name.lower()
 
     def decorator(loader: DatasetLoader) -> DatasetLoader:
-        if key in _REGISTRY and _REGISTRY[key] is not loader:
+        if key in _REGISTRY and _REGISTRY[key].loader is not loader:
             raise ValueError(f"dataset {name!r} is already registered")
-        _REGISTRY[key] = loader
+        _REGISTRY[key] = _Registration(loader, shape, dict(preset or {}))
         return loader
 
     return decorator
@@ -128,13 +173,34 @@ def dataset_names() -> list[str]:
     return sorted(f"{key}PATH" if key.endswith(":") else key for key in _REGISTRY)
 
 
+def dataset_shape(name: str, image_size: int | None = None) -> DatasetShape | None:
+    """The train-split shape of a registered dataset by name (``fake`` with its default
+    options: CIFAR-10-shaped), resized to ``image_size`` if given; None for ``folder:`` and
+    other datasets whose shape is only known once loaded."""
+    _ensure_builtin_sources()
+    entry = _REGISTRY.get(name.lower())
+    shape = entry.shape if entry is not None else None
+    if shape is not None and image_size is not None:
+        shape = replace(shape, image_size=image_size)
+    return shape
+
+
+def dataset_preset(name: str) -> dict[str, Any]:
+    """A fresh copy of the preset registered for a dataset name; ``folder:PATH`` (or any
+    ``NAME:...``) is looked up by the part before the colon, as given. Unknown names: ``{}``."""
+    _ensure_builtin_sources()
+    prefix = name.split(":", 1)[0]
+    entry = _REGISTRY.get(prefix) or _REGISTRY.get(f"{prefix}:")
+    return dict(entry.preset) if entry is not None else {}
+
+
 def default_data_dir() -> Path:
     """Where datasets live unless ``data_dir`` is given: ``$NCFM_DATA_DIR``, else
     ``platformdirs.user_cache_dir("ncfm")/datasets``. Read at call time, never at import."""
     override = os.environ.get("NCFM_DATA_DIR")
     if override:
         return Path(override).expanduser()
-    return Path(platformdirs.user_cache_dir("ncfm")) / "datasets"
+    return Path(user_dir("user_cache_dir")) / "datasets"
 
 
 def load_dataset(
@@ -166,10 +232,10 @@ def load_dataset(
     if family is not None and family in _REGISTRY:
         if not argument:
             raise ConfigError(f"dataset {name!r} needs a path after the colon, e.g. '{family}/data/my_images'")
-        loader = _REGISTRY[family]
+        loader = _REGISTRY[family].loader
         kwargs["argument"] = argument
     elif key in _REGISTRY and not key.endswith(":"):
-        loader = _REGISTRY[key]
+        loader = _REGISTRY[key].loader
     else:
         raise ConfigError(_unknown_name_message(name))
     _check_options(name, loader, options)

@@ -9,8 +9,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ncfm_core.data.images import list_class_dirs, list_images, load_labelled_splits, resize_uint8
-from ncfm_core.data.registry import ImageDataset, make_dataset, register_dataset, tensor_fingerprint
+from ncfm_core.data.images import (
+    list_class_dirs,
+    list_images,
+    load_labelled_splits,
+    resize_uint8,
+)
+from ncfm_core.data.registry import (
+    DatasetShape,
+    ImageDataset,
+    make_dataset,
+    register_dataset,
+    tensor_fingerprint,
+)
 from ncfm_core.errors import ConfigError, NcfmError, NotFoundError
 
 # -- digits ----------------------------------------------------------------------------------
@@ -48,7 +59,21 @@ def digits_split(labels: Tensor) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(np.sort(train)), torch.from_numpy(np.sort(test))
 
 
-@register_dataset("digits")
+# Digits is our offline real dataset: small enough to distill in minutes on a laptop CPU, so
+# its pool and loop are scaled down from the paper's.
+DIGITS_PRESET = dict(
+    factor=2,
+    iterations=400,
+    real_per_class=128,
+    num_freqs=1024,
+    pool_size=4,
+    pool_epochs=10,
+    pool_batch=128,
+    lr_patience=200,
+)
+
+
+@register_dataset("digits", shape=DatasetShape(10, 1, DIGITS_SIZE, 1_257), preset=DIGITS_PRESET)
 def load_digits_dataset(*, data_dir: Path | None, image_size: int | None, download: bool) -> ImageDataset:
     """scikit-learn's handwritten digits (offline): 1 channel, 16x16 unless ``image_size``
     says otherwise, 10 classes, 1,257 train / 540 test. Never flipped: a mirrored digit is
@@ -71,7 +96,11 @@ def _positive_int(name: str, value: object) -> int:
     return value
 
 
-@register_dataset("fake")
+@register_dataset(
+    "fake",
+    shape=DatasetShape(10, 3, 32, 10 * 64),  # the default options below
+    preset=dict(factor=2, iterations=200, real_per_class=64, num_freqs=256, pool_size=2, pool_epochs=2),
+)
 def load_fake(
     *,
     data_dir: Path | None,
@@ -142,7 +171,9 @@ def _stratified_split(
     return train, test
 
 
-@register_dataset("folder:")
+# No shape: only loading tells. An empty preset leaves DistillConfig's defaults, the paper's
+# settings (registry.PAPER_PRESET), which the other real datasets register explicitly.
+@register_dataset("folder:", shape=None, preset={})
 def load_folder(
     *,
     argument: str,
