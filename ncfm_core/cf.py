@@ -9,8 +9,15 @@ Per frequency, the NCFD splits ``|Phi_x - Phi_y|^2`` into an amplitude term
 ``(|Phi_x| - |Phi_y|)^2`` and a phase term ``2 |Phi_x| |Phi_y| (1 - cos(a_x - a_y))``, weighs them
 with ``alpha`` and ``1 - alpha``, and averages ``sqrt`` of the result over frequencies.
 
-Everything here is a pure function of its tensors, except :class:`CFAccumulator`, which
-streams the (no-grad) real side in chunks so its memory does not grow with N.
+Everything here is a pure function of its tensors. Two layouts of labelled sets:
+
+* any labels: :func:`cf_embed_per_class` sums by class with ``index_add``;
+* class-major with the same number of rows per class (what the distillation loop builds): per-class
+  sums and means are reshapes (:func:`class_row_sums`, :func:`class_means`), with no atomics
+  (deterministic on CUDA too) and no ``bincount`` (which would force a host sync on CUDA). The
+  real side is streamed in chunks (:func:`chunk_bounds`, :func:`cf_chunk_sums`) so its memory
+  does not grow with N, and the frequencies' gradient through it has a closed form
+  (:func:`cf_chunk_freq_grad`) instead of an autograd graph over every real row.
 """
 
 from __future__ import annotations
@@ -19,12 +26,16 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "CFAccumulator",
+    "cf_chunk_freq_grad",
+    "cf_chunk_sums",
+    "cf_class_major",
     "cf_embed",
     "cf_embed_per_class",
-    "mmd_per_class",
+    "chunk_bounds",
+    "class_means",
+    "class_row_sums",
+    "mmd",
     "ncfd",
-    "ncfd_per_class",
     "ncfd_terms",
     "normalize_features",
 ]
@@ -64,12 +75,6 @@ def _segment_sums(values: Tensor, labels: Tensor, num_classes: int) -> Tensor:
     return values.new_zeros(num_classes, values.shape[1]).index_add(0, labels, values)
 
 
-def _segment_means(values: Tensor, labels: Tensor, num_classes: int) -> Tensor:
-    """Mean of the rows of ``values`` (N, k) by class: (C, k); a class without rows gives 0."""
-    counts = torch.bincount(labels, minlength=num_classes)
-    return _segment_sums(values, labels, num_classes) / counts.clamp_min(1).unsqueeze(1)
-
-
 def cf_embed(features: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor]:
     """Empirical CF of one set. features (N, d), freqs (F, d) -> (re (F,), im (F,)),
     ``re_f = mean_i cos(<t_f, x_i>)``, ``im_f = mean_i sin(<t_f, x_i>)``."""
@@ -97,59 +102,109 @@ def cf_embed_per_class(
     return re, im
 
 
-class CFAccumulator:
-    """Per-class empirical CF of a set streamed in chunks, without gradients.
+# ---- class-major sets (the distillation loop) --------------------------------------------------
+# Rows ``[c * per_class, (c + 1) * per_class)`` belong to class ``c``.
 
-    Only the (C, F) sums of cos/sin and the (C,) counts are kept, so memory is bounded by
-    the largest chunk, not by N. Per-chunk sums are taken in the features' dtype and on
-    their device; the running totals are float64 on ``device`` (``None``: torch's default),
-    so many chunks do not pile up float32 rounding. Every chunk must use the same ``freqs``.
 
-    Because this runs under ``no_grad``, the result is a constant for autograd: no gradient
-    reaches the real features (wanted) and none reaches ``freqs`` either. When the frequency
-    sampler psi is trained, its gradient through the real CF is therefore lost; use
-    :func:`cf_embed_per_class` with detached real features where that term is needed.
+def _chunk_layout(start_row: int, n: int, per_class: int) -> tuple[int, bool]:
+    """(first class, whether the chunk is whole classes) of rows ``[start_row, start_row + n)``;
+    raises ValueError unless the chunk is whole classes or lies inside one class."""
+    first = start_row // per_class
+    if start_row % per_class == 0 and n % per_class == 0:
+        return first, True
+    if (start_row + n - 1) // per_class != first:
+        raise ValueError(f"chunk [{start_row}, {start_row + n}) neither covers whole classes nor stays in one")
+    return first, False
+
+
+def class_row_sums(values: Tensor, start_row: int, per_class: int) -> tuple[int, Tensor]:
+    """Per-class sums of a chunk of a class-major array.
+
+    ``values`` (n, k) are rows ``[start_row, start_row + n)`` of an array holding ``per_class``
+    rows per class; the chunk must be whole classes or lie inside one class. Returns
+    (first class, sums (classes in the chunk, k)).
     """
+    n = values.shape[0]
+    first, whole = _chunk_layout(start_row, n, per_class)
+    if whole:
+        return first, values.reshape(n // per_class, per_class, -1).sum(dim=1)
+    return first, values.sum(dim=0, keepdim=True)
 
-    def __init__(
-        self,
-        num_classes: int,
-        num_freqs: int,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        self.num_classes = num_classes
-        self.num_freqs = num_freqs
-        self.dtype = dtype
-        self._cos_sums = torch.zeros(num_classes, num_freqs, dtype=torch.float64, device=device)
-        self._sin_sums = torch.zeros_like(self._cos_sums)
-        self._counts = torch.zeros(num_classes, dtype=torch.int64, device=self._cos_sums.device)
 
-    @torch.no_grad()
-    def add(self, features: Tensor, labels: Tensor, freqs: Tensor) -> None:
-        """Fold in one chunk: features (n, d), labels (n,) in [0, C), freqs (F, d)."""
-        _check_features_freqs(features, freqs)
-        _check_labels(features, labels)
-        if freqs.shape[0] != self.num_freqs:
-            raise ValueError(f"expected {self.num_freqs} frequencies, got {freqs.shape[0]}")
-        labels = labels.to(features.device)
-        projections = features @ freqs.to(features.device, features.dtype).T  # (n, F)
-        target = self._cos_sums.device
-        cos_sums = _segment_sums(torch.cos(projections), labels, self.num_classes)
-        sin_sums = _segment_sums(torch.sin(projections), labels, self.num_classes)
-        self._cos_sums += cos_sums.to(target, torch.float64)
-        self._sin_sums += sin_sums.to(target, torch.float64)
-        self._counts += torch.bincount(labels, minlength=self.num_classes).to(target)
+def class_means(values: Tensor, per_class: int) -> Tensor:
+    """Per-class means of a whole class-major array: values (C * per_class, k) -> (C, k)."""
+    return values.reshape(values.shape[0] // per_class, per_class, -1).mean(dim=1)
 
-    @property
-    def counts(self) -> Tensor:
-        """Samples seen per class, (C,) int64."""
-        return self._counts.clone()
 
-    def mean(self) -> tuple[Tensor, Tensor]:
-        """(re (C, F), im (C, F)) in ``dtype``; classes never seen give zeros."""
-        divisor = self._counts.clamp_min(1).unsqueeze(1).to(torch.float64)
-        return (self._cos_sums / divisor).to(self.dtype), (self._sin_sums / divisor).to(self.dtype)
+def cf_class_major(features: Tensor, freqs: Tensor, per_class: int) -> tuple[Tensor, Tensor]:
+    """Per-class empirical CF of a whole class-major set, differentiable w.r.t. both inputs.
+
+    features (C * per_class, d), freqs (F, d) -> (re (C, F), im (C, F)); the same values as
+    :func:`cf_embed_per_class` with class-major labels, up to rounding (mean of a reshape
+    instead of ``index_add`` sums divided by counts).
+    """
+    projections = features @ freqs.T  # (C * per_class, F)
+    return class_means(torch.cos(projections), per_class), class_means(torch.sin(projections), per_class)
+
+
+def cf_chunk_sums(features: Tensor, freqs: Tensor, start_row: int, per_class: int) -> tuple[int, Tensor, Tensor]:
+    """Per-class sums of cos and sin of ``features @ freqs.T`` for one chunk.
+
+    features (n, d), freqs (F, d) -> (first class, cos sums (k, F), sin sums (k, F)), ``k`` the
+    classes the chunk touches (see :func:`class_row_sums`). Dividing the accumulated sums by
+    ``per_class`` gives the per-class CF of :func:`cf_embed_per_class`.
+    """
+    projections = features @ freqs.T  # (n, F)
+    first, cos_sums = class_row_sums(torch.cos(projections), start_row, per_class)
+    _, sin_sums = class_row_sums(torch.sin(projections), start_row, per_class)
+    return first, cos_sums, sin_sums
+
+
+def cf_chunk_freq_grad(
+    features: Tensor, freqs: Tensor, start_row: int, per_class: int, grad_re: Tensor, grad_im: Tensor
+) -> Tensor:
+    """One chunk's share of the gradient w.r.t. ``freqs`` of ``sum(grad_re * re + grad_im * im)``,
+    where (re, im) (C, F) is the per-class CF of the whole class-major set.
+
+    ``re[c, f] = mean_{i in c} cos(<t_f, x_i>)``, so ``d re[c, f] / d t_f = -mean sin(.) x_i`` and
+    ``d im[c, f] / d t_f = mean cos(.) x_i``: the gradient is ``W.T @ X`` with
+    ``W[i, f] = (-grad_re[c_i, f] sin(p_if) + grad_im[c_i, f] cos(p_if)) / per_class``.
+    features (n, d), freqs (F, d), grad_re and grad_im (C, F) -> (F, d). Summing over chunks
+    gives the full gradient using (n, F) memory per chunk instead of an autograd graph over all
+    rows.
+    """
+    n = features.shape[0]
+    first, whole = _chunk_layout(start_row, n, per_class)
+    projections = features @ freqs.T  # (n, F)
+    if whole:
+        k = n // per_class
+        g_re = grad_re[first : first + k, None, :]  # (k, 1, F)
+        g_im = grad_im[first : first + k, None, :]
+        shape = (k, per_class, -1)
+        weights = -g_re * torch.sin(projections).reshape(shape) + g_im * torch.cos(projections).reshape(shape)
+        weights = weights.reshape(n, -1)
+    else:
+        weights = -grad_re[first] * torch.sin(projections) + grad_im[first] * torch.cos(projections)
+    return (weights / per_class).T @ features
+
+
+def chunk_bounds(num_classes: int, per_class: int, chunk: int) -> list[tuple[int, int]]:
+    """Row ranges ``(start, end)`` of at most ``chunk`` rows covering a class-major array of
+    ``num_classes * per_class`` rows in order, each whole classes (when ``chunk >= per_class``)
+    or inside one class (a class split into equal pieces)."""
+    if chunk >= per_class:
+        step = chunk // per_class
+        return [(c * per_class, min(c + step, num_classes) * per_class) for c in range(0, num_classes, step)]
+    pieces = -(-per_class // chunk)
+    size = -(-per_class // pieces)
+    return [
+        (c * per_class + s, c * per_class + min(s + size, per_class))
+        for c in range(num_classes)
+        for s in range(0, per_class, size)
+    ]
+
+
+# ---- discrepancies -----------------------------------------------------------------------------
 
 
 def _safe_modulus(re: Tensor, im: Tensor, eps: float) -> Tensor:
@@ -202,36 +257,7 @@ def ncfd(
     return torch.sqrt(torch.clamp(discrepancy, min=eps)).mean(dim=-1)
 
 
-def ncfd_per_class(
-    features_x: Tensor,
-    labels_x: Tensor,
-    features_y: Tensor,
-    labels_y: Tensor,
-    freqs: Tensor,
-    num_classes: int,
-    alpha: float = 0.5,
-    eps: float = 1e-12,
-) -> Tensor:
-    """NCFD between the classes of two labelled feature sets under shared ``freqs`` (F, d).
-
-    features_x (Nx, d), labels_x (Nx,), features_y (Ny, d), labels_y (Ny,) -> (C,).
-    Gradients reach both feature sets and ``freqs``; detach a side to freeze it.
-    """
-    re_x, im_x = cf_embed_per_class(features_x, labels_x, freqs, num_classes)
-    re_y, im_y = cf_embed_per_class(features_y, labels_y, freqs, num_classes)
-    return ncfd(re_x, im_x, re_y, im_y, alpha=alpha, eps=eps)
-
-
-def mmd_per_class(
-    features_x: Tensor, labels_x: Tensor, features_y: Tensor, labels_y: Tensor, num_classes: int
-) -> Tensor:
-    """DM-style baseline: squared distance between per-class feature means, (C,).
-
-    features_x (Nx, d), labels_x (Nx,), features_y (Ny, d), labels_y (Ny,). A class absent
-    from a set has mean 0 there (so its distance is the other side's squared mean norm).
-    """
-    _check_labels(features_x, labels_x)
-    _check_labels(features_y, labels_y)
-    mean_x = _segment_means(features_x, labels_x, num_classes)  # (C, d)
-    mean_y = _segment_means(features_y, labels_y, num_classes)  # (C, d)
+def mmd(mean_x: Tensor, mean_y: Tensor) -> Tensor:
+    """DM-style mean matching (``--matching mmd``): squared distance between per-class feature
+    means, mean_x and mean_y (..., d) -> (...). For (C, d) inputs one value per class."""
     return ((mean_x - mean_y) ** 2).sum(dim=-1)

@@ -9,12 +9,16 @@ import pytest
 import torch
 
 from ncfm_core.cf import (
-    CFAccumulator,
+    cf_chunk_freq_grad,
+    cf_chunk_sums,
+    cf_class_major,
     cf_embed,
     cf_embed_per_class,
-    mmd_per_class,
+    chunk_bounds,
+    class_means,
+    class_row_sums,
+    mmd,
     ncfd,
-    ncfd_per_class,
     ncfd_terms,
     normalize_features,
 )
@@ -56,6 +60,29 @@ def _loop_cf_per_class(features, labels, freqs, num_classes) -> tuple[torch.Tens
         for f, value in enumerate(_loop_cf(points, freqs.tolist())):
             re[c, f], im[c, f] = value.real, value.imag
     return re, im
+
+
+def _loop_freq_grad(features, freqs, labels, per_class, grad_re, grad_im) -> torch.Tensor:
+    """d/dt_f of sum_{c,f} grad_re[c, f] re[c, f] + grad_im[c, f] im[c, f], one row at a time:
+    with g = grad_re - j grad_im, each row adds Re(g e^{j<t_f, x_i>}) / per_class to the sum, so
+    it adds Re(j g e^{j<t_f, x_i>}) x_i / per_class to the gradient."""
+    grad = torch.zeros_like(freqs)
+    for f in range(freqs.shape[0]):
+        for i in range(features.shape[0]):
+            c = int(labels[i])
+            g = complex(grad_re[c, f], -grad_im[c, f])
+            phase = sum(t * x for t, x in zip(freqs[f].tolist(), features[i].tolist()))
+            weight = (1j * g * cmath.exp(1j * phase)).real / per_class
+            for j in range(features.shape[1]):
+                grad[f, j] += weight * float(features[i, j])
+    return grad
+
+
+def _ncfd_per_class(features_x, labels_x, features_y, labels_y, freqs, num_classes, alpha=0.5, eps=1e-12):
+    """NCFD per class between two labelled sets: the per-class CF of each side, then ncfd."""
+    re_x, im_x = cf_embed_per_class(features_x, labels_x, freqs, num_classes)
+    re_y, im_y = cf_embed_per_class(features_y, labels_y, freqs, num_classes)
+    return ncfd(re_x, im_x, re_y, im_y, alpha=alpha, eps=eps)
 
 
 def _reference_terms(phi_x: complex, phi_y: complex) -> tuple[float, float]:
@@ -121,31 +148,27 @@ def test_cf_embed_per_class_rejects_mismatched_shapes():
         cf_embed_per_class(_randn(4, 3, seed=0), torch.zeros(4).long(), _randn(2, 5, seed=1), 2)
 
 
-def test_accumulator_in_uneven_chunks_equals_one_shot():
-    num_classes, num_freqs = 5, 9
-    features = _randn(53, 6, seed=5, dtype=torch.float32)
-    labels = torch.randint(0, num_classes - 1, (53,), generator=_gen(6))  # class 4 never seen
+def test_float32_chunks_accumulated_in_float64_equal_one_shot_and_loop():
+    """The loop's real side: float32 chunks of uneven sizes, sums kept in float64."""
+    num_classes, per_class, num_freqs = 5, 11, 9
+    features = _randn(num_classes * per_class, 6, seed=5, dtype=torch.float32)
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
     freqs = _randn(num_freqs, 6, seed=7, dtype=torch.float32)
-    accumulator = CFAccumulator(num_classes, num_freqs)
-    with torch.enable_grad():  # add() must not build a graph even when grads are on
-        freqs_with_grad = freqs.clone().requires_grad_(True)
-        for start in range(0, 53, 7):
-            accumulator.add(features[start : start + 7], labels[start : start + 7], freqs_with_grad)
-    re, im = accumulator.mean()
-    assert re.dtype == torch.float32 and not re.requires_grad
-    re_ref, im_ref = cf_embed_per_class(features, labels, freqs, num_classes)
-    _assert_close(re, re_ref, 1e-6, "accumulated re vs one shot")
-    _assert_close(im, im_ref, 1e-6, "accumulated im vs one shot")
-    expected_counts = torch.bincount(labels, minlength=num_classes)
-    assert torch.equal(accumulator.counts, expected_counts), (accumulator.counts, expected_counts)
-    # and against the float64 loop, through a float64 accumulator
-    accumulator64 = CFAccumulator(num_classes, num_freqs, dtype=torch.float64)
-    for start in range(0, 53, 7):
-        chunk = slice(start, start + 7)
-        accumulator64.add(features[chunk].double(), labels[chunk], freqs.double())
     re_loop, im_loop = _loop_cf_per_class(features.double(), labels, freqs.double(), num_classes)
-    _assert_close(accumulator64.mean()[0], re_loop, 1e-12, "float64 accumulated re vs loop")
-    _assert_close(accumulator64.mean()[1], im_loop, 1e-12, "float64 accumulated im vs loop")
+    for chunk in (55, 22, 7, 3):
+        re = torch.zeros(num_classes, num_freqs, dtype=torch.float64)
+        im = torch.zeros_like(re)
+        for s, e in chunk_bounds(num_classes, per_class, chunk):
+            first, cos_sums, sin_sums = cf_chunk_sums(features[s:e], freqs, s, per_class)
+            assert cos_sums.dtype == torch.float32
+            re[first : first + cos_sums.shape[0]] += cos_sums.double()
+            im[first : first + sin_sums.shape[0]] += sin_sums.double()
+        re, im = (re / per_class).float(), (im / per_class).float()
+        re_ref, im_ref = cf_embed_per_class(features, labels, freqs, num_classes)
+        _assert_close(re, re_ref, 1e-6, f"chunk {chunk}: accumulated re vs one shot")
+        _assert_close(im, im_ref, 1e-6, f"chunk {chunk}: accumulated im vs one shot")
+        _assert_close(re.double(), re_loop, 1e-6, f"chunk {chunk}: accumulated re vs float64 loop")
+        _assert_close(im.double(), im_loop, 1e-6, f"chunk {chunk}: accumulated im vs float64 loop")
 
 
 def test_empirical_cf_of_normal_samples_approaches_closed_form():
@@ -210,7 +233,7 @@ def test_ncfd_of_a_set_with_itself_is_zero_with_finite_gradient():
     features = _randn(6, 4, seed=30).requires_grad_(True)
     labels = torch.tensor([0, 0, 0, 1, 1, 1])
     freqs = _randn(8, 4, seed=31)
-    value = ncfd_per_class(features, labels, features.detach(), labels, freqs, 2, eps=eps)
+    value = _ncfd_per_class(features, labels, features.detach(), labels, freqs, 2, eps=eps)
     assert torch.all(value <= math.sqrt(eps) * (1 + 1e-9)), f"NCFD(X, X) = {value}"
     value.sum().backward()
     assert torch.isfinite(features.grad).all(), f"gradient at X == Y not finite: {features.grad}"
@@ -288,7 +311,7 @@ def test_gradcheck_through_per_class_cf_and_ncfd():
     freqs = _randn(4, 3, seed=72).requires_grad_(True)
 
     def loss(features, frequencies):
-        return ncfd_per_class(
+        return _ncfd_per_class(
             features, labels_x, features_y, labels_y, frequencies, num_classes, alpha=0.3
         )
 
@@ -308,7 +331,17 @@ def test_gradcheck_cf_embed_and_normalize():
     assert torch.autograd.gradcheck(normalize_features, (features,), eps=1e-6, atol=1e-7)
 
 
-def test_ncfd_per_class_matches_loop_reference():
+def test_gradcheck_ncfd():
+    re_x, im_x, re_y, im_y = (t.requires_grad_(True) for t in _random_cf_pair(75, (2, 5)))
+    amplitude, phase = ncfd_terms(re_x, im_x, re_y, im_y)
+    assert (0.3 * amplitude + 0.7 * phase).min() > 1e-4  # away from the clamps
+    assert (re_x**2 + im_x**2).min() > 1e-4 and (re_y**2 + im_y**2).min() > 1e-4
+    assert torch.autograd.gradcheck(
+        lambda *cfs: ncfd(*cfs, alpha=0.3), (re_x, im_x, re_y, im_y), eps=1e-6, atol=1e-7
+    )
+
+
+def test_per_class_ncfd_matches_loop_reference():
     num_classes = 3
     features_x, labels_x = _randn(10, 4, seed=90), torch.randint(0, 3, (10,), generator=_gen(91))
     features_y = _randn(7, 4, seed=92) * 0.5
@@ -317,30 +350,172 @@ def test_ncfd_per_class_matches_loop_reference():
     re_x, im_x = _loop_cf_per_class(features_x, labels_x, freqs, num_classes)
     re_y, im_y = _loop_cf_per_class(features_y, labels_y, freqs, num_classes)
     expected = torch.tensor(_reference_ncfd(re_x, im_x, re_y, im_y, 0.4), dtype=torch.float64)
-    actual = ncfd_per_class(
+    actual = _ncfd_per_class(
         features_x, labels_x, features_y, labels_y, freqs, num_classes, alpha=0.4
     )
-    _assert_close(actual, expected, 1e-6, "ncfd_per_class vs loop")
+    _assert_close(actual, expected, 1e-6, "per-class ncfd vs loop")
 
 
 # ---- MMD baseline ----------------------------------------------------------------------------
 
 
-def test_mmd_per_class_matches_loop_reference():
-    num_classes = 4
-    features_x = _randn(12, 5, seed=100)
-    labels_x = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 0, 1])
-    features_y, labels_y = _randn(6, 5, seed=101) + 0.3, torch.tensor([2, 1, 0, 1, 3, 2])
+def test_mmd_of_class_means_matches_loop_reference():
+    num_classes, per_class = 4, 3
+    features_x = _randn(num_classes * per_class, 5, seed=100)  # class-major
+    means_y = _randn(num_classes, 5, seed=101) + 0.3
     expected = torch.zeros(num_classes, dtype=torch.float64)
     for c in range(num_classes):
-        means = []
-        for features, labels in ((features_x, labels_x), (features_y, labels_y)):
-            rows = [features[i].tolist() for i in range(len(labels)) if labels[i] == c]
-            means.append([sum(col) / len(rows) for col in zip(*rows)] if rows else [0.0] * 5)
-        expected[c] = sum((a - b) ** 2 for a, b in zip(*means))
-    actual = mmd_per_class(features_x, labels_x, features_y, labels_y, num_classes)
-    _assert_close(actual, expected, 1e-12, "mmd_per_class vs loop")
+        rows = [features_x[c * per_class + i].tolist() for i in range(per_class)]
+        mean_x = [sum(col) / per_class for col in zip(*rows)]
+        expected[c] = sum((a - b) ** 2 for a, b in zip(mean_x, means_y[c].tolist()))
+    actual = mmd(class_means(features_x, per_class), means_y)
+    _assert_close(actual, expected, 1e-12, "mmd of class means vs loop")
     features_x.requires_grad_(True)
-    assert torch.autograd.gradcheck(
-        lambda f: mmd_per_class(f, labels_x, features_y, labels_y, num_classes), (features_x,)
+    assert torch.autograd.gradcheck(lambda f: mmd(class_means(f, per_class), means_y), (features_x,))
+
+
+# ---- class-major pieces of the distillation loop ---------------------------------------------
+
+
+@pytest.mark.parametrize("classes, per_class, chunk", [(3, 10, 10_000), (3, 10, 7), (4, 5, 10), (4, 5, 12), (2, 9, 1)])
+def test_chunk_bounds_cover_every_row_once_and_respect_classes(classes, per_class, chunk):
+    bounds = chunk_bounds(classes, per_class, chunk)
+    rows = [r for s, e in bounds for r in range(s, e)]
+    assert rows == list(range(classes * per_class))
+    for s, e in bounds:
+        assert 0 < e - s <= max(chunk, 1)
+        whole = s % per_class == 0 and (e - s) % per_class == 0
+        assert whole or s // per_class == (e - 1) // per_class, (s, e)
+
+
+def test_chunk_bounds_small_cases_by_hand():
+    assert chunk_bounds(3, 4, 8) == [(0, 8), (8, 12)]  # two whole classes, then the last one
+    assert chunk_bounds(2, 4, 100) == [(0, 8)]
+    assert chunk_bounds(1, 10, 4) == [(0, 4), (4, 8), (8, 10)]  # 3 pieces of at most 4 rows
+    assert chunk_bounds(2, 6, 4) == [(0, 3), (3, 6), (6, 9), (9, 12)]  # 2 equal pieces per class
+
+
+@pytest.mark.parametrize("start, n", [(0, 12), (4, 8), (0, 4), (5, 3), (9, 1)])
+def test_class_row_sums_matches_loop(start, n):
+    per_class, width = 4, 3
+    values = _randn(n, width, seed=start + 10 * n)
+    first, sums = class_row_sums(values, start, per_class)
+    expected = {}
+    for i in range(n):
+        c = (start + i) // per_class
+        row = expected.setdefault(c, [0.0] * width)
+        for j in range(width):
+            row[j] += float(values[i, j])
+    assert first == min(expected)
+    assert list(expected) == list(range(first, first + sums.shape[0]))
+    _assert_close(sums, torch.tensor(list(expected.values()), dtype=torch.float64), 1e-12, "class row sums")
+
+
+def test_class_row_sums_refuses_a_chunk_across_a_class_boundary():
+    with pytest.raises(ValueError, match="neither"):
+        class_row_sums(torch.ones(4, 2), 8, 10)  # rows 8..11 straddle classes 0 and 1
+    with pytest.raises(ValueError, match="neither"):
+        cf_chunk_freq_grad(torch.ones(4, 2), torch.ones(3, 2), 8, 10, torch.ones(2, 3), torch.ones(2, 3))
+
+
+def test_class_means_and_cf_class_major_match_loop():
+    num_classes, per_class = 3, 4
+    features, freqs = _randn(num_classes * per_class, 3, seed=110), _randn(5, 3, seed=111)
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    means = [[sum(col) / per_class for col in zip(*features[c * per_class : (c + 1) * per_class].tolist())]
+             for c in range(num_classes)]
+    _assert_close(class_means(features, per_class), torch.tensor(means, dtype=torch.float64), 1e-12, "means")
+    re, im = cf_class_major(features, freqs, per_class)
+    re_ref, im_ref = _loop_cf_per_class(features, labels, freqs, num_classes)
+    _assert_close(re, re_ref, 1e-12, "class-major re vs loop")
+    _assert_close(im, im_ref, 1e-12, "class-major im vs loop")
+    features.requires_grad_(True)
+    freqs.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x, t: cf_class_major(x, t, per_class), (features, freqs))
+
+
+@pytest.mark.parametrize("chunk", [30, 10, 4, 1])
+def test_chunked_cf_sums_equal_the_per_class_cf(chunk):
+    gen = torch.Generator().manual_seed(1)
+    features = torch.randn(30, 5, generator=gen, dtype=torch.float64)
+    labels = torch.arange(3).repeat_interleave(10)
+    freqs = torch.randn(7, 5, generator=gen, dtype=torch.float64)
+    re, im = torch.zeros(3, 7, dtype=torch.float64), torch.zeros(3, 7, dtype=torch.float64)
+    for s, e in chunk_bounds(3, 10, chunk):
+        first, cos_sums, sin_sums = cf_chunk_sums(features[s:e], freqs, s, 10)
+        re[first : first + cos_sums.shape[0]] += cos_sums
+        im[first : first + sin_sums.shape[0]] += sin_sums
+    ref_re, ref_im = cf_embed_per_class(features, labels, freqs, 3)
+    torch.testing.assert_close(re / 10, ref_re, atol=1e-12, rtol=0)
+    torch.testing.assert_close(im / 10, ref_im, atol=1e-12, rtol=0)
+    loop_re, loop_im = _loop_cf_per_class(features, labels, freqs, 3)
+    _assert_close(re / 10, loop_re, 1e-12, f"chunk {chunk}: re vs loop")
+    _assert_close(im / 10, loop_im, 1e-12, f"chunk {chunk}: im vs loop")
+
+
+def test_cf_chunk_sums_gradcheck():
+    gen = torch.Generator().manual_seed(3)
+    features = torch.randn(6, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    freqs = torch.randn(4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, t: cf_chunk_sums(x, t, 0, 3)[1:], (features, freqs))
+
+
+@pytest.mark.parametrize("chunk", [30, 10, 3])
+def test_closed_form_frequency_gradient_equals_autograd(chunk):
+    """psi's gradient through the real CF, chunk by chunk, equals autograd through
+    cf_embed_per_class, in float64."""
+    gen = torch.Generator().manual_seed(2)
+    features = torch.randn(30, 4, generator=gen, dtype=torch.float64)
+    labels = torch.arange(3).repeat_interleave(10)
+    freqs = torch.randn(6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    grad_re = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    grad_im = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    re, im = cf_embed_per_class(features, labels, freqs, 3)
+    (reference,) = torch.autograd.grad((grad_re * re + grad_im * im).sum(), freqs)
+    total = sum(
+        cf_chunk_freq_grad(features[s:e], freqs.detach(), s, 10, grad_re, grad_im)
+        for s, e in chunk_bounds(3, 10, chunk)
     )
+    torch.testing.assert_close(total, reference, atol=1e-12, rtol=1e-10)
+    loop = _loop_freq_grad(features, freqs.detach(), labels, 10, grad_re, grad_im)
+    _assert_close(total, loop, 1e-10, f"chunk {chunk}: closed-form frequency gradient vs loop")
+
+
+def _chunk_objective(features, freqs, start, per_class, grad_re, grad_im):
+    """The chunk's share of sum(grad_re * re + grad_im * im), from cf_chunk_sums."""
+    first, cos_sums, sin_sums = cf_chunk_sums(features, freqs, start, per_class)
+    rows = slice(first, first + cos_sums.shape[0])
+    return (grad_re[rows] * cos_sums + grad_im[rows] * sin_sums).sum() / per_class
+
+
+class _ClosedFormChunkObjective(torch.autograd.Function):
+    """_chunk_objective as a function of the frequencies whose backward is cf_chunk_freq_grad,
+    so gradcheck compares the closed form with finite differences."""
+
+    @staticmethod
+    def forward(ctx, freqs, features, start, per_class, grad_re, grad_im):
+        ctx.save_for_backward(freqs, features, grad_re, grad_im)
+        ctx.start, ctx.per_class = start, per_class
+        return _chunk_objective(features, freqs, start, per_class, grad_re, grad_im)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        freqs, features, grad_re, grad_im = ctx.saved_tensors
+        closed = cf_chunk_freq_grad(features, freqs, ctx.start, ctx.per_class, grad_re, grad_im)
+        return grad_output * closed, None, None, None, None, None
+
+
+@pytest.mark.parametrize("chunk", [12, 4, 2])
+def test_cf_chunk_freq_grad_gradcheck_and_autograd_of_chunk_sums(chunk):
+    classes, per_class = 3, 4
+    features = _randn(classes * per_class, 3, seed=120)
+    freqs = _randn(4, 3, seed=121).requires_grad_(True)
+    grad_re, grad_im = _randn(classes, 4, seed=122), _randn(classes, 4, seed=123)
+    for s, e in chunk_bounds(classes, per_class, chunk):
+        args = (features[s:e], s, per_class, grad_re, grad_im)
+        assert torch.autograd.gradcheck(
+            lambda t: _ClosedFormChunkObjective.apply(t, *args), (freqs,), eps=1e-6, atol=1e-8
+        ), (s, e)
+        (autograd,) = torch.autograd.grad(_chunk_objective(features[s:e], freqs, *args[1:]), freqs)
+        closed = cf_chunk_freq_grad(features[s:e], freqs.detach(), *args[1:])
+        _assert_close(closed, autograd, 1e-12, f"rows [{s}, {e}): closed form vs autograd of the chunk sums")

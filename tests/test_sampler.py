@@ -7,9 +7,14 @@ import math
 import pytest
 import torch
 
-from ncfm_core.cf import ncfd_per_class, normalize_features
+from ncfm_core.cf import cf_embed_per_class, ncfd, normalize_features
 from ncfm_core.errors import ConfigError
-from ncfm_core.sampler import GaussianSampler, MixtureSampler, minmax_step, reverse_gradient
+from ncfm_core.sampler import (
+    GaussianSampler,
+    MixtureSampler,
+    minmax_step,
+    reverse_gradient,
+)
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -156,7 +161,9 @@ def _loss(sampler, generator, real, real_labels, synthetic, synthetic_labels, re
     freqs = sampler.sample(generator, dtype=torch.float64)
     if reverse:
         freqs = reverse_gradient(freqs)
-    return ncfd_per_class(real, real_labels, synthetic, synthetic_labels, freqs, NUM_CLASSES).sum()
+    real_cf = cf_embed_per_class(real, real_labels, freqs, NUM_CLASSES)
+    synthetic_cf = cf_embed_per_class(synthetic, synthetic_labels, freqs, NUM_CLASSES)
+    return ncfd(*real_cf, *synthetic_cf).sum()
 
 
 def test_minmax_steps_on_frozen_features_raise_the_discrepancy():
