@@ -356,6 +356,7 @@ def test_gradcheck_through_apply_params(strategy):
     assert torch.autograd.gradcheck(lambda images: apply_params(images, groups, params), (x,), eps=1e-6, atol=1e-6)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_generator_draws_on_cuda_and_matches_cpu_apply():
     g = torch.Generator(device="cuda").manual_seed(0)

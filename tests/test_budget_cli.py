@@ -9,33 +9,25 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_runner import error_line, invoke, one_json, one_thread
+from cli_runner import error_line, invoke, one_json
 from typer.testing import CliRunner
 
 from ncfm_cli.main import app
 from ncfm_cli.output import GlobalOptions, ProgressRenderer
-from ncfm_core import jobs
-from ncfm_core.budget import (
-    DatasetShape,
-    Plan,
-    dataset_shape,
-    estimate_iteration_flops,
-    parse_memory,
-    plan_path,
-    plan_run,
-)
 from ncfm_core.config import DistillConfig, make_config
+from ncfm_core.data import DatasetShape, dataset_shape
+from ncfm_core.devices import parse_memory
 from ncfm_core.distill import Distiller
 from ncfm_core.errors import BudgetInfeasibleError
+from ncfm_core.jobs import common as job_common
+from ncfm_core.memory_model import Plan, estimate_iteration_flops
+from ncfm_core.planner import plan_path, plan_run
 from ncfm_core.store import Store
 
 TINY = ["--pool-size", "1", "--pool-epochs", "0", "--freqs", "16", "--real-per-class", "4", "--width", "8"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture
@@ -64,14 +56,14 @@ def test_dry_run_fake_ipc50_1g_is_what_the_planner_says(tmp_path, no_gpu):
     assert shape == DatasetShape(10, 3, 32, 640)  # fake without options is CIFAR-10-shaped
     args = ["--store", tmp_path / "store", "distill", "fake", "--ipc", "50", "--dry-run", "--gpu-mem", "1G", "--json"]
     try:
-        expected = plan_run(config, shape, "cuda", parse_memory("1G"))
+        expected = plan_run(config, shape, "cuda:0", parse_memory("1G"))
     except BudgetInfeasibleError as err:
         result = invoke(*args, expect=4)
         assert error_line(result) == f"error: {err}"
         assert "needs at least" in str(err)
         return
     out = one_json(invoke(*args))
-    assert out["dry_run"] is True and out["device"] == "cuda"  # a GPU budget with no GPU here: plan for CUDA
+    assert out["dry_run"] is True and out["device"] == "cuda:0"  # a GPU budget with no GPU here: plan for CUDA
     assert out["plan"] == json.loads(json.dumps(expected.to_dict()))
     assert out["plan"]["estimated_peak_bytes"] <= 2**30 == out["plan"]["budget_bytes"]
     assert out["flops_per_iteration"] == estimate_iteration_flops(config, shape, expected)["total"]
@@ -81,19 +73,19 @@ def test_dry_run_fake_ipc50_1g_is_what_the_planner_says(tmp_path, no_gpu):
     for label in ("real chunk", "class chunk", "precision", "checkpointing", "budget", "estimated peak",
                   "estimate terms"):
         assert label in human, human
-    assert str(expected.real_chunk) in human and "1.0 GiB" in human
+    assert str(expected.real_chunk) in human and "1.00 GiB" in human
 
 
 def test_dry_run_writes_nothing_and_loads_no_data(tmp_path, monkeypatch, no_gpu):
     def no_loading(*args, **kwargs):
         raise AssertionError("a dry run of a registered dataset must not load it")
 
-    monkeypatch.setattr(jobs, "load_dataset", no_loading)
+    monkeypatch.setattr(job_common, "load_dataset", no_loading)
     store = tmp_path / "store"
     invoke("--store", store, "distill", "fake", "--ipc", "10", "--dry-run", "--gpu-mem", "4G")
     invoke("--store", store, "distill", "fake", "--ipc", "10", "--dry-run", "--gpu-mem", "1M", expect=4)
     # On CPU without a budget: the detected RAM, minus the margin.
-    monkeypatch.setattr("ncfm_core.budget.detect_memory", lambda device: (8 * 2**30, 16 * 2**30))
+    monkeypatch.setattr("ncfm_core.planner.detect_memory", lambda device: (8 * 2**30, 16 * 2**30))
     out = one_json(invoke("--store", store, "--json", "distill", "fake", "--ipc", "10", "--dry-run"))
     assert out["device"] == "cpu" and out["plan"]["precision"] == "fp32"
     assert out["plan"]["budget_bytes"] == 8 * 2**30 - int(0.1 * 8 * 2**30)

@@ -1,79 +1,31 @@
+"""The planner (``ncfm_core.planner``): the path from the fastest plan to smaller ones, the
+choice under a budget, and that a plan's options do not change the distillation step."""
+
 import json
 import re
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from ncfm_core import budget
-from ncfm_core.budget import (
-    DatasetShape,
+from ncfm_core import planner
+from ncfm_core.config import make_config
+from ncfm_core.data import DatasetShape, dataset_shape, load_dataset
+from ncfm_core.devices import (
     cap_device_memory,
-    dataset_shape,
-    estimate_iteration_flops,
-    estimate_memory,
-    estimate_peak_bytes,
     measure_peak,
     parse_memory,
-    plan_path,
-    plan_run,
-    resolve_precision,
+    reset_peak,
+    resolve_device,
 )
-from ncfm_core.config import make_config
-from ncfm_core.data import load_dataset
 from ncfm_core.distill import Distiller
-from ncfm_core.errors import BudgetInfeasibleError, ConfigError
-from ncfm_core.models import create_network
+from ncfm_core.errors import BudgetInfeasibleError
+from ncfm_core.memory_model import estimate_peak_bytes
+from ncfm_core.planner import plan_path, plan_run
 from ncfm_core.pool import PoolSpec, train_pool
 
 GiB, MiB = 2**30, 2**20
 CIFAR10 = DatasetShape(10, 3, 32, 50_000)
 CIFAR100 = DatasetShape(100, 3, 32, 50_000)
-
-
-# -- sizes ------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "spec, total, expected",
-    [
-        ("2.5G", None, int(2.5 * GiB)),
-        ("800M", None, 800 * MiB),
-        ("1.5GiB", None, int(1.5 * GiB)),
-        ("512MB", None, 512 * 10**6),
-        ("2gb", None, 2 * 10**9),
-        (" 64 k ", None, 64 * 1024),
-        ("1Ti", None, 2**40),
-        ("1048576", None, 1048576),
-        ("1e3", None, 1000),
-        ("0.3", 1000, 300),
-        (".5", 8 * GiB, 4 * GiB),
-        ("1", 12345, 12345),
-        ("3B", None, 3),
-    ],
-)
-def test_parse_memory_reads_sizes_and_fractions(spec, total, expected):
-    assert parse_memory(spec, total) == expected
-
-
-@pytest.mark.parametrize(
-    "spec, total, message",
-    [
-        ("lots", None, "cannot read"),
-        ("", None, "cannot read"),
-        ("-1G", None, "cannot read"),
-        ("2.5X", None, "cannot read"),
-        ("G", None, "cannot read"),
-        ("0", 100, "positive"),
-        ("0G", None, "positive"),
-        ("1.5", 100, "fraction must lie in"),
-        ("0.3", None, "total memory is unknown"),
-        ("0.1B", None, "less than one byte"),
-    ],
-)
-def test_parse_memory_rejects_garbage_nonpositive_and_bad_fractions(spec, total, message):
-    with pytest.raises(ConfigError, match=message):
-        parse_memory(spec, total)
 
 
 # -- the planner ------------------------------------------------------------------------------
@@ -145,10 +97,10 @@ def test_without_a_budget_the_plan_uses_free_memory_minus_a_margin():
     config = make_config("cifar10", 10)
     free = 8 * GiB
     plan = plan_run(config, CIFAR10, "cpu", None, free_bytes=free)
-    assert plan.budget_bytes == free - int(free * budget.FREE_MARGIN_FRACTION)
+    assert plan.budget_bytes == free - int(free * planner.FREE_MARGIN_FRACTION)
     assert plan.precision == "fp32" and plan.device == "cpu" and "free memory" in plan.budget_source
     small = plan_run(config, CIFAR10, "cpu", None, free_bytes=1 * GiB)
-    assert small.budget_bytes == GiB - budget.FREE_MARGIN_MIN_BYTES  # 10% < 256 MiB
+    assert small.budget_bytes == GiB - planner.FREE_MARGIN_MIN_BYTES  # 10% < 256 MiB
     with pytest.raises(BudgetInfeasibleError, match="free memory"):
         plan_run(config, CIFAR10, "cpu", None, free_bytes=64 * MiB)
 
@@ -177,86 +129,6 @@ def test_fake_default_is_cifar10_shaped():
     assert shape == dataset_shape("fake")
     assert (shape.num_classes, shape.channels, shape.image_size) == (10, 3, 32)
     assert dataset_shape("folder:/x") is None and dataset_shape("cifar10", image_size=16).image_size == 16
-
-
-def test_resolve_precision():
-    assert resolve_precision("auto", "cpu") == "fp32"
-    assert resolve_precision("bf16", "cpu") == "bf16"
-    if not torch.cuda.is_available():
-        assert resolve_precision("auto", "cuda") == "bf16"
-    with pytest.raises(ConfigError, match="precision"):
-        resolve_precision("fp8", "cpu")
-    with pytest.raises(ConfigError, match="--precision"):
-        make_config("fake", 1, precision="fp64")
-
-
-# -- the memory and FLOP models against torch's own accounting --------------------------------
-
-
-def _saved_activation_bytes(net: torch.nn.Module, images: torch.Tensor, dtype: torch.dtype | None) -> int:
-    """Bytes of the distinct storages autograd saves in a forward of ``net.features``
-    (weights and buffers excluded)."""
-    own = {t.untyped_storage().data_ptr() for t in [*net.parameters(), *net.buffers()]}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in own:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    autocast = torch.autocast("cpu", dtype=dtype) if dtype is not None else torch.autocast("cpu", enabled=False)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
-        net.features(images)
-    return sum(seen.values())
-
-
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_saved_activation_model_matches_autograd(precision):
-    config = make_config("fake", 1, width=16, depth=2)
-    shape = DatasetShape(10, 3, 16, 100)
-    net = create_network("convnet", in_channels=3, num_classes=10, image_size=16, depth=2, width=16)
-    images = torch.rand(4, 3, 16, 16, requires_grad=True)
-    measured = _saved_activation_bytes(net, images, torch.bfloat16 if precision == "bf16" else None)
-    modelled = 4 * budget._convnet_sizes(config, shape, precision).saved_bytes
-    assert modelled >= measured, (modelled, measured)
-    if precision == "fp32":  # exact
-        assert modelled == measured
-    else:  # CPU autocast keeps group_norm in bf16; the model assumes CUDA's fp32 norm
-        assert modelled <= 2.0 * measured, (modelled, measured)
-
-
-def test_flop_model_matches_the_flop_counter():
-    config = make_config("fake", 1, width=16, depth=2)
-    shape = DatasetShape(10, 3, 16, 100)
-    net = create_network("convnet", in_channels=3, num_classes=10, image_size=16, depth=2, width=16)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        net(torch.rand(3, 3, 16, 16))
-    sizes = budget._convnet_sizes(config, shape, "fp32")
-    assert 3 * (sizes.forward_flops + sizes.classifier_flops) == counter.get_total_flops()
-    plan = plan_path(config, shape, "cpu")[0]
-    flops = estimate_iteration_flops(config, shape, plan)
-    assert flops["total"] == sum(v for k, v in flops.items() if k != "total")
-    assert flops["real forward (no grad)"] == 10 * config.real_per_class * sizes.forward_flops
-
-
-def test_traced_model_covers_other_networks():
-    config = make_config("fake", 1, network="alexnet")
-    shape = DatasetShape(10, 3, 32, 640)
-    plan = plan_path(config, shape, "cpu")[0]
-    estimate = estimate_memory(config, shape, plan)
-    assert estimate.peak_bytes > 0 and estimate.phase in ("real", "synthetic", "real-backward")
-    assert estimate_iteration_flops(config, shape, plan)["synthetic forward"] > 0
-
-
-def test_device_helpers_on_cpu():
-    assert cap_device_memory("cpu", GiB) is None
-    peak = measure_peak("cpu")
-    assert peak.rss_bytes and peak.rss_bytes > 10 * MiB and "RSS" in peak.source
-    assert peak.to_dict()["peak_bytes"] == peak.rss_bytes
-    free, total = budget.detect_memory("cpu")
-    assert 0 < free <= (total or free)
 
 
 # -- the plan's options do not change the step -------------------------------------------------
@@ -347,7 +219,10 @@ def test_compile_falls_back_to_eager_when_compiling_fails(tiny, monkeypatch):
 
 # -- CUDA only ---------------------------------------------------------------------------------
 
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def cuda_only(test):
+    """Runs only with CUDA; selected by ``pytest -m cuda`` (the GPU check)."""
+    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+    return pytest.mark.cuda(skip(test))
 
 
 @cuda_only
@@ -355,16 +230,17 @@ def test_capped_cuda_run_stays_under_its_budget(tiny):
     dataset, base, pool = tiny
     config = base.replace(real_per_class=12)
     limit = parse_memory("256M")
-    plan = plan_run(config, DatasetShape.of(dataset), "cuda", limit)
-    budget.reset_peak("cuda")
-    cap_device_memory("cuda", limit)
+    device, _ = resolve_device("cuda")  # cuda:N: the allocator cap needs the index
+    plan = plan_run(config, DatasetShape.of(dataset), device, limit)
+    reset_peak(device)
+    cap_device_memory(device, limit)
     try:
-        d = Distiller(plan.apply(config), dataset, pool, "cuda")
+        d = Distiller(plan.apply(config), dataset, pool, device)
         d.run(3)
         torch.cuda.synchronize()
-        peak = measure_peak("cuda")
+        peak = measure_peak(device)
     finally:
-        cap_device_memory("cuda", torch.cuda.get_device_properties(0).total_memory)
+        cap_device_memory(device, torch.cuda.get_device_properties(device).total_memory)
     assert peak.reserved_bytes <= limit
     assert peak.allocated_bytes <= plan.estimated_peak_bytes
 

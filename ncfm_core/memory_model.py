@@ -1,0 +1,349 @@
+"""The memory and FLOP model: what one distillation iteration holds and computes, under a plan.
+
+:func:`estimate_memory` is an explicit account of everything one iteration holds at its fullest
+moment: the tensors kept for the whole iteration, then the largest of its phases (real chunks
+streamed, one class group's synthetic forward/backward, psi's gradient through the real CF), each
+term named and sized in bytes from the network's geometry, without touching data or a GPU.
+:func:`estimate_iteration_flops` counts the same iteration's floating-point operations. Both take
+a :class:`Plan` (how the iteration is cut: real chunk, class group, precision, checkpointing);
+:mod:`ncfm_core.planner` searches the plans for the fastest that fits a budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ncfm_core.config import DistillConfig
+from ncfm_core.data import DatasetShape
+from ncfm_core.models import create_network, default_depth, supported_options
+
+__all__ = [
+    "ESTIMATE_FIXED_BYTES",
+    "ESTIMATE_OVERHEAD",
+    "MemoryEstimate",
+    "Plan",
+    "estimate_iteration_flops",
+    "estimate_memory",
+    "estimate_peak_bytes",
+]
+
+ESTIMATE_OVERHEAD = 0.10  # allocator rounding and fragmentation, on top of the tensor bytes
+ESTIMATE_FIXED_BYTES = 32 * 2**20  # conv workspaces, small buffers the model does not itemise
+F32 = 4  # bytes
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one distillation is cut to fit its memory budget.
+
+    ``real_chunk``: real images per no-grad forward; ``class_chunk``: classes per synthetic
+    forward/backward; ``precision``: fp32, or bf16/fp16 autocast for the network forwards;
+    ``activation_checkpointing``: recompute instead of store (the synthetic side block by block,
+    and with psi the real features in the backward). ``budget_bytes`` is the budget the plan was
+    made for (None: no budget), ``budget_source`` where it came from, ``estimated_peak_bytes`` the
+    model's peak (see :func:`estimate_memory`), ``device`` the device planned for.
+    """
+
+    real_chunk: int
+    class_chunk: int
+    precision: str
+    activation_checkpointing: bool
+    budget_bytes: int | None
+    estimated_peak_bytes: int
+    device: str
+    budget_source: str = ""
+    estimate_terms: tuple[tuple[str, int], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["estimate_terms"] = dict(self.estimate_terms)
+        return data
+
+    def apply(self, config: DistillConfig) -> DistillConfig:
+        """``config`` with this plan's chunks, precision and checkpointing filled in."""
+        return config.replace(
+            real_chunk=self.real_chunk,
+            class_chunk=self.class_chunk,
+            precision=self.precision,
+            activation_checkpointing=self.activation_checkpointing,
+        )
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak bytes of one iteration and the terms it is made of (name -> bytes).
+
+    ``phase`` names the moment of the peak: ``real`` (real chunks streamed), ``synthetic`` (one
+    class group's forward/backward) or ``real-backward`` (psi's gradient through the real CF).
+    """
+
+    peak_bytes: int
+    phase: str
+    terms: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class _NetworkSizes:
+    """Per-image sizes of one extractor (elements unless named bytes)."""
+
+    feature_dim: int
+    param_count: int
+    saved_bytes: int  # what autograd keeps for the backward of one image
+    checkpointed_saved_bytes: int  # the same with per-block checkpointing: block inputs only
+    largest_block_saved_bytes: int  # one block's saved tensors (recomputed in the backward)
+    backward_transient_bytes: int  # gradient buffers alive at once in the backward
+    nograd_transient_bytes: int  # tensors alive at once in a no-grad forward
+    forward_flops: int  # conv and linear multiply-adds x 2, features only
+    classifier_flops: int
+
+
+def _convnet_sizes(config: DistillConfig, shape: DatasetShape, precision: str) -> _NetworkSizes:
+    """Sizes of ConvNet-D (Conv3x3 -> norm -> ReLU -> AvgPool2d(2)) x depth, from its geometry.
+
+    What autograd saves per block, for an input of c_in x s x s and width w:
+    - the conv's input (c_in s^2): fp32, or under autocast the bf16/fp16 copy the cast makes;
+    - the norm's input (w s^2, the conv output): fp32 (CUDA autocast runs group_norm in fp32, so
+      it saves an fp32 copy of the low-precision conv output), and its mean and rstd (w each);
+      absent with ``norm="none"``;
+    - the ReLU's output (w s^2, fp32), which the average pool also reads for its backward;
+    the pool's output is the next conv's input.
+    """
+    depth = config.depth or default_depth(shape.image_size)
+    width = config.width
+    conv_in_bytes = F32 if precision == "fp32" else 2
+    has_norm = config.norm != "none"
+    side, channels = shape.image_size, shape.channels
+    saved = largest = grad_transient = nograd = flops = 0
+    checkpointed = shape.pixels * F32  # the normalised image, input of block 1
+    for _ in range(depth):
+        conv_in = channels * side * side
+        conv_out = width * side * side
+        block_saved = conv_in * conv_in_bytes + conv_out * F32 * (2 if has_norm else 1)
+        block_saved += 2 * width * F32 if has_norm else 0  # the norm's per-channel mean and rstd
+        saved += block_saved
+        largest = max(largest, block_saved)
+        # backward of a block: grad of the ReLU output, of the norm input, of the conv input
+        grad_transient = max(grad_transient, (2 * conv_out + conv_in) * F32)
+        # no-grad forward: the block input stays referenced while two of conv out / norm out /
+        # relu out exist; under autocast also the low-precision conv output (2 bytes)
+        nograd = max(nograd, conv_in * F32 + conv_out * (2 * F32 + (0 if precision == "fp32" else 2)))
+        flops += 2 * channels * width * 9 * side * side  # 3x3 kernel, padding 1: s x s outputs
+        side //= 2
+        channels = width
+        checkpointed += channels * side * side * F32  # block output = next block's input
+    feature_dim = width * side * side
+    param_count = _param_count(config, shape)
+    return _NetworkSizes(
+        feature_dim=feature_dim,
+        param_count=param_count,
+        saved_bytes=saved,
+        checkpointed_saved_bytes=checkpointed,
+        largest_block_saved_bytes=largest,
+        backward_transient_bytes=grad_transient,
+        nograd_transient_bytes=nograd,
+        forward_flops=flops,
+        classifier_flops=2 * feature_dim * shape.num_classes,
+    )
+
+
+def _meta_network(config: DistillConfig, shape: DatasetShape) -> torch.nn.Module:
+    """The extractor built on the meta device: shapes and parameter counts, no memory."""
+    # The knobs the network has, as the pool builds it (ncfm_core.pool.PoolSpec.build).
+    options = supported_options(config.network, depth=config.depth or default_depth(shape.image_size),
+                                width=config.width, norm=config.norm)
+    with torch.device("meta"):
+        return create_network(
+            config.network, in_channels=shape.channels, num_classes=shape.num_classes,
+            image_size=shape.image_size, **options,
+        )
+
+
+def _param_count(config: DistillConfig, shape: DatasetShape) -> int:
+    return sum(p.numel() for p in _meta_network(config, shape).parameters())
+
+
+def _traced_sizes(config: DistillConfig, shape: DatasetShape, precision: str) -> _NetworkSizes:
+    """Sizes of any other registered network, traced on the meta device: every leaf module's
+    output counts as saved (fp32, whatever the precision: conservative), the largest
+    input + output pair as the no-grad transient; no per-block checkpointing (the whole saved
+    set stays). FLOPs from ``torch.utils.flop_counter`` on the same meta forward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = _meta_network(config, shape)
+    outputs: list[int] = []
+    pairs: list[int] = []
+
+    def record(module: torch.nn.Module, inputs: tuple, output: Any) -> None:
+        if isinstance(output, torch.Tensor) and not list(module.children()):
+            outputs.append(output.numel())
+            first = next((t for t in inputs if isinstance(t, torch.Tensor)), None)
+            pairs.append(output.numel() + (first.numel() if first is not None else 0))
+
+    handles = [m.register_forward_hook(record) for m in net.modules()]
+    counter = FlopCounterMode(display=False)
+    with counter:
+        features = net.features(torch.empty(1, shape.channels, shape.image_size, shape.image_size, device="meta"))
+    for handle in handles:
+        handle.remove()
+    saved = (sum(outputs) + shape.pixels) * F32
+    largest_pair = max(pairs, default=shape.pixels) * F32
+    return _NetworkSizes(
+        feature_dim=int(features.shape[1]),
+        param_count=sum(p.numel() for p in net.parameters()),
+        saved_bytes=saved,
+        checkpointed_saved_bytes=saved,
+        largest_block_saved_bytes=0,
+        backward_transient_bytes=2 * largest_pair,
+        nograd_transient_bytes=2 * largest_pair,
+        forward_flops=int(counter.get_total_flops()),
+        classifier_flops=2 * int(features.shape[1]) * shape.num_classes,
+    )
+
+
+def _network_sizes(config: DistillConfig, shape: DatasetShape, precision: str) -> _NetworkSizes:
+    if config.network == "convnet":
+        return _convnet_sizes(config, shape, precision)
+    return _traced_sizes(config, shape, precision)
+
+
+def estimate_memory(config: DistillConfig, shape: DatasetShape, plan: Plan) -> MemoryEstimate:
+    """Model of the peak device memory of one iteration under ``plan`` (all terms in bytes).
+
+    Held for the whole iteration ("persistent"):
+    - the real train set as uint8 (N x C x H x W) plus labels and the per-class index table;
+    - the pool (initial and trained weights of every member), the extractor and the teacher,
+      plus the autocast weight copies;
+    - the stored synthetic images with their gradient, AdamW's two moments and one temporary;
+    - the frequencies (F, d) with psi's sampling graph, gradient buffers, and psi with Adam;
+    - per-class CF accumulators (C, F) in fp64, their fp32 copies and gradients.
+    Then the largest of three phases:
+    - real: a chunk of ``real_chunk`` real images (uint8 gather, float copy, augmentation
+      temporaries), the no-grad network's live tensors (or, after them, the (chunk, F)
+      projections with cos and sin), and with psi and no checkpointing the stored real
+      features (n_real, d) that psi's gradient needs later;
+    - synthetic: one group of ``class_chunk`` classes, decoded (ipc * factor^2 per class) and
+      augmented, with everything autograd saves in the extractor and (with calibration) the
+      teacher (:func:`_convnet_sizes`), features and their normalised copy, the (n, F) projections
+      and cos/sin, and the backward's gradient buffers; stored real features still alive;
+    - real-backward (psi only): a chunk's projections, cos, sin and weights (4 x (chunk, F)),
+      plus either the stored features or a recomputed chunk's no-grad forward.
+    Finally ``ESTIMATE_OVERHEAD`` (10%) and ``ESTIMATE_FIXED_BYTES`` (32 MiB) on top.
+    """
+    c, pixels = shape.num_classes, shape.pixels
+    net = _network_sizes(config, shape, plan.precision)
+    d, f = net.feature_dim, config.num_freqs
+    ncfm = config.matching == "ncfm"
+    learned = ncfm and config.sampler
+    per_class_decoded = config.ipc * config.factor**2
+    n_real = c * config.real_per_class
+    stored_images = c * config.ipc
+    real_chunk = min(plan.real_chunk, n_real)
+    group = min(plan.class_chunk, c) * per_class_decoded
+    checkpointing = plan.activation_checkpointing
+    cf_width = f if ncfm else d
+
+    param_bytes = net.param_count * F32
+    calib = config.calib_weight > 0
+    persistent = {
+        "real dataset (uint8) and index tables": shape.num_train * (pixels + 8 + 9),
+        "pool weights (init + trained)": config.pool_size * 2 * param_bytes,
+        "extractor + teacher (+ autocast copies)": 2 * param_bytes + (0 if plan.precision == "fp32" else param_bytes),
+        "synthetic images + grad + AdamW": 5 * stored_images * pixels * F32,
+        "per-class CF/mean accumulators": 2 * c * cf_width * (8 + F32 + F32),
+    }
+    if ncfm:
+        components = config.num_components or max(1, f // 16)
+        sampler = (7 if learned else 3) * f * d * F32
+        if learned:
+            sampler += 4 * components * (d + 1) * F32 + 4 * f * components * F32
+        persistent["frequencies and psi"] = sampler
+    stored_features = n_real * d * F32 if learned and not checkpointing else 0
+
+    sampling = c * max(1, shape.num_train // c) * (8 + 8) + n_real * 8
+    real_input = real_chunk * pixels * (1 + F32 + 2 * F32)
+    real_network = real_chunk * net.nograd_transient_bytes
+    real_cf = real_chunk * 3 * cf_width * F32
+    real_phase = {
+        "real sampling keys": sampling,
+        "real chunk input + augmentation": real_input,
+        "real chunk forward (no grad) or its CF": max(real_network, real_cf),
+        "real chunk features": real_chunk * d * F32 * 2,
+        "stored real features (psi)": stored_features,
+    }
+
+    nets = 2 if calib else 1
+    if checkpointing and config.network == "convnet":
+        network_saved = group * nets * net.checkpointed_saved_bytes + group * net.largest_block_saved_bytes
+    else:
+        network_saved = group * nets * net.saved_bytes
+    syn_phase = {
+        "synthetic decode + augmentation": group * pixels * F32 * 6,
+        "synthetic activations saved for backward": network_saved,
+        "synthetic features (raw, normalised, grad)": group * d * F32 * 3,
+        "synthetic CF (projections, cos, sin, grad)": group * 4 * f * F32 if ncfm else 0,
+        "backward gradient buffers": group * (net.backward_transient_bytes + 2 * pixels * F32),
+        "teacher logits": group * c * F32 * 3 if calib else 0,
+        "stored real features (psi)": stored_features,
+    }
+
+    phases = {"real": real_phase, "synthetic": syn_phase}
+    if learned:
+        recompute = real_input + real_network + real_chunk * d * F32 * 2 if checkpointing else 0
+        phases["real-backward"] = {
+            "real CF gradient (projections, cos, sin, weights)": real_chunk * 4 * f * F32,
+            "recomputed real chunk": recompute,
+            "stored real features (psi)": stored_features,
+        }
+    phase_name, phase_terms = max(phases.items(), key=lambda item: sum(item[1].values()))
+    tensors = sum(persistent.values()) + sum(phase_terms.values())
+    overhead = int(tensors * ESTIMATE_OVERHEAD) + ESTIMATE_FIXED_BYTES
+    terms = {**persistent, **{f"{phase_name}: {k}": v for k, v in phase_terms.items() if v}}
+    terms["allocator overhead and workspaces"] = overhead
+    return MemoryEstimate(int(tensors + overhead), phase_name, tuple((k, int(v)) for k, v in terms.items()))
+
+
+def estimate_peak_bytes(config: DistillConfig, shape: DatasetShape, plan: Plan) -> int:
+    """Estimated peak device bytes of one iteration under ``plan`` (see :func:`estimate_memory`)."""
+    return estimate_memory(config, shape, plan).peak_bytes
+
+
+def estimate_iteration_flops(config: DistillConfig, shape: DatasetShape, plan: Plan) -> dict[str, int]:
+    """Floating-point operations of one iteration (a multiply-add counts 2), by part.
+
+    Counted: convolutions and linear layers (forward; a backward that needs only input
+    gradients costs one forward again, since the extractor's weights are frozen), the CF
+    projections ``(n, d) @ (d, F)`` and their gradients, psi's real-side gradient, and the
+    recomputations that checkpointing adds. Not counted: norms, ReLU, pooling, cos/sin and the
+    augmentation (elementwise work, memory-bound rather than compute-bound).
+    """
+    c = shape.num_classes
+    net = _network_sizes(config, shape, plan.precision)
+    d, f = net.feature_dim, config.num_freqs
+    n_real = c * config.real_per_class
+    n_syn = c * config.ipc * config.factor**2
+    ncfm = config.matching == "ncfm"
+    learned = ncfm and config.sampler
+    recompute = plan.activation_checkpointing
+    flops = {
+        "real forward (no grad)": n_real * net.forward_flops,
+        "synthetic forward": n_syn * net.forward_flops,
+        "synthetic backward (input grads)": n_syn * net.forward_flops,
+    }
+    if recompute and config.network == "convnet":
+        flops["synthetic recompute (checkpointing)"] = n_syn * net.forward_flops
+    if config.calib_weight > 0:
+        teacher = net.forward_flops + net.classifier_flops
+        flops["teacher forward + backward"] = n_syn * teacher * (3 if recompute and config.network == "convnet" else 2)
+    if ncfm:
+        flops["real CF projections"] = 2 * n_real * d * f
+        flops["synthetic CF projections + grad"] = 2 * n_syn * d * f * (3 if learned else 2)
+        if learned:
+            flops["psi gradient through the real CF"] = 2 * 2 * n_real * d * f
+            if recompute:
+                flops["real recompute (checkpointing)"] = n_real * net.forward_flops
+    flops["total"] = sum(flops.values())
+    return flops

@@ -1,0 +1,148 @@
+"""The planner: how a distillation must be cut to fit in B bytes.
+
+:func:`plan_run` answers "how must this run be cut to fit in B bytes?" without touching data or a
+GPU: :func:`plan_path` walks from the fastest plan towards smaller ones (smaller real chunks,
+then fewer classes per synthetic pass, then recomputation) until the estimate of
+:func:`ncfm_core.memory_model.estimate_memory` fits. Without a budget, the budget is the free
+memory minus a safety margin.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ncfm_core.config import DistillConfig
+from ncfm_core.data import DatasetShape
+from ncfm_core.devices import (
+    ceil_mib_spec,
+    detect_memory,
+    format_bytes,
+    resolve_precision,
+)
+from ncfm_core.errors import BudgetInfeasibleError, ConfigError
+from ncfm_core.memory_model import Plan, estimate_memory
+
+__all__ = [
+    "FREE_MARGIN_FRACTION",
+    "FREE_MARGIN_MIN_BYTES",
+    "MAX_REAL_CHUNK",
+    "MIN_REAL_CHUNK",
+    "plan_path",
+    "plan_run",
+]
+
+MAX_REAL_CHUNK = 4096  # real images per no-grad forward in the fastest plan (bigger gains nothing)
+MIN_REAL_CHUNK = 64  # the planner never cuts real chunks below this
+FREE_MARGIN_FRACTION = 0.10  # without a budget: keep this share of the free memory unused...
+FREE_MARGIN_MIN_BYTES = 256 * 2**20  # ...and at least this much
+
+
+def _make_plan(config, shape, device, precision, real, classes, checkpointing, budget, source) -> Plan:
+    draft = Plan(real, classes, precision, checkpointing, budget, 0, str(device), source)
+    estimate = estimate_memory(config, shape, draft)
+    return dataclasses.replace(draft, estimated_peak_bytes=estimate.peak_bytes, estimate_terms=estimate.terms)
+
+
+def plan_path(
+    config: DistillConfig,
+    shape: DatasetShape,
+    device: torch.device | str,
+    budget_bytes: int | None = None,
+    budget_source: str = "",
+) -> list[Plan]:
+    """Every plan the planner may choose, fastest first, each with a strictly smaller estimate.
+
+    Starts from everything at once (``min(n_real, MAX_REAL_CHUNK)`` real images per chunk, all
+    classes in one synthetic pass, no recomputation, the device's best precision); at each step
+    takes the first of these moves that lowers the estimate: halve the real chunk (not below
+    ``MIN_REAL_CHUNK``), halve the class group (down to 1), turn on checkpointing; when no single
+    move helps (a tie between two phases), both chunk moves at once. Options fixed in ``config``
+    (``real_chunk``, ``class_chunk``, ``activation_checkpointing=True``, an explicit precision)
+    are never changed. The path is the same for every budget, so a smaller budget can only
+    select a later plan: never larger chunks, never a larger estimate.
+    """
+    precision = resolve_precision(config.precision, device)
+    c = shape.num_classes
+    n_real = c * config.real_per_class
+    real = min(config.real_chunk, n_real) if config.real_chunk else min(n_real, MAX_REAL_CHUNK)
+    classes = min(config.class_chunk, c) if config.class_chunk else c
+    checkpointing = bool(config.activation_checkpointing)
+
+    def make(r: int, g: int, ckpt: bool) -> Plan:
+        return _make_plan(config, shape, device, precision, r, g, ckpt, budget_bytes, budget_source)
+
+    def smaller_real(plan: Plan) -> int | None:
+        if config.real_chunk or plan.real_chunk <= MIN_REAL_CHUNK:
+            return None
+        return max(MIN_REAL_CHUNK, -(-plan.real_chunk // 2))
+
+    def smaller_group(plan: Plan) -> int | None:
+        if config.class_chunk or plan.class_chunk <= 1:
+            return None
+        return -(-plan.class_chunk // 2)
+
+    path = [make(real, classes, checkpointing)]
+    while True:
+        current = path[-1]
+        r, g = smaller_real(current), smaller_group(current)
+        moves = []
+        if r is not None:
+            moves.append((r, current.class_chunk, current.activation_checkpointing))
+        if g is not None:
+            moves.append((current.real_chunk, g, current.activation_checkpointing))
+        if not current.activation_checkpointing:
+            moves.append((current.real_chunk, current.class_chunk, True))
+        if r is not None and g is not None:
+            moves.append((r, g, current.activation_checkpointing))
+        better = None
+        for move in moves:
+            candidate = make(*move)
+            if candidate.estimated_peak_bytes < current.estimated_peak_bytes:
+                better = candidate
+                break
+        if better is None:
+            return path
+        path.append(better)
+
+
+def plan_run(
+    config: DistillConfig,
+    shape: DatasetShape,
+    device: torch.device | str,
+    budget_bytes: int | None,
+    free_bytes: int | None = None,
+) -> Plan:
+    """The fastest plan whose estimated peak fits the budget (see :func:`plan_path`).
+
+    ``budget_bytes=None``: the budget is the free memory (``free_bytes`` if given, else detected
+    by :func:`detect_memory`) minus a safety margin of ``max(10%, 256 MiB)``. Raises
+    :class:`BudgetInfeasibleError` (exit code 4) naming the smallest budget that would work
+    when even the last plan does not fit.
+    """
+    device = torch.device(device)
+    if budget_bytes is not None:
+        if budget_bytes < 1:
+            raise ConfigError(f"memory budget must be positive, got {budget_bytes}")
+        budget, source = int(budget_bytes), "--gpu-mem"
+    else:
+        if free_bytes is None:
+            free_bytes = detect_memory(device)[0]
+        margin = max(FREE_MARGIN_MIN_BYTES, int(free_bytes * FREE_MARGIN_FRACTION))
+        budget = max(0, int(free_bytes) - margin)
+        source = f"free memory {format_bytes(free_bytes)} minus a {format_bytes(margin)} margin"
+    path = plan_path(config, shape, device, budget, source)
+    for plan in path:
+        if plan.estimated_peak_bytes <= budget:
+            return plan
+    smallest = path[-1]
+    what = "--gpu-mem" if budget_bytes is not None else "free memory"
+    raise BudgetInfeasibleError(
+        f"{config.dataset} at IPC {config.ipc} needs at least {ceil_mib_spec(smallest.estimated_peak_bytes)} "
+        f"({format_bytes(smallest.estimated_peak_bytes)}, the smallest plan: real chunk {smallest.real_chunk}, "
+        f"{smallest.class_chunk} class(es) per pass, checkpointing "
+        f"{'on' if smallest.activation_checkpointing else 'off'}) but the {what} budget is "
+        f"{format_bytes(budget)}; raise --gpu-mem to at least {ceil_mib_spec(smallest.estimated_peak_bytes)}, "
+        f"or lower --ipc, --real-per-class or --freqs"
+    )

@@ -1,0 +1,245 @@
+"""Device resolution, on this machine and on a simulated CUDA machine.
+
+The simulation keeps the contract of the CUDA API where it matters to us: like
+``torch.cuda.set_per_process_memory_fraction``, the capping call refuses a device without an
+index. ncfm once handed it ``torch.device("cuda")`` and the headline command
+(``ncfm distill cifar100 --ipc 50 --gpu-mem 2.5G``) failed on every CUDA machine while every
+CPU test passed; these tests drive the real job path on the simulated machine so that a
+device without an index fails the suite anywhere.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from cli_runner import invoke, one_json
+
+from ncfm_core import jobs, parallel
+from ncfm_core.config import make_config
+from ncfm_core.devices import (
+    JobDevice,
+    cap_device_memory,
+    planning_device,
+    resolve_device,
+)
+from ncfm_core.errors import ConfigError
+from ncfm_core.jobs import distill as distill_module
+from ncfm_core.store import Store
+
+pytestmark = pytest.mark.cuda  # the GPU check runs these too, next to the real CUDA tests
+
+GiB = 2**30
+SIMULATED_TOTAL = 80 * GiB
+
+
+class SimulatedCuda:
+    """What the tests saw the CUDA API asked: the memory caps, as (fraction, index)."""
+
+    def __init__(self, count: int, current: int = 0):
+        self.count = count
+        self.current = current
+        self.caps: list[tuple[float, int]] = []
+
+    def set_per_process_memory_fraction(self, fraction, device=None) -> None:
+        # torch's own argument checks: an index is required (None means the current device).
+        index = self.current if device is None else torch.cuda._utils._get_device_index(device)
+        if not isinstance(fraction, float) or not 0 <= fraction <= 1:
+            raise ValueError(f"Invalid fraction value: {fraction}. Allowed range: 0~1")
+        if not 0 <= index < self.count:
+            raise RuntimeError(f"invalid device index {index}")
+        self.caps.append((fraction, index))
+
+
+@pytest.fixture
+def simulated_cuda(monkeypatch) -> SimulatedCuda:
+    """A machine with two 80 GiB CUDA devices (bf16-capable), as far as ncfm's resolution,
+    planning and capping can tell; no kernel ever runs on it."""
+    machine = SimulatedCuda(count=2)
+    props = SimpleNamespace(name="Simulated GPU", total_memory=SIMULATED_TOTAL)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: machine.count)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: machine.current)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: props.name)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (SIMULATED_TOTAL - GiB, SIMULATED_TOTAL))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", machine.set_per_process_memory_fraction)
+    return machine
+
+
+@pytest.fixture
+def no_accelerator(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+
+# -- resolve_device ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("requested", "local_rank", "expected"),
+    [
+        ("auto", None, "cuda:0"),
+        ("cuda", None, "cuda:0"),
+        ("CUDA:1", None, "cuda:1"),
+        ("cuda", 1, "cuda:1"),  # torchrun: LOCAL_RANK picks the GPU
+        ("auto", 1, "cuda:1"),
+        ("cpu", None, "cpu"),
+        (torch.device("cuda"), None, "cuda:0"),
+    ],
+)
+def test_cuda_devices_always_carry_an_index(simulated_cuda, requested, local_rank, expected):
+    device, reason = resolve_device(requested, local_rank=local_rank)
+    assert str(device) == expected and reason
+    if device.type == "cuda":
+        assert device.index is not None
+
+
+def test_cuda_means_the_current_device(simulated_cuda):
+    simulated_cuda.current = 1
+    assert resolve_device("cuda")[0] == torch.device("cuda", 1)
+
+
+def test_auto_says_why_and_torchrun_overrides_an_explicit_index(simulated_cuda):
+    assert resolve_device("auto")[1] == "auto: CUDA available (Simulated GPU)"
+    device, reason = resolve_device("cuda:0", local_rank=1)
+    assert device == torch.device("cuda", 1) and "LOCAL_RANK 1" in reason
+
+
+@pytest.mark.parametrize("requested", ["cuda:2", "cuda:7"])
+def test_a_cuda_index_beyond_the_machine_is_a_config_error(simulated_cuda, requested):
+    with pytest.raises(ConfigError, match=r"torch sees 2 CUDA device\(s\) \(cuda:0 to cuda:1\)"):
+        resolve_device(requested)
+
+
+@pytest.mark.parametrize("requested", ["gpu", "cuda:x", "auto:0", "cuda:-1", ""])
+def test_unknown_devices_name_the_choices(requested):
+    with pytest.raises(ConfigError, match="choose one of auto, cpu, cuda, cuda:N, mps"):
+        resolve_device(requested)
+
+
+def test_without_an_accelerator_auto_is_the_cpu_and_cuda_is_refused(no_accelerator):
+    assert resolve_device("auto") == (torch.device("cpu"), "auto: no CUDA or MPS device found")
+    with pytest.raises(ConfigError, match="torch sees no CUDA device"):
+        resolve_device("cuda:0")
+
+
+def test_auto_prefers_where_a_run_started_when_this_machine_has_it(simulated_cuda):
+    assert resolve_device("auto", prefer="cpu") == (torch.device("cpu"), "auto: cpu, where this run started")
+    assert resolve_device("auto", prefer="cuda:1")[0] == torch.device("cuda", 0)  # the type, not the index
+    assert resolve_device("cpu", prefer="cuda:0")[0] == torch.device("cpu")  # an explicit choice wins
+
+
+def test_a_preferred_device_this_machine_lacks_falls_back_to_auto(no_accelerator):
+    assert resolve_device("auto", prefer="cuda:0") == (torch.device("cpu"), "auto: no CUDA or MPS device found")
+
+
+def test_planning_without_a_gpu_plans_for_an_indexed_cuda_device(no_accelerator):
+    assert planning_device("auto", "2.5G")[0] == torch.device("cuda", 0)
+    assert planning_device("cuda:1", None)[0] == torch.device("cuda", 1)
+    assert planning_device("auto", None)[0] == torch.device("cpu")
+
+
+def test_job_device_is_resolved_once_and_kept(simulated_cuda):
+    device = JobDevice.resolve("cuda")
+    assert device.device == torch.device("cuda", 0) and str(device) == "cuda:0"
+    assert JobDevice.resolve(device) is device
+
+
+# -- the simulated CUDA API itself -------------------------------------------------------------
+
+
+def test_the_simulated_cap_refuses_a_device_without_an_index_as_torch_does(simulated_cuda):
+    with pytest.raises(ValueError, match="Expected a torch.device with a specified index"):
+        cap_device_memory(torch.device("cuda"), 2 * GiB)
+    assert cap_device_memory(torch.device("cuda", 1), 2 * GiB) == pytest.approx(2 / 80)
+    assert simulated_cuda.caps == [(2 / 80, 1)]
+
+
+# -- the real job path on the simulated machine ------------------------------------------------
+
+
+class _StopBeforeTheLoop(Exception):
+    """Raised where the distillation loop would start: everything before it really ran."""
+
+
+@pytest.fixture
+def stop_before_the_loop(monkeypatch):
+    reached = {}
+
+    def stop(store, version, config, dataset, spec, device, **kwargs):
+        reached.update(device=device, version=version)
+        raise _StopBeforeTheLoop
+
+    # distill_job calls the run through its own module's name for it
+    monkeypatch.setattr(distill_module, "distill_into", stop)
+    return reached
+
+
+@pytest.mark.parametrize("requested", ["auto", "cuda", "cuda:1"])
+def test_distill_job_under_a_gpu_budget_caps_an_indexed_device_and_records_it(
+    tmp_path, simulated_cuda, stop_before_the_loop, requested
+):
+    store = Store(tmp_path / "store")
+    config = make_config("fake", 1, iterations=2, pool_size=1, pool_epochs=0)
+    with pytest.raises(_StopBeforeTheLoop):
+        jobs.distill_job(store, config, device=requested, gpu_mem="2.5G")
+    expected = 1 if requested == "cuda:1" else 0
+    assert simulated_cuda.caps == [(pytest.approx(2.5 / 80), expected)]
+    assert stop_before_the_loop["device"] == torch.device("cuda", expected)
+    manifest = stop_before_the_loop["version"].manifest()
+    assert manifest["device"] == f"cuda:{expected}" and manifest["device_reason"]
+    assert manifest["plan"]["device"] == f"cuda:{expected}"
+
+
+def test_distill_job_without_a_budget_does_not_cap(tmp_path, simulated_cuda, stop_before_the_loop):
+    store = Store(tmp_path / "store")
+    with pytest.raises(_StopBeforeTheLoop):
+        jobs.distill_job(store, make_config("fake", 1, iterations=2, pool_size=1, pool_epochs=0))
+    assert simulated_cuda.caps == [] and stop_before_the_loop["device"] == torch.device("cuda", 0)
+
+
+def test_under_torchrun_each_rank_joins_the_group_on_its_own_gpu(simulated_cuda, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    joined = []
+
+    def init_from_env(device):
+        joined.append(device)
+        raise _StopBeforeTheLoop
+
+    monkeypatch.setattr(parallel.protocol, "init_from_env", init_from_env)  # what ranked_job calls
+
+    @parallel.ranked_job
+    def job(store, ref, device="auto"):
+        raise AssertionError("a follower never runs the job itself")
+
+    with pytest.raises(_StopBeforeTheLoop):
+        job(None, "ref", "cuda")  # positional, as ncfm eval passes it
+    assert joined == [torch.device("cuda", 1)]
+
+
+def test_a_job_gets_its_device_resolved_however_it_is_passed(simulated_cuda):
+    seen = []
+
+    @parallel.ranked_job
+    def job(store, ref, config, device="auto", callback=None, *, data_dir=None):
+        seen.append(device)
+
+    job(None, "ref", "config", "cuda:1")
+    job(None, "ref", "config", device="cpu")
+    job(None, "ref", "config", data_dir="d")
+    assert [(d.device, type(d)) for d in seen] == [
+        (torch.device("cuda", 1), JobDevice), (torch.device("cpu"), JobDevice), (torch.device("cuda", 0), JobDevice)
+    ]
+
+
+def test_cli_dry_run_under_a_gpu_budget_plans_for_cuda_0(tmp_path, simulated_cuda):
+    out = one_json(invoke("--store", tmp_path / "store", "distill", "cifar100", "--ipc", "50",
+                          "--gpu-mem", "2.5G", "--dry-run", "--json"))
+    assert out["device"] == "cuda:0" and out["device_reason"] == "auto: CUDA available (Simulated GPU)"
+    assert out["plan"]["budget_bytes"] == int(2.5 * GiB)
+    assert out["plan"]["estimated_peak_bytes"] <= out["plan"]["budget_bytes"]
