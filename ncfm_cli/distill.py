@@ -6,7 +6,13 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ncfm_cli.eval import build_eval_config, check_min_acc, eval_pairs, fail_below_min_acc, passed
+from ncfm_cli.eval import (
+    build_eval_config,
+    check_min_acc,
+    eval_pairs,
+    fail_below_min_acc,
+    passed,
+)
 from ncfm_cli.options import (
     CommandJsonOption,
     DataDirOption,
@@ -17,19 +23,25 @@ from ncfm_cli.options import (
 )
 from ncfm_cli.output import (
     GlobalOptions,
-    ProgressRenderer,
     command_errors,
-    format_bytes,
     format_flops,
     format_seconds,
     global_options,
+    is_main,
+    job_progress,
     print_json,
     print_pairs,
     print_plan,
 )
-from ncfm_core import distributed
 from ncfm_core.config import make_config
-from ncfm_core.jobs import DEFAULT_CHECKPOINT_EVERY, artifact_summary, distill_job, eval_job, plan_job
+from ncfm_core.devices import format_bytes
+from ncfm_core.jobs import (
+    DEFAULT_CHECKPOINT_EVERY,
+    artifact_summary,
+    distill_job,
+    eval_job,
+    plan_job,
+)
 from ncfm_core.store import ArtifactVersion
 
 DISTILL_EPILOG = (
@@ -82,7 +94,7 @@ def report_version(opts: GlobalOptions, version: ArtifactVersion, extra: dict[st
                    eval_record: dict[str, Any] | None = None, min_acc: float | None = None) -> None:
     """Print the result of a distill/resume (plus an evaluation, if one ran) on stdout.
     Under torchrun only rank 0 prints."""
-    if not distributed.current().is_main:
+    if not is_main():
         return
     summary = {**artifact_summary(version), **(extra or {})}
     if opts.json:
@@ -104,8 +116,8 @@ def distill_command(
         str,
         typer.Argument(
             metavar="DATASET",
-            help="digits (bundled, offline), cifar10, cifar100, tinyimagenet, imagenette (and the other "
-            "ImageNet subsets), fake, or folder:PATH for an ImageFolder tree.",
+            help="digits (bundled, offline), cifar10, cifar100, "
+            "tinyimagenet, imagenette (and the other ImageNet subsets), fake, or folder:PATH for an ImageFolder tree.",
             show_default=False,
         ),
     ],
@@ -261,13 +273,12 @@ def distill_command(
                 print_plan(result)
             return
         store = opts.open_store()
-        with ProgressRenderer(opts) as progress:
+        with job_progress(opts) as progress:
             version = distill_job(store, config, name=name, device=device, checkpoint_every=checkpoint_every,
                                   callback=progress, gpu_mem=gpu_mem, allow_checkpointing=allow_checkpointing)
             record = None
             if eval_config is not None:  # under torchrun every rank joins: the repeats are spread
                 record = eval_job(store, version.ref, eval_config, device, progress)
-        distributed.finish()  # under torchrun: the ranks leave the group together
     report_version(opts, version, eval_record=record, min_acc=min_acc)
     if record is not None:
         fail_below_min_acc(record, min_acc)

@@ -35,19 +35,18 @@ from ncfm_cli.options import (
     RefArgument,
 )
 from ncfm_cli.output import (
-    EXIT_BELOW_MIN_ACC,
     GlobalOptions,
-    ProgressRenderer,
     command_errors,
     format_accuracy,
     format_seconds,
     global_options,
+    is_main,
+    job_progress,
     print_json,
     print_pairs,
     print_table,
 )
-from ncfm_core import distributed
-from ncfm_core.errors import ConfigError
+from ncfm_core.errors import EXIT_BELOW_MIN_ACC, ConfigError
 from ncfm_core.evaluate import EvalConfig, protocol_config
 from ncfm_core.jobs import eval_job
 
@@ -152,7 +151,7 @@ def eval_pairs(record: dict[str, Any]) -> list[tuple[str, Any]]:
 def fail_below_min_acc(record: dict[str, Any], min_acc: float | None) -> None:
     """After the result is printed: exit 5 with a one-line reason if it is below ``min_acc``."""
     if not passed(record, min_acc):
-        if not distributed.current().is_main:  # under torchrun rank 0 says it; every rank exits 5
+        if not is_main():  # under torchrun rank 0 says it; every rank exits 5
             raise typer.Exit(EXIT_BELOW_MIN_ACC)
         typer.echo(
             f"error: mean accuracy {format_accuracy(record['accuracy']['mean'])} is below "
@@ -248,7 +247,7 @@ def metrics_table(record: dict[str, Any]) -> Table | None:
 
 
 def _print_result(opts: GlobalOptions, record: dict[str, Any], min_acc: float | None) -> None:
-    if not distributed.current().is_main:  # under torchrun only rank 0 prints
+    if not is_main():  # under torchrun only rank 0 prints
         return
     if opts.json:
         print_json({**record, "min_acc": min_acc, "passed": passed(record, min_acc)})
@@ -317,7 +316,7 @@ def eval_command(
             best_over_epochs=best_over_epochs, soft_labels=soft_labels, temperature=temperature,
             teacher_member=teacher_member,
         )
-        with ProgressRenderer(opts) as progress:
+        with job_progress(opts) as progress:
             record = eval_job(
                 opts.open_store(), ref, eval_config, device, progress,
                 data_dir=None if data_dir is None else str(data_dir),
@@ -325,6 +324,5 @@ def eval_command(
                 baselines=split_names(baseline),
                 baseline_seed=baseline_seed,
             )
-        distributed.finish()  # under torchrun: the ranks leave the group together
     _print_result(opts, record, min_acc)
     fail_below_min_acc(record, min_acc)

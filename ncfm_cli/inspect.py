@@ -11,13 +11,13 @@ from ncfm_cli.options import CommandJsonOption, RefArgument
 from ncfm_cli.output import (
     command_errors,
     format_accuracy,
-    format_bytes,
     format_seconds,
     global_options,
     print_json,
     print_pairs,
     print_table,
 )
+from ncfm_core.devices import format_bytes
 from ncfm_core.jobs import inspect_job
 
 INSPECT_EPILOG = (

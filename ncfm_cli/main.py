@@ -13,7 +13,7 @@ from ncfm_cli.export import EXPORT_EPILOG, export_command
 from ncfm_cli.inspect import INSPECT_EPILOG, inspect_command
 from ncfm_cli.ls import LS_EPILOG, ls_command
 from ncfm_cli.options import JsonOption, QuietOption, StoreOption, VerboseOption
-from ncfm_cli.output import EXIT_CODES_HELP, GlobalOptions, exit_code_for
+from ncfm_cli.output import EXIT_CODES_HELP, GlobalOptions, error_line, exit_code_for
 from ncfm_cli.resume import RESUME_EPILOG, resume_command
 from ncfm_core import __version__
 from ncfm_core.errors import NcfmError
@@ -71,6 +71,5 @@ def run() -> None:
     except (NcfmError, KeyboardInterrupt) as err:
         if os.environ.get("NCFM_DEBUG") == "1":
             raise
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"error: {message}" if isinstance(err, NcfmError) else "interrupted", file=sys.stderr)
+        print(error_line(err), file=sys.stderr)
         sys.exit(exit_code_for(err))

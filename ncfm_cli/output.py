@@ -36,17 +36,11 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from ncfm_core.errors import NcfmError
+from ncfm_core import parallel
+from ncfm_core.devices import format_bytes
+from ncfm_core.errors import EXIT_FAILURE, EXIT_INTERRUPTED, NcfmError, one_line
 from ncfm_core.jobs import JobInterrupted
 from ncfm_core.store import Store
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_NOT_FOUND = 3
-EXIT_BUDGET = 4
-EXIT_BELOW_MIN_ACC = 5
-EXIT_INTERRUPTED = 130
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 success; 1 failure (one-line reason on stderr; set NCFM_DEBUG=1 for the "
@@ -126,17 +120,6 @@ def print_table(table: Table) -> None:
     # take the width their content needs, so a generous limit costs nothing.
     console = stdout_console() if sys.stdout.isatty() else Console(file=sys.stdout, highlight=False, width=240)
     console.print(table)
-
-
-def format_bytes(count: int | None) -> str:
-    if count is None:
-        return "-"
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{count} B"
 
 
 def format_loss(loss: float | None) -> str:
@@ -299,6 +282,23 @@ class ProgressRenderer:
                           "debug")
 
 
+@contextlib.contextmanager
+def job_progress(opts: GlobalOptions) -> Iterator[ProgressRenderer]:
+    """Run a command's jobs with a :class:`ProgressRenderer` (the ``callback`` it yields).
+    When they succeeded, under torchrun, the ranks leave the group together
+    (:func:`ncfm_core.parallel.finish`; a failure skips it). Every command that runs a job
+    enters this once, so results are printed after it (only where :func:`is_main`)."""
+    with ProgressRenderer(opts) as progress:
+        yield progress
+    parallel.finish()
+
+
+def is_main() -> bool:
+    """Whether this process prints results: always in one process, only rank 0 under torchrun
+    (every rank still exits with the same code)."""
+    return parallel.current().is_main
+
+
 # ----------------------------------------------------------------------------- errors
 
 
@@ -311,8 +311,13 @@ def exit_code_for(err: BaseException) -> int:
     return EXIT_FAILURE
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
+def error_line(err: BaseException) -> str:
+    """The one line a failed command prints on stderr (the only place errors become text)."""
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(err, NcfmError):
+        return f"error: {one_line(err, limit=None)}"
+    return f"error: unexpected {type(err).__name__}: {one_line(err, limit=None)} (set NCFM_DEBUG=1 for the traceback)"
 
 
 @contextlib.contextmanager
@@ -333,17 +338,13 @@ def command_errors(opts: GlobalOptions) -> Iterator[None]:
         print(f"interrupted: {err.version.ref} ({where}); continue with: "
               f"ncfm {opts.store_flag()}resume {err.version.ref}", file=sys.stderr)
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(error_line(err), file=sys.stderr)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except Exception as err:
         if os.environ.get("NCFM_DEBUG") == "1":
             raise
         if getattr(err, "relayed", False):  # rank 0's error, passed on under torchrun: rank 0 printed it
             raise typer.Exit(exit_code_for(err)) from None
-        if isinstance(err, NcfmError):
-            message = _one_line(err)
-        else:
-            message = f"unexpected {type(err).__name__}: {_one_line(err)} (set NCFM_DEBUG=1 for the traceback)"
-        print(f"error: {message}", file=sys.stderr)
+        print(error_line(err), file=sys.stderr)
         raise typer.Exit(exit_code_for(err)) from None

@@ -7,9 +7,14 @@ from typing import Annotated, Optional
 import typer
 
 from ncfm_cli.distill import report_version
-from ncfm_cli.options import CommandJsonOption, DataDirOption, DeviceOption, GpuMemOption, RefArgument
-from ncfm_cli.output import ProgressRenderer, command_errors, global_options
-from ncfm_core import distributed
+from ncfm_cli.options import (
+    CommandJsonOption,
+    DataDirOption,
+    DeviceOption,
+    GpuMemOption,
+    RefArgument,
+)
+from ncfm_cli.output import command_errors, global_options, job_progress
 from ncfm_core.jobs import resume_job
 
 RESUME_EPILOG = (
@@ -50,10 +55,9 @@ def resume_command(
     """
     opts = global_options(ctx, json_flag)
     with command_errors(opts):
-        with ProgressRenderer(opts) as progress:
+        with job_progress(opts) as progress:
             version = resume_job(
                 opts.open_store(), ref, iterations=iterations, device=device,
                 data_dir=None if data_dir is None else str(data_dir), callback=progress, gpu_mem=gpu_mem,
             )
-        distributed.finish()  # under torchrun: the ranks leave the group together
     report_version(opts, version)

@@ -32,6 +32,7 @@ import contextlib
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,9 +41,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ncfm_core import augment, cf
-from ncfm_core.budget import resolve_precision
 from ncfm_core.config import DistillConfig
 from ncfm_core.data import ImageDataset
+from ncfm_core.devices import resolve_precision
 from ncfm_core.errors import ConfigError, CorruptArtifactError
 from ncfm_core.models import ConvNet
 from ncfm_core.pool import Pool
@@ -55,86 +56,6 @@ STATE_FORMAT = 1
 DEFAULT_REAL_CHUNK = 2048
 LOSS_LOG_EVERY = 10  # iterations per point of the stored loss curve
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-# ----------------------------------------------------------------------------- CF pieces
-# The real and synthetic feature sets are class-major with the same number of rows per class
-# (``per_class``), so per-class sums are reshapes, not scatters: no atomics (deterministic on
-# CUDA too) and no bincount (which would force a host sync on CUDA).
-
-
-def class_row_sums(values: Tensor, start_row: int, per_class: int) -> tuple[int, Tensor]:
-    """Per-class sums of a chunk of a class-major array.
-
-    ``values`` (n, k) are rows ``[start_row, start_row + n)`` of an array holding ``per_class``
-    rows per class; the chunk must be whole classes or lie inside one class. Returns
-    (first class, sums (classes in the chunk, k)).
-    """
-    n = values.shape[0]
-    first = start_row // per_class
-    if start_row % per_class == 0 and n % per_class == 0:
-        return first, values.reshape(n // per_class, per_class, -1).sum(dim=1)
-    if (start_row + n - 1) // per_class != first:
-        raise ValueError(f"chunk [{start_row}, {start_row + n}) neither covers whole classes nor stays in one")
-    return first, values.sum(dim=0, keepdim=True)
-
-
-def cf_chunk_sums(features: Tensor, freqs: Tensor, start_row: int, per_class: int) -> tuple[int, Tensor, Tensor]:
-    """Per-class sums of cos and sin of ``features @ freqs.T`` for one chunk.
-
-    features (n, d), freqs (F, d) -> (first class, cos sums (k, F), sin sums (k, F)), ``k`` the
-    classes the chunk touches (see :func:`class_row_sums`). Dividing the accumulated sums by
-    ``per_class`` gives the per-class CF of :func:`ncfm_core.cf.cf_embed_per_class`.
-    """
-    projections = features @ freqs.T  # (n, F)
-    first, cos_sums = class_row_sums(torch.cos(projections), start_row, per_class)
-    _, sin_sums = class_row_sums(torch.sin(projections), start_row, per_class)
-    return first, cos_sums, sin_sums
-
-
-def cf_chunk_freq_grad(
-    features: Tensor, freqs: Tensor, start_row: int, per_class: int, grad_re: Tensor, grad_im: Tensor
-) -> Tensor:
-    """One chunk's share of the gradient w.r.t. ``freqs`` of ``sum(grad_re * re + grad_im * im)``,
-    where (re, im) (C, F) is the per-class CF of the whole class-major set.
-
-    ``re[c, f] = mean_{i in c} cos(<t_f, x_i>)``, so ``d re[c, f] / d t_f = -mean sin(.) x_i`` and
-    ``d im[c, f] / d t_f = mean cos(.) x_i``: the gradient is ``W.T @ X`` with
-    ``W[i, f] = (-grad_re[c_i, f] sin(p_if) + grad_im[c_i, f] cos(p_if)) / per_class``.
-    features (n, d), freqs (F, d), grad_re and grad_im (C, F) -> (F, d). Summing over chunks
-    gives the full gradient using (n, F) memory per chunk instead of an autograd graph over all
-    rows.
-    """
-    n = features.shape[0]
-    projections = features @ freqs.T  # (n, F)
-    first = start_row // per_class
-    if start_row % per_class == 0 and n % per_class == 0:
-        k = n // per_class
-        g_re = grad_re[first : first + k, None, :]  # (k, 1, F)
-        g_im = grad_im[first : first + k, None, :]
-        shape = (k, per_class, -1)
-        weights = -g_re * torch.sin(projections).reshape(shape) + g_im * torch.cos(projections).reshape(shape)
-        weights = weights.reshape(n, -1)
-    else:
-        if (start_row + n - 1) // per_class != first:
-            raise ValueError(f"chunk [{start_row}, {start_row + n}) neither covers whole classes nor stays in one")
-        weights = -grad_re[first] * torch.sin(projections) + grad_im[first] * torch.cos(projections)
-    return (weights / per_class).T @ features
-
-
-def chunk_bounds(num_classes: int, per_class: int, chunk: int) -> list[tuple[int, int]]:
-    """Row ranges of at most ``chunk`` rows over a class-major array, each whole classes (when
-    ``chunk >= per_class``) or inside one class (split into equal pieces)."""
-    if chunk >= per_class:
-        step = chunk // per_class
-        return [(c * per_class, min(c + step, num_classes) * per_class) for c in range(0, num_classes, step)]
-    pieces = -(-per_class // chunk)
-    size = -(-per_class // pieces)
-    return [
-        (c * per_class + s, c * per_class + min(s + size, per_class))
-        for c in range(num_classes)
-        for s in range(0, per_class, size)
-    ]
 
 
 class _CompiledOrEager:
@@ -170,14 +91,33 @@ def _owned_rows_of_state(state: dict[str, Any], rows: slice, total_rows: int) ->
     return {**state, "images": state["images"][rows], "image_optimizer": {**optimizer, "state": moments}}
 
 
+def checkpoint_due(iteration: int, target: int, every: int) -> bool:
+    """The checkpoint rule, written once: after every ``every``-th iteration short of ``target``
+    (the end of a run writes its results, and its checkpoint with them, separately). Under
+    torchrun every rank gathers its shard exactly where this is true (and at ``target``), so
+    ranks that disagreed on it would deadlock. ``every`` 0: never."""
+    return every > 0 and iteration % every == 0 and iteration < target
+
+
+@dataclass(frozen=True)
+class LoopHooks:
+    """What a job hooks into :meth:`Distiller.run`: ``progress(event)`` after each iteration,
+    ``checkpoint(distiller)`` where :func:`checkpoint_due`, ``stop_requested()`` between
+    iterations (Ctrl-C, SIGTERM). Any may be None."""
+
+    progress: ProgressCallback | None = None
+    checkpoint: Callable[[Distiller], None] | None = None
+    stop_requested: Callable[[], bool] | None = None
+
+
 class Distiller:
     """Holds the synthetic images, psi, both optimisers and the run's generator.
 
     ``dataset`` is moved to ``device`` once; nothing is read from disk inside :meth:`step`.
     Memory/speed options come from the config: ``real_chunk``, ``class_chunk``, ``precision``,
-    ``activation_checkpointing``, ``channels_last``, ``compile`` (see ``ncfm_core.budget``).
+    ``activation_checkpointing``, ``channels_last``, ``compile`` (see ``ncfm_core.planner``).
 
-    Several processes (``ncfm_core.distributed``): ``classes`` is the contiguous block of class
+    Several processes (``ncfm_core.parallel``): ``classes`` is the contiguous block of class
     ids this process owns (default all). Every process draws the SAME random numbers for all
     classes (so generator states stay identical) and keeps only its block's rows: ``images``,
     ``labels`` and the image optimiser cover the block, the real side reads only its classes.
@@ -270,11 +210,12 @@ class Distiller:
         self.real_chunk = config.real_chunk or DEFAULT_REAL_CHUNK
         owned = len(self.classes)
         self.class_chunk = min(config.class_chunk or owned, owned)
-        self._real_bounds = chunk_bounds(owned, self.real_per_class, self.real_chunk)
+        self._real_bounds = cf.chunk_bounds(owned, self.real_per_class, self.real_chunk)
         self._real_labels = torch.arange(
             self.classes.start, self.classes.stop, device=self.device
         ).repeat_interleave(self.real_per_class)
         self.iteration = 0
+        self.mid_step = False  # True while run() is inside step(): the state is then not one to keep
         self.loss_curve: list[list[float]] = []  # [iteration, mean loss over the last LOSS_LOG_EVERY]
         self._loss_window: list[float] = []
         # Reading a loss on the host waits for the device. On accelerators the per-iteration
@@ -288,7 +229,7 @@ class Distiller:
 
     # -- set-up helpers ----------------------------------------------------------------------
     def _init_real_sampler(self, class_indices: list[Tensor]) -> None:
-        """Tables for :meth:`_sample_real`: a (C, n_max) table of each class's train indices
+        """Tables for :meth:`sample_real`: a (C, n_max) table of each class's train indices
         (padded), the padding mask, and for every batch slot the rank it reads (cycling through
         a class smaller than the batch)."""
         counts = torch.tensor([len(idx) for idx in class_indices])
@@ -319,7 +260,7 @@ class Distiller:
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     # -- one iteration ---------------------------------------------------------------------
-    def _sample_real(self) -> tuple[Tensor, Tensor]:
+    def sample_real(self) -> tuple[Tensor, Tensor]:
         """``real_per_class`` indices of every class, distinct while the class has enough.
 
         Every train image gets a uniform key; a per-class ``topk`` of the smallest keys is a
@@ -380,10 +321,10 @@ class Distiller:
             if keep_features:
                 kept.append(features)
             if freqs is None:
-                first, sums = class_row_sums(features, start, b)
+                first, sums = cf.class_row_sums(features, start, b)
                 sums_a[first : first + sums.shape[0]] += sums.double()
             else:
-                first, cos_sums, sin_sums = cf_chunk_sums(features, freqs, start, b)
+                first, cos_sums, sin_sums = cf.cf_chunk_sums(features, freqs, start, b)
                 sums_a[first : first + cos_sums.shape[0]] += cos_sums.double()
                 sums_b[first : first + sin_sums.shape[0]] += sin_sums.double()
         first_stat = (sums_a / b).float()
@@ -405,7 +346,7 @@ class Distiller:
         with torch.no_grad():
             for i, (start, end) in enumerate(self._real_bounds):
                 features = kept[i] if kept else self._real_chunk_features(index, start, end, params)
-                total += cf_chunk_freq_grad(features, freqs, start, self.real_per_class, grad_re, grad_im)
+                total += cf.cf_chunk_freq_grad(features, freqs, start, self.real_per_class, grad_re, grad_im)
         return total
 
     def _group_loss(
@@ -428,12 +369,9 @@ class Distiller:
         per_class_rows = config.ipc * config.factor**2
         rows = slice(first_class, first_class + k)
         if freqs is None:
-            syn_means = features.reshape(k, per_class_rows, -1).mean(dim=1)
-            per_class = ((real_a[rows] - syn_means) ** 2).sum(dim=-1)
+            per_class = cf.mmd(real_a[rows], cf.class_means(features, per_class_rows))
         else:
-            projections = features @ freqs.T  # (k * Q, F), float32
-            syn_re = torch.cos(projections).reshape(k, per_class_rows, -1).mean(dim=1)
-            syn_im = torch.sin(projections).reshape(k, per_class_rows, -1).mean(dim=1)
+            syn_re, syn_im = cf.cf_class_major(features, freqs, per_class_rows)  # (k, F) each, float32
             per_class = cf.ncfd(real_a[rows], real_b[rows], syn_re, syn_im, alpha=config.alpha)
         match = config.loss_scale * per_class.sum()
         calib = torch.zeros((), device=self.device)
@@ -467,7 +405,7 @@ class Distiller:
         if config.calib_weight > 0:
             self.pool.load_trained_into(self.teacher, member)
 
-        real_index, _ = self._sample_real()
+        real_index, _ = self.sample_real()
         params = augment.sample_params(
             config.dsa_strategy, self.num_classes, self.image_size, gen, allow_flip=self.allow_flip
         )
@@ -561,24 +499,29 @@ class Distiller:
             }
         self._pending = []
 
-    def run(
-        self,
-        until: int,
-        callback: ProgressCallback | None = None,
-        on_checkpoint: Callable[[Distiller], None] | None = None,
-        checkpoint_every: int = 0,
-    ) -> None:
-        """Iterate until ``self.iteration == until``.
+    def run(self, until: int | None = None, *, checkpoint_every: int = 0, hooks: LoopHooks | None = None) -> bool:
+        """THE distillation loop (every process of every job runs this one): iterate until
+        ``self.iteration == until`` (default ``config.iterations``).
 
-        ``callback`` gets each iteration's metrics (plus "total"); ``on_checkpoint(self)`` is
-        called every ``checkpoint_every`` iterations (0: never).
+        Between iterations, in this order: ``hooks.progress`` gets the iteration's metrics (plus
+        ``stage`` "distill" and ``total``); ``hooks.checkpoint(self)`` runs where
+        :func:`checkpoint_due` says; ``hooks.stop_requested()`` is asked before each iteration
+        and once at the end. Returns True when ``until`` was reached with no stop requested,
+        False when a stop was requested (the distiller then sits between two iterations).
         """
+        until = self.config.iterations if until is None else until
+        hooks = hooks or LoopHooks()
         while self.iteration < until:
+            if hooks.stop_requested is not None and hooks.stop_requested():
+                return False
+            self.mid_step = True  # a failure inside step() leaves no state worth checkpointing
             metrics = self.step()
-            if callback is not None:
-                callback({"stage": "distill", "total": until, **metrics})
-            if on_checkpoint is not None and checkpoint_every > 0 and self.iteration % checkpoint_every == 0:
-                on_checkpoint(self)
+            self.mid_step = False
+            if hooks.progress is not None:
+                hooks.progress({"stage": "distill", "total": until, **metrics})
+            if hooks.checkpoint is not None and checkpoint_due(self.iteration, until, checkpoint_every):
+                hooks.checkpoint(self)
+        return not (hooks.stop_requested is not None and hooks.stop_requested())
 
     # -- results and state -----------------------------------------------------------------
     def synthetic_set(self) -> tuple[Tensor, Tensor]:

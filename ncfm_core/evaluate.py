@@ -364,7 +364,7 @@ def evaluate_images(
 ImageEvaluator = Callable[..., EvalResult]
 """Anything called like :func:`evaluate_images` ``(images, labels, dataset, config, device,
 on_repeat, *, teacher)`` that returns the same result: the functions below take one as
-``evaluator`` (default :func:`evaluate_images`); ``ncfm_core.distributed`` passes one that
+``evaluator`` (default :func:`evaluate_images`); ``ncfm_core.parallel`` passes one that
 spreads the repeats over the ranks of a torchrun job."""
 
 

@@ -18,3 +18,14 @@ def _isolated_store(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("NCFM_HOME", str(tmp_path_factory.mktemp("ncfm_home")))
     monkeypatch.setenv("NCFM_DATA_DIR", str(tmp_path_factory.mktemp("ncfm_data")))
     monkeypatch.delenv("NCFM_DEBUG", raising=False)
+
+
+@pytest.fixture
+def single_thread():
+    """Torch on one thread for the test, restored afterwards: tiny ops on an oversubscribed
+    machine run far faster so. Modules of tiny jobs use it for every test with
+    ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    from cli_runner import one_thread
+
+    with one_thread():
+        yield

@@ -18,7 +18,13 @@ from ncfm_cli import distill as distill_module
 from ncfm_cli.main import app
 from ncfm_cli.output import EXIT_CODES_HELP, exit_code_for
 from ncfm_core.distill import Distiller
-from ncfm_core.errors import BudgetInfeasibleError, ConfigError, CorruptArtifactError, NcfmError, NotFoundError
+from ncfm_core.errors import (
+    BudgetInfeasibleError,
+    ConfigError,
+    CorruptArtifactError,
+    NcfmError,
+    NotFoundError,
+)
 from ncfm_core.store import Store, load_tensors
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -26,10 +32,7 @@ TINY = ["--pool-size", "1", "--pool-epochs", "0", "--freqs", "16", "--real-per-c
 EVAL_TINY = ["--epochs", "1", "--repeats", "1"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,14 @@
 import pytest
 import torch
 
-from ncfm_core import cf, store
+from ncfm_core import augment, cf, store
 from ncfm_core.config import make_config
 from ncfm_core.data import load_dataset
-from ncfm_core.distill import Distiller
+from ncfm_core.distill import Distiller, LoopHooks, checkpoint_due
 from ncfm_core.errors import CorruptArtifactError
 from ncfm_core.pool import PoolSpec, train_pool
+from ncfm_core.sampler import reverse_gradient
+from ncfm_core.synset import decode_synset
 
 
 @pytest.fixture(scope="module")
@@ -68,14 +70,14 @@ def test_real_chunking_does_not_change_the_step(tiny, sampler):
 def test_real_batches_are_per_class_and_distinct(tiny):
     dataset, base, pool = tiny
     d = Distiller(base.replace(real_per_class=5), dataset, pool, "cpu")
-    index, labels = d._sample_real()
+    index, labels = d.sample_real()
     assert index.shape == labels.shape == (15,)
     assert torch.equal(dataset.train_labels[index], labels)
     for c in range(3):
         assert len(set(index[labels == c].tolist())) == 5
     # a class smaller than the batch is used whole before anything repeats
     d = Distiller(base.replace(real_per_class=20), dataset, pool, "cpu")
-    index, labels = d._sample_real()
+    index, labels = d.sample_real()
     assert set(index[labels == 0][:12].tolist()) == set(torch.nonzero(dataset.train_labels == 0).flatten().tolist())
 
 
@@ -114,85 +116,41 @@ def test_mmd_matching_mode_runs_without_a_sampler(tiny):
     assert m["match_loss"] >= 0 and not d.learned_sampler and d.sampler_tensors() == {}
 
 
-def test_callback_and_checkpoint_hooks(tiny):
+def test_progress_and_checkpoint_hooks(tiny):
     dataset, base, pool = tiny
     d = Distiller(base, dataset, pool, "cpu")
     events, saved = [], []
-    d.run(4, callback=events.append, on_checkpoint=lambda x: saved.append(x.iteration), checkpoint_every=2)
-    assert [e["iteration"] for e in events] == [1, 2, 3, 4]
-    assert all(e["stage"] == "distill" and e["total"] == 4 for e in events)
-    assert saved == [2, 4]
+    hooks = LoopHooks(progress=events.append, checkpoint=lambda x: saved.append(x.iteration))
+    assert d.run(5, checkpoint_every=2, hooks=hooks) is True
+    assert [e["iteration"] for e in events] == [1, 2, 3, 4, 5]
+    assert all(e["stage"] == "distill" and e["total"] == 5 for e in events)
+    assert saved == [2, 4]  # not at the end: a run's end writes its results (and checkpoint) itself
+    assert not d.mid_step
 
 
-# -- chunked CF pieces against cf.cf_embed_per_class and autograd ------------------------------
+def test_a_stop_request_ends_the_loop_between_iterations(tiny):
+    dataset, base, pool = tiny
+    d = Distiller(base, dataset, pool, "cpu")
+    asked = []
 
-from ncfm_core import augment  # noqa: E402
-from ncfm_core.distill import (  # noqa: E402
-    cf_chunk_freq_grad,
-    cf_chunk_sums,
-    chunk_bounds,
-    class_row_sums,
+    def stop_after_two() -> bool:
+        asked.append(d.iteration)
+        return d.iteration >= 2
+
+    assert d.run(6, hooks=LoopHooks(stop_requested=stop_after_two)) is False
+    assert d.iteration == 2 and asked == [0, 1, 2] and not d.mid_step
+    late = Distiller(base, dataset, pool, "cpu")  # a stop asked during the last iteration still counts
+    assert late.run(1, hooks=LoopHooks(stop_requested=lambda: late.iteration == 1)) is False
+    assert late.iteration == 1
+
+
+@pytest.mark.parametrize(
+    ("iteration", "target", "every", "due"),
+    [(2, 6, 2, True), (6, 6, 2, False), (3, 6, 2, False), (4, 6, 0, False), (100, 250, 100, True),
+     (200, 200, 100, False)],
 )
-from ncfm_core.sampler import reverse_gradient  # noqa: E402
-from ncfm_core.synset import decode_synset  # noqa: E402
-
-
-@pytest.mark.parametrize("classes, per_class, chunk", [(3, 10, 10_000), (3, 10, 7), (4, 5, 10), (4, 5, 12), (2, 9, 1)])
-def test_chunk_bounds_cover_every_row_once_and_respect_classes(classes, per_class, chunk):
-    bounds = chunk_bounds(classes, per_class, chunk)
-    rows = [r for s, e in bounds for r in range(s, e)]
-    assert rows == list(range(classes * per_class))
-    for s, e in bounds:
-        assert 0 < e - s <= max(chunk, 1)
-        whole = s % per_class == 0 and (e - s) % per_class == 0
-        assert whole or s // per_class == (e - 1) // per_class, (s, e)
-
-
-@pytest.mark.parametrize("chunk", [30, 10, 4, 1])
-def test_chunked_cf_sums_equal_the_per_class_cf(chunk):
-    gen = torch.Generator().manual_seed(1)
-    features = torch.randn(30, 5, generator=gen, dtype=torch.float64)
-    labels = torch.arange(3).repeat_interleave(10)
-    freqs = torch.randn(7, 5, generator=gen, dtype=torch.float64)
-    re, im = torch.zeros(3, 7, dtype=torch.float64), torch.zeros(3, 7, dtype=torch.float64)
-    for s, e in chunk_bounds(3, 10, chunk):
-        first, cos_sums, sin_sums = cf_chunk_sums(features[s:e], freqs, s, 10)
-        re[first : first + cos_sums.shape[0]] += cos_sums
-        im[first : first + sin_sums.shape[0]] += sin_sums
-    ref_re, ref_im = cf.cf_embed_per_class(features, labels, freqs, 3)
-    torch.testing.assert_close(re / 10, ref_re, atol=1e-12, rtol=0)
-    torch.testing.assert_close(im / 10, ref_im, atol=1e-12, rtol=0)
-
-
-def test_class_row_sums_refuses_a_chunk_across_a_class_boundary():
-    with pytest.raises(ValueError, match="neither"):
-        class_row_sums(torch.ones(4, 2), 8, 10)  # rows 8..11 straddle classes 0 and 1
-
-
-@pytest.mark.parametrize("chunk", [30, 10, 3])
-def test_closed_form_frequency_gradient_equals_autograd(chunk):
-    """psi's gradient through the real CF, chunk by chunk, equals autograd through
-    cf_embed_per_class, in float64."""
-    gen = torch.Generator().manual_seed(2)
-    features = torch.randn(30, 4, generator=gen, dtype=torch.float64)
-    labels = torch.arange(3).repeat_interleave(10)
-    freqs = torch.randn(6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
-    grad_re = torch.randn(3, 6, generator=gen, dtype=torch.float64)
-    grad_im = torch.randn(3, 6, generator=gen, dtype=torch.float64)
-    re, im = cf.cf_embed_per_class(features, labels, freqs, 3)
-    (reference,) = torch.autograd.grad((grad_re * re + grad_im * im).sum(), freqs)
-    total = sum(
-        cf_chunk_freq_grad(features[s:e], freqs.detach(), s, 10, grad_re, grad_im)
-        for s, e in chunk_bounds(3, 10, chunk)
-    )
-    torch.testing.assert_close(total, reference, atol=1e-12, rtol=1e-10)
-
-
-def test_cf_chunk_sums_gradcheck():
-    gen = torch.Generator().manual_seed(3)
-    features = torch.randn(6, 3, generator=gen, dtype=torch.float64, requires_grad=True)
-    freqs = torch.randn(4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, t: cf_chunk_sums(x, t, 0, 3)[1:], (features, freqs))
+def test_checkpoint_rule(iteration, target, every, due):
+    assert checkpoint_due(iteration, target, every) is due
 
 
 # -- one engine step against the whole loss as one autograd graph ----------------------------
@@ -207,7 +165,7 @@ def _reference_step_grads(d: Distiller) -> tuple[float, torch.Tensor, dict[str, 
     beta = float(torch.rand((), generator=gen))
     d.pool.blend_into(d.extractor, member, beta)
     d.pool.load_trained_into(d.teacher, member)
-    index, labels = d._sample_real()
+    index, labels = d.sample_real()
     params = augment.sample_params(config.dsa_strategy, d.num_classes, d.image_size, gen, allow_flip=d.allow_flip)
     freqs = d.sampler.sample(gen)
     if d.learned_sampler:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from cli_runner import invoke, one_json, one_thread
 
-from ncfm_core import jobs
+from ncfm_core.jobs import eval as eval_jobs
 from ncfm_core.store import Store
 
 # A 1-network pool trained for one epoch (the soft-label teacher), 3 iterations, no multi-formation.
@@ -23,10 +23,7 @@ BOTH = ["--baseline", "random", "--baseline", "full"]
 DIGITS_TRAIN = 1257
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +55,7 @@ def _no_full_training(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the full-data baseline was trained although it is cached")
 
-    monkeypatch.setattr(jobs, "evaluate_full_baseline", refuse)
+    monkeypatch.setattr(eval_jobs, "evaluate_full_baseline", refuse)
 
 
 # ----------------------------------------------------------------------------- JSON and metrics

@@ -22,22 +22,15 @@ from ncfm_core.jobs import (
     export_job,
     inspect_job,
     list_job,
-    load_synset,
     resume_job,
 )
-from ncfm_core.store import Store, load_state, load_tensors, write_json
+from ncfm_core.store import Store, load_state, load_synset, load_tensors, write_json
 
 # Small enough for a busy CPU: an untrained 1-network pool of width-8 ConvNets, 16 frequencies.
 TINY = dict(pool_size=1, pool_epochs=0, num_freqs=16, real_per_class=4, width=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny ops on an oversubscribed machine run far faster on one thread; restored afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_config(iterations: int = 6, seed: int = 0, **overrides):

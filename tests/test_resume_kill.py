@@ -15,20 +15,25 @@ import torch
 from typer.testing import CliRunner
 
 from ncfm_cli.main import app
-from ncfm_core.jobs import load_synset
-from ncfm_core.store import Store, load_state, load_tensors
+from ncfm_core.store import Store, load_state, load_synset, load_tensors
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# Long enough (150 tiny iterations after the first checkpoints) that the kill lands mid-run.
-DISTILL = ["distill", "digits", "--ipc", "1", "--iterations", "150", "--checkpoint-every", "5", "--seed", "3",
+ITERATIONS = 30
+DISTILL = ["distill", "digits", "--ipc", "1", "--iterations", str(ITERATIONS), "--checkpoint-every", "5", "--seed", "3",
            "--pool-size", "1", "--pool-epochs", "1", "--freqs", "16", "--real-per-class", "4", "--width", "8"]
 POLL_LIMIT_S = 240
 
 
-def ncfm(store: Path, *args: str, **popen) -> subprocess.Popen:
+def ncfm(store: Path, *args: str, pause_at: int | None = None, **popen) -> subprocess.Popen:
+    """``ncfm ARGS`` in a new process. With ``pause_at`` the run waits after its checkpoint at
+    that iteration until it is stopped (``NCFM_PAUSE_AFTER_CHECKPOINT``), so a test stops it at
+    a known iteration on a machine of any speed."""
     # Every process gets the same single thread: bit-identity across processes needs the same
     # reduction order, and one thread is also the fastest on a busy machine.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env.pop("NCFM_PAUSE_AFTER_CHECKPOINT", None)
+    if pause_at is not None:
+        env["NCFM_PAUSE_AFTER_CHECKPOINT"] = str(pause_at)
     return subprocess.Popen(
         [sys.executable, "-m", "ncfm_cli", "--store", str(store), *args],
         cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen,
@@ -74,10 +79,11 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     # The uninterrupted reference, in its own store (so its pool is trained separately).
     reference = Store(straight_store).resolve(ncfm_here("--store", str(straight_store), *DISTILL)["artifact"])
 
-    victim = ncfm(killed_store, *DISTILL)
+    victim = ncfm(killed_store, *DISTILL, pause_at=10)
     manifest_path = killed_store / "artifacts" / "digits-ipc1" / "v1" / "manifest.json"
     try:
         seen = wait_for_checkpoint(victim, manifest_path, 10)
+        assert seen["checkpoint_iteration"] == 10  # paused there: the kill lands mid-run
         victim.send_signal(signal.SIGKILL)
     finally:
         victim.kill()
@@ -86,13 +92,12 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
 
     version = Store(killed_store).resolve("digits-ipc1@v1")
     assert version.manifest()["status"] == "running"  # SIGKILL leaves no chance to say otherwise
-    checkpointed = int(load_state(version.checkpoint_path)["iteration"])
-    assert 10 <= checkpointed < 150 and checkpointed % 5 == 0
+    assert int(load_state(version.checkpoint_path)["iteration"]) == 10
     assert not version.synset_path.exists()
 
     resumed = ncfm_here("--store", str(killed_store), "resume", "digits-ipc1")
     assert resumed["artifact"] == "digits-ipc1@v1" and resumed["status"] == "complete"
-    assert resumed["iterations"] == 150
+    assert resumed["iterations"] == ITERATIONS
     manifest = version.manifest()
     assert manifest["pool"]["cached"] is True  # the resume reused the victim's pool
     assert manifest["pool"]["key"] == reference.manifest()["pool"]["key"]
@@ -110,7 +115,7 @@ def test_concurrent_distills_to_one_name_and_a_real_ctrl_c(tmp_path):
     SIGINT after a checkpoint: it exits 130 naming the resume command; resumed, it ends with
     exactly the images of its uninterrupted twin, so neither process wrote into the other."""
     store = tmp_path / "store"
-    procs = [ncfm(store, "--json", *DISTILL, "--name", "shared") for _ in range(2)]
+    procs = [ncfm(store, "--json", *DISTILL, "--name", "shared", pause_at=pause) for pause in (5, None)]
     stopped, finished = procs
     try:
         deadline = time.monotonic() + POLL_LIMIT_S
@@ -135,7 +140,7 @@ def test_concurrent_distills_to_one_name_and_a_real_ctrl_c(tmp_path):
     manifest = json.loads(mine.read_text())
     assert manifest["status"] == "failed" and manifest["interrupted"] is True
     saved = manifest["checkpoint_iteration"]
-    assert 5 <= saved < 150 and saved == load_state(mine.parent / "checkpoint" / "state.safetensors")["iteration"]
+    assert saved == 5 == load_state(mine.parent / "checkpoint" / "state.safetensors")["iteration"]
     assert f"checkpoint saved at iteration {saved}" in stderr and "Traceback" not in stderr
     assert f"ncfm --store {store} resume {interrupted_ref}" in stderr
 
@@ -147,7 +152,7 @@ def test_concurrent_distills_to_one_name_and_a_real_ctrl_c(tmp_path):
     assert [v.version for v in versions] == [1, 2]
     for version in versions:
         manifest = version.manifest()
-        assert manifest["status"] == "complete" and manifest["iterations_done"] == 150
+        assert manifest["status"] == "complete" and manifest["iterations_done"] == ITERATIONS
         assert manifest["name"] == "shared" and manifest["version"] == version.version
     first, second = (load_synset(v.synset_path) for v in versions)
     assert first.images.shape == (10, 1, 16, 16)

@@ -1,0 +1,88 @@
+"""``ncfm distill``: a new version of an artifact, distilled from a dataset."""
+
+from __future__ import annotations
+
+import re
+
+from ncfm_core import parallel
+from ncfm_core import store as store_lib
+from ncfm_core.config import DistillConfig
+from ncfm_core.data import DatasetShape
+from ncfm_core.devices import (
+    JobDevice,
+    MemoryBudget,
+    cap_device_memory,
+)
+from ncfm_core.jobs.common import (
+    load_job_dataset,
+)
+from ncfm_core.jobs.events import JobCallback, emitter, log
+from ncfm_core.jobs.plan import make_plan, plan_message
+from ncfm_core.jobs.run import (
+    DEFAULT_CHECKPOINT_EVERY,
+    check_checkpoint_every,
+    distill_into,
+    initial_manifest,
+    run_lock,
+    validate_job,
+)
+from ncfm_core.store import ArtifactVersion, Store
+
+
+def default_artifact_name(dataset: str, ipc: int) -> str:
+    """``<dataset>-ipc<IPC>``; a ``folder:PATH`` dataset becomes ``folder-<last path part>-ipc<IPC>``
+    with every character outside the artifact-name charset replaced by ``_``."""
+    family, sep, argument = dataset.partition(":")
+    last_part = re.split(r"[\\/]", argument.rstrip("/\\"))[-1]  # either separator, any platform
+    base = f"{family}-{last_part or 'data'}" if sep else dataset
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).replace("..", "_")
+    base = re.sub(r"^[^A-Za-z0-9]+", "", base)[:100] or "dataset"
+    return store_lib.validate_name(f"{base}-ipc{ipc}")
+
+
+@parallel.ranked_job
+def distill_job(
+    store: Store,
+    config: DistillConfig,
+    *,
+    name: str | None = None,
+    device: str | JobDevice = "auto",
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+    callback: JobCallback | None = None,
+    gpu_mem: str | None = None,
+    allow_checkpointing: bool = True,
+) -> ArtifactVersion:
+    """Distill ``config.dataset`` into a new version of ``name`` (default ``<dataset>-ipc<IPC>``).
+
+    Everything that can be checked before any work is checked first (name, dataset, IPC, factor,
+    network, device, the memory plan), so bad input leaves nothing behind. ``device`` is resolved
+    once, at this job's boundary (:func:`~ncfm_core.parallel.ranked_job`), and recorded in the
+    manifest with the reason for it. The run is planned
+    for ``gpu_mem`` (see :func:`make_plan`; the CUDA allocator is capped at it) and the plan is
+    applied to the config before the manifest is written, so a resume replays it. Returns the
+    complete version.
+    Raises :class:`JobInterrupted` on Ctrl-C (after checkpointing), ``NcfmError`` subclasses for
+    bad input, and re-raises anything else after marking the version failed.
+    """
+    emit = emitter(callback)
+    checkpoint_every = check_checkpoint_every(checkpoint_every)
+    name = store_lib.validate_name(name) if name is not None else default_artifact_name(config.dataset, config.ipc)
+    dataset = load_job_dataset(config)
+    spec = validate_job(config, dataset)
+    torch_device = device.device
+    budget = MemoryBudget.resolve(gpu_mem, torch_device)
+    plan, plan_record = make_plan(config, DatasetShape.of(dataset), torch_device, budget,
+                                  allow_checkpointing=allow_checkpointing)
+    if budget.bytes is not None:
+        cap_device_memory(torch_device, budget.bytes)
+    config = plan.apply(config)
+    version = store.create_version(
+        name, initial_manifest(config, dataset, device, checkpoint_every, parent=None,
+                                plan_record=plan_record)
+    )
+    emit({"stage": "created", "artifact": version.ref, "path": str(version.path)})
+    log(emit, f"created {version.ref} at {version.path}")
+    log(emit, plan_message(plan))
+    with run_lock(version):
+        return distill_into(store, version, config, dataset, spec, torch_device,
+                            checkpoint_every=checkpoint_every, state=None, emit=emit, budget=budget)

@@ -1,0 +1,315 @@
+"""``ncfm eval``: train fresh networks on a synthetic set, with baselines and fair metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ncfm_core import parallel
+from ncfm_core import store as store_lib
+from ncfm_core.config import DistillConfig
+from ncfm_core.data import ImageDataset
+from ncfm_core.devices import (
+    JobDevice,
+)
+from ncfm_core.errors import ConfigError, CorruptArtifactError, NcfmError, one_line
+from ncfm_core.evaluate import (
+    EvalConfig,
+    EvalResult,
+    baseline_cache_key,
+    build_eval_network,
+    evaluate_full_baseline,
+    evaluate_models,
+    evaluate_random_baseline,
+    teacher_from_pool,
+)
+from ncfm_core.jobs.common import (
+    check_fingerprint,
+    complete_synset,
+    config_from_manifest,
+    load_job_dataset,
+    software_versions,
+)
+from ncfm_core.jobs.events import JobCallback, emitter, log
+from ncfm_core.metrics import fair_metrics
+from ncfm_core.pool import PoolSpec
+from ncfm_core.store import Store, utc_now
+from ncfm_core.store.baselines import (
+    CACHE_ONLY_FIELDS,
+    baseline_path,
+    read_baseline,
+    write_baseline,
+)
+from ncfm_core.train import can_stack
+
+BASELINE_KINDS = ("random", "full")
+SOFT_LABEL_LOSS = "T^2 * KL(softmax(teacher / T) || softmax(student / T)) on each augmented batch"
+
+
+def _check_baselines(baselines: Sequence[str]) -> list[str]:
+    names = list(dict.fromkeys(name.strip().lower() for name in baselines))
+    unknown = [name for name in names if name not in BASELINE_KINDS]
+    if unknown:
+        raise ConfigError(f"unknown baseline {unknown[0]!r}; choose random and/or full, e.g. --baseline random")
+    return names
+
+
+def _check_models(eval_config: EvalConfig, models: Sequence[str], dataset: ImageDataset) -> list[str]:
+    """Lower-cased, de-duplicated model names; each is built once so that an unknown name or a
+    batched repeat mode it cannot honour fails before anything trains."""
+    names = list(dict.fromkeys(name.strip().lower() for name in models))
+    if not names:
+        raise ConfigError("name at least one model to evaluate, e.g. --model convnet")
+    for name in names:
+        with torch.random.fork_rng(devices=[]):  # a throwaway init must not move the global RNG
+            net = build_eval_network(dataclasses.replace(eval_config, model=name), dataset)
+        if eval_config.repeat_mode == "batched" and not can_stack(net):
+            raise ConfigError(
+                f"{name} has batch norm or dropout and cannot train its repeats batched; "
+                "use --repeat-mode auto or sequential"
+            )
+    return names
+
+
+def _result_record(result: EvalResult, protocol_extra: dict[str, Any]) -> dict[str, Any]:
+    """An :class:`EvalResult` as it is reported: ``accuracy {mean, std, runs}`` plus how it was made."""
+    flat = result.to_dict()
+    record: dict[str, Any] = {
+        "accuracy": {"mean": float(result.mean), "std": float(result.std), "runs": [float(r) for r in result.runs]},
+        "seconds": float(result.seconds),
+        "seeds": list(result.seeds),
+        "training": result.training,
+        "train_set": dict(result.train_set),
+        "protocol": {**result.protocol, **protocol_extra},
+    }
+    if "best_over_epochs_test_acc" in flat:
+        record["best_over_epochs_test_acc"] = flat["best_over_epochs_test_acc"]
+    return record
+
+
+def _full_baseline(
+    store: Store,
+    dataset: ImageDataset,
+    model_config: EvalConfig,
+    protocol_extra: dict[str, Any],
+    device: torch.device,
+    teacher: nn.Module | None,
+    emit: JobCallback,
+) -> dict[str, Any]:
+    """The full-data baseline of ``model_config``: from the store's cache if a valid entry exists,
+    else trained and cached (atomic write). A corrupt cache entry is a warning and is recomputed."""
+    protocol = {**model_config.to_dict(), **protocol_extra}
+    key = baseline_cache_key(dataset.fingerprint, protocol, model_config.model)
+    path = baseline_path(store.root, key)
+    if path.exists():
+        try:
+            cached = read_baseline(path, key, protocol)
+        except (NcfmError, ValueError, OSError) as err:
+            log(emit, f"baseline full: ignoring the cache file {path} ({one_line(err)}); recomputing it", "warning")
+        else:
+            log(emit, f"baseline full: reusing the cached result for {model_config.model} ({path.name})")
+            return {**cached, "cached": True, "cache_key": key}
+
+    log(emit, f"baseline full: training {model_config.repeats} x {model_config.model} on all "
+              f"{dataset.num_train} training images for {model_config.epochs} epochs (cached afterwards)")
+    result = evaluate_full_baseline(dataset, model_config, device, teacher=teacher,
+                                    on_repeat=_repeat_reporter(emit, "full", model_config),
+                                    evaluator=parallel.job_evaluator())
+    record = {**_result_record(result, protocol_extra), "created": utc_now()}
+    try:
+        write_baseline(path, record, key=key, dataset_fingerprint=dataset.fingerprint, versions=software_versions())
+    except OSError as err:  # a read-only store still gets its result, just not cached
+        log(emit, f"baseline full: could not cache the result at {path} ({one_line(err)})", "warning")
+    record = {k: v for k, v in record.items() if k not in CACHE_ONLY_FIELDS}
+    return {**record, "cached": False, "cache_key": key}
+
+
+def _eval_event(emit: JobCallback, what: str, model: str, repeat: int, repeats: int, accuracy: float) -> None:
+    emit({"stage": "eval", "what": what, "model": model, "repeat": repeat, "repeats": repeats,
+          "accuracy": float(accuracy)})
+
+
+def _repeat_reporter(emit: JobCallback, what: str, config: EvalConfig) -> Callable[[int, float], None]:
+    """The ``on_repeat`` callback of one evaluation: an ``eval`` event per trained network."""
+    return lambda repeat, accuracy: _eval_event(emit, what, config.model, repeat, config.repeats, accuracy)
+
+
+def _teacher(
+    store: Store,
+    config: DistillConfig,
+    dataset: ImageDataset,
+    eval_config: EvalConfig,
+    device: torch.device,
+    emit: JobCallback,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Pool member ``eval_config.teacher_member`` of the artifact's own extractor pool (cached
+    in the store, trained again if the cache is gone) and a record of it."""
+    spec = PoolSpec.from_config(config, dataset)
+    member = eval_config.teacher_member
+    if member >= spec.size:
+        raise ConfigError(f"--teacher-member {member} is not in this artifact's pool of {spec.size}; "
+                          f"use 0..{spec.size - 1}")
+    key = spec.key()
+    cache_dir = store.pool_dir(key)
+    if not (cache_dir / store_lib.POOL_FILE).exists():
+        log(emit, f"soft labels: training the artifact's pool ({spec.size} network(s), {spec.epochs} epoch(s) "
+                   f"each) for its teacher ({key})")
+
+    def on_progress(pool_member: int, epoch: int, loss: float) -> None:
+        emit({"stage": "pool", "member": pool_member, "members": spec.size, "epoch": epoch,
+              "epochs": spec.epochs, "loss": float(loss)})
+
+    started = time.perf_counter()
+    pool, from_cache = parallel.job_pool(spec, dataset, device, cache_dir=cache_dir, on_progress=on_progress)
+    teacher = teacher_from_pool(pool, member, device)
+    info = {
+        "pool": key,
+        "member": member,
+        "network": spec.network,
+        "pool_cached": bool(from_cache),
+        "test_accuracy": float(pool.test_accuracy[member]),
+        "temperature": eval_config.temperature,
+        "loss": SOFT_LABEL_LOSS,
+        "seconds": time.perf_counter() - started,
+    }
+    log(emit, f"soft labels: teacher is pool member {member} ({spec.network}, test accuracy "
+               f"{100 * info['test_accuracy']:.2f}%), temperature {eval_config.temperature}")
+    return teacher, info
+
+
+def _model_entry(
+    store: Store,
+    dataset: ImageDataset,
+    synthetic: EvalResult,
+    model_config: EvalConfig,
+    baselines: Sequence[str],
+    ipc: int,
+    factor: int,
+    baseline_seed: int,
+    protocol_extra: dict[str, Any],
+    device: torch.device,
+    teacher: nn.Module | None,
+    emit: JobCallback,
+) -> dict[str, Any]:
+    """One model's synthetic result, its requested baselines and the fair metrics they allow."""
+    entry = {"model": model_config.model, **_result_record(synthetic, protocol_extra)}
+    found: dict[str, dict[str, Any]] = {}
+    timings = {"synthetic": float(synthetic.seconds)}
+    if "random" in baselines:
+        started = time.perf_counter()
+        per_class = ipc * factor * factor
+        log(emit, f"baseline random: training {model_config.repeats} x {model_config.model} on {ipc} random "
+                   f"real image(s) per class (subset seed {baseline_seed})")
+        result = evaluate_random_baseline(dataset, ipc, model_config, device, baseline_seed, teacher=teacher,
+                                          on_repeat=_repeat_reporter(emit, "random", model_config),
+                                          evaluator=parallel.job_evaluator())
+        record = _result_record(result, protocol_extra)
+        del record["protocol"]  # the synthetic set's protocol, repeated
+        # Multi-formation stores factor^2 tiles per image; the fair comparison is the same storage.
+        subset = f"{ipc} real image{'s' if ipc != 1 else ''} per class (same storage as the synthetic set"
+        subset += f", which decodes into {per_class} per class)" if factor > 1 else ")"
+        found["random"] = {**record, "subset": subset, "subset_seed": baseline_seed}
+        timings["random"] = time.perf_counter() - started
+    if "full" in baselines:
+        started = time.perf_counter()
+        found["full"] = _full_baseline(store, dataset, model_config, protocol_extra, device, teacher, emit)
+        timings["full"] = time.perf_counter() - started  # about 0 when it came from the cache
+    entry["baselines"] = found
+    entry["timings"] = timings
+    entry["metrics"] = fair_metrics(
+        synthetic.mean,
+        found["random"]["accuracy"]["mean"] if "random" in found else None,
+        found["full"]["accuracy"]["mean"] if "full" in found else None,
+    )
+    return entry
+
+
+@parallel.ranked_job
+def eval_job(
+    store: Store,
+    ref: str,
+    eval_config: EvalConfig,
+    device: str | JobDevice = "auto",
+    callback: JobCallback | None = None,
+    *,
+    data_dir: str | None = None,
+    models: Sequence[str] | None = None,
+    baselines: Sequence[str] = (),
+    baseline_seed: int = 0,
+) -> dict[str, Any]:
+    """Train ``eval_config.repeats`` fresh networks on the synthetic set of ``ref`` and test them
+    on the real test set, for each network in ``models`` (default ``[eval_config.model]``), with
+    the ``baselines`` asked for ("random": a seeded random real subset of the synthetic set's
+    stored IPC; "full": the whole training set, cached under ``<store>/baselines/``).
+
+    With ``eval_config.soft_labels`` the teacher is member ``teacher_member`` of the artifact's
+    own pool, used for the synthetic set and both baselines alike. Returns (and appends to
+    the manifest's ``evals``, less ``artifact``/``path``)::
+
+        {artifact, path, model, protocol, accuracy {mean, std, runs}, seeds, training, train_set,
+         baselines {random: {...}, full: {..., cached}}, metrics {ior, hlr, lrs}, teacher,
+         models {name: {...}} (only with several models), seconds (whole job), created, device,
+         world_size}
+
+    Under torchrun (:func:`ncfm_core.parallel.ranked_job`) rank 0 runs this and the repeats
+    of every evaluation are spread over the ranks; the other ranks return rank 0's record.
+
+    The top-level results are those of the first model. Accuracies and metrics are fractions.
+    """
+    emit = emitter(callback)
+    started = time.perf_counter()
+    baselines = _check_baselines(baselines)
+    version = store.resolve(ref)
+    manifest = version.manifest()
+    synset = complete_synset(version, manifest)
+    config = config_from_manifest(version, manifest)
+    dataset = load_job_dataset(config, data_dir)
+    check_fingerprint(version, manifest, dataset)
+    if synset.num_classes != dataset.num_classes or tuple(synset.images.shape[1:]) != (
+        dataset.channels, dataset.image_size, dataset.image_size
+    ):
+        raise CorruptArtifactError(f"{synset.path}: does not match dataset '{config.dataset}'; restore or delete this file")
+    model_names = _check_models(eval_config, models or [eval_config.model], dataset)
+    eval_config = dataclasses.replace(eval_config, model=model_names[0])
+    torch_device = device.device
+
+    teacher, teacher_info, protocol_extra = None, None, {}
+    if eval_config.soft_labels:
+        teacher, teacher_info = _teacher(store, config, dataset, eval_config, torch_device, emit)
+        # A soft-label result depends on the teacher's weights: name them in the protocol.
+        protocol_extra = {"teacher_pool": teacher_info["pool"]}
+
+    log(emit, f"evaluating {version.ref}: {eval_config.repeats} x {', '.join(model_names)} for "
+               f"{eval_config.epochs} epochs on {torch_device}")
+    synthetic = evaluate_models(
+        synset.images, synset.labels, dataset, eval_config, torch_device, model_names, factor=synset.factor,
+        teacher=teacher, evaluator=parallel.job_evaluator(),
+        on_repeat=lambda model, repeat, accuracy: _eval_event(emit, "synthetic", model, repeat,
+                                                              eval_config.repeats, accuracy),
+    )
+    entries = {
+        name: _model_entry(store, dataset, result, dataclasses.replace(eval_config, model=name), baselines,
+                           synset.ipc, synset.factor, baseline_seed, protocol_extra, torch_device, teacher, emit)
+        for name, result in synthetic.items()
+    }
+    first = entries[model_names[0]]
+    record: dict[str, Any] = dict(first)
+    if len(entries) > 1:
+        record["models"] = entries
+    total = time.perf_counter() - started
+    record.update(
+        teacher=teacher_info,
+        seconds=total,  # the whole job; each model's own training time is in its timings
+        timings={**first["timings"], "teacher": None if teacher_info is None else teacher_info["seconds"],
+                 "total": total},
+        created=utc_now(),
+        device=str(torch_device),
+        world_size=parallel.current().world_size,
+    )
+    store.append_eval(version, record)
+    return {"artifact": version.ref, "path": str(version.path), **record}

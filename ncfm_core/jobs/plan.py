@@ -1,0 +1,90 @@
+"""``ncfm distill --dry-run``: the memory plan of a run, without data or a GPU."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from ncfm_core.config import DistillConfig
+from ncfm_core.data import DatasetShape, dataset_shape
+from ncfm_core.devices import MemoryBudget, format_bytes, planning_device
+from ncfm_core.errors import BudgetInfeasibleError
+from ncfm_core.jobs.common import (
+    load_job_dataset,
+)
+from ncfm_core.memory_model import Plan, estimate_iteration_flops
+from ncfm_core.planner import plan_run
+
+
+def make_plan(
+    config: DistillConfig,
+    shape: DatasetShape,
+    device: torch.device,
+    budget: MemoryBudget,
+    *,
+    allow_checkpointing: bool = True,
+) -> tuple[Plan, dict[str, Any]]:
+    """The memory plan of a run on ``device`` and what the manifest records about it.
+
+    ``budget`` is the job's resolved budget (no bytes: plan for the free memory minus a
+    margin). ``allow_checkpointing=False`` (``--no-checkpointing``) refuses plans that
+    recompute activations. Returns ``(plan, {"plan": plan.to_dict(), "flops_per_iteration": int,
+    "gpu_mem": the budget as the user wrote it})``. :class:`BudgetInfeasibleError` (exit 4)
+    naming the minimum when nothing fits.
+    """
+    plan = plan_run(config, shape, device, budget.bytes)
+    if plan.activation_checkpointing and not config.activation_checkpointing and not allow_checkpointing:
+        raise BudgetInfeasibleError(
+            f"{config.dataset} at IPC {config.ipc} fits in {format_bytes(plan.budget_bytes or 0)} only with "
+            f"activation checkpointing; drop --no-checkpointing, raise --gpu-mem, or lower --ipc or --real-per-class"
+        )
+    flops = estimate_iteration_flops(config, shape, plan)["total"]
+    return plan, {"plan": plan.to_dict(), "flops_per_iteration": int(flops), "gpu_mem": budget.spec}
+
+
+def plan_message(plan: Plan) -> str:
+    budget = "no budget" if plan.budget_bytes is None else f"budget {format_bytes(plan.budget_bytes)}"
+    return (
+        f"plan: real chunk {plan.real_chunk}, {plan.class_chunk} class(es) per pass, {plan.precision}, "
+        f"checkpointing {'on' if plan.activation_checkpointing else 'off'}; estimated peak "
+        f"{format_bytes(plan.estimated_peak_bytes)} of the {budget} ({plan.budget_source or 'given'})"
+    )
+
+
+def plan_job(
+    config: DistillConfig,
+    *,
+    device: str = "auto",
+    gpu_mem: str | None = None,
+    allow_checkpointing: bool = True,
+) -> dict[str, Any]:
+    """What ``ncfm distill --dry-run`` shows: the plan a run of ``config`` would get, without
+    writing anything and, for registered datasets, without loading data (``folder:`` datasets
+    are loaded for their shape). On a machine without a GPU a ``gpu_mem`` budget is planned
+    for CUDA; without one the plan uses the free memory of the device (RAM on CPU).
+
+    Returns ``{dry_run: True, dataset, ipc, device, device_reason, shape {num_classes, channels,
+    image_size, num_train}, shape_source ("registry" | "loaded"), plan (Plan.to_dict()),
+    flops_per_iteration, flops (by part), gpu_mem, config (with the plan applied)}``.
+    """
+    shape = dataset_shape(config.dataset, config.image_size)
+    shape_source = "registry"
+    if shape is None:
+        shape, shape_source = DatasetShape.of(load_job_dataset(config)), "loaded"
+    torch_device, reason = planning_device(device, gpu_mem)
+    budget = MemoryBudget.resolve(gpu_mem, torch_device)
+    plan, record = make_plan(config, shape, torch_device, budget, allow_checkpointing=allow_checkpointing)
+    return {
+        "dry_run": True,
+        "dataset": config.dataset,
+        "ipc": config.ipc,
+        "device": str(torch_device),
+        "device_reason": reason,
+        "shape": dataclasses.asdict(shape),
+        "shape_source": shape_source,
+        **record,
+        "flops": estimate_iteration_flops(config, shape, plan),
+        "config": plan.apply(config).to_dict(),
+    }

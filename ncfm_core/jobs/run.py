@@ -1,0 +1,362 @@
+"""One distillation run into a version, shared by ``distill`` and ``resume``: the run lock,
+the pool, the loop with its checkpoints, the results, and what a failure leaves behind.
+
+Any failure is recorded in the manifest (status "failed", the one-line error) and re-raised;
+Ctrl-C becomes :class:`~ncfm_core.jobs.events.JobInterrupted` after a checkpoint."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import filelock
+import torch
+
+from ncfm_core import augment, parallel
+from ncfm_core import store as store_lib
+from ncfm_core.config import DistillConfig
+from ncfm_core.data import ImageDataset, check_ipc
+from ncfm_core.devices import (
+    JobDevice,
+    MemoryBudget,
+    measure_peak,
+    reset_peak,
+)
+from ncfm_core.distill import Distiller, LoopHooks
+from ncfm_core.errors import BudgetInfeasibleError, ConfigError, NcfmError, one_line
+from ncfm_core.jobs.common import (
+    dataset_record,
+    software_versions,
+)
+from ncfm_core.jobs.events import (
+    JobCallback,
+    JobInterrupted,
+    interrupt_between_iterations,
+    log,
+)
+from ncfm_core.pool import PoolSpec
+from ncfm_core.store import ArtifactVersion, Store, utc_now
+from ncfm_core.store.synset import save_sampler, save_synset
+from ncfm_core.synset import check_factor
+
+DEFAULT_CHECKPOINT_EVERY = 100
+"""Iterations between checkpoints: frequent enough that a killed run loses little, rare
+enough that writing the optimiser states (3x the images) costs little next to the loop."""
+
+
+RUN_LOCK_FILE = ".run.lock"
+"""Held (flock) by the process distilling into a version; the kernel drops it if that
+process dies, so a lock we cannot take means the run is alive somewhere else."""
+
+
+def _peak_memory(device: torch.device) -> tuple[dict[str, Any] | None, int | None, str]:
+    """(``measure_peak(device).to_dict()`` or None, the figure to report, what it measures).
+
+    On CUDA the figure is the caching allocator's peak reserved bytes since :func:`reset_peak`
+    (what a ``--gpu-mem`` cap applies to); elsewhere the process's peak resident set size,
+    which also counts everything else the process did."""
+    try:
+        peak = measure_peak(device)
+    except (ImportError, RuntimeError, AttributeError):  # no resource module (Windows), old MPS
+        return None, None, "unavailable"
+    if peak.reserved_bytes is not None:
+        source = "cuda_max_memory_reserved"
+    elif peak.rss_bytes is not None:
+        source = "process_peak_rss"
+    else:
+        source = "mps_driver_allocated"
+    return peak.to_dict(), peak.peak_bytes, source
+
+
+def validate_job(config: DistillConfig, dataset: ImageDataset) -> PoolSpec:
+    """Cheap checks that would otherwise fail only after the pool is trained; returns the
+    run's pool spec, built once here for the whole job."""
+    spec = PoolSpec.from_config(config, dataset)
+    check_ipc(dataset, config.ipc)
+    check_factor(dataset.image_size, config.factor)
+    augment.parse_strategy(config.dsa_strategy, allow_flip=dataset.allow_flip)
+    spec.build()  # unknown network, depth or norm
+    return spec
+
+
+@contextlib.contextmanager
+def run_lock(version: ArtifactVersion) -> Iterator[None]:
+    lock = filelock.FileLock(str(version.path / RUN_LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        raise NcfmError(
+            f"{version.ref} is being distilled by another process right now; wait for it to finish or stop it first"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@dataclass
+class _Session:
+    """One process's stretch of work on a version (a distill, or one resume)."""
+
+    started: float = field(default_factory=time.perf_counter)
+    pool_seconds: float = 0.0
+    step_seconds: list[float] = field(default_factory=list)
+    checkpoint_iteration: int | None = None  # iteration of the newest checkpoint on disk
+
+
+def _save_checkpoint(store: Store, version: ArtifactVersion, distiller: Distiller, session: _Session) -> None:
+    store_lib.save_state(version.checkpoint_path, distiller.state_dict())
+    session.checkpoint_iteration = distiller.iteration
+    store.update_manifest(
+        version,
+        iterations_done=distiller.iteration,
+        checkpoint_iteration=distiller.iteration,
+        loss_curve=distiller.loss_curve,
+    )
+
+
+def _obtain_pool(store: Store, version: ArtifactVersion, spec: PoolSpec, dataset: ImageDataset,
+                 device: torch.device, emit: JobCallback, session: _Session):
+    key = spec.key()
+    cache_dir = store.pool_dir(key)
+    cached = (cache_dir / store_lib.POOL_FILE).exists()
+    if cached:
+        log(emit, f"pool: reusing {spec.size} cached feature extractor(s) ({key})")
+    else:
+        log(emit, f"pool: training {spec.size} feature extractor(s) for {spec.epochs} epoch(s) each ({key})")
+
+    def on_progress(member: int, epoch: int, loss: float) -> None:
+        emit({"stage": "pool", "member": member, "members": spec.size, "epoch": epoch,
+              "epochs": spec.epochs, "loss": float(loss)})
+
+    started = time.perf_counter()
+    pool, from_cache = parallel.distributed_load_or_train_pool(spec, dataset, device, cache_dir=cache_dir,
+                                                                  on_progress=on_progress)
+    session.pool_seconds = time.perf_counter() - started
+    store.update_manifest(
+        version,
+        pool={"key": key, "cached": bool(from_cache), "size": spec.size, "epochs": spec.epochs,
+              "seconds": session.pool_seconds, "test_accuracy": list(pool.test_accuracy)},
+    )
+    return pool
+
+
+def distill_into(
+    store: Store,
+    version: ArtifactVersion,
+    config: DistillConfig,
+    dataset: ImageDataset,
+    spec: PoolSpec,
+    device: torch.device,
+    *,
+    checkpoint_every: int,
+    state: dict | None,
+    emit: JobCallback,
+    budget: MemoryBudget,
+) -> ArtifactVersion:
+    """Build the pool and the distiller (from ``state`` if given), run the loop
+    (:meth:`Distiller.run`) to ``config.iterations`` with checkpoints, then write the results.
+    The caller holds the version's run lock and has capped the allocator at ``budget``, if one
+    was given. A CUDA out-of-memory error becomes a one-line :class:`BudgetInfeasibleError`
+    (exit 4) naming the budget; the last checkpoint stays."""
+    target = config.iterations
+    pause_at = pause_iteration()
+    # A resumed run already has a checkpoint on disk: an interrupt before the first new one
+    # must not claim otherwise.
+    session = _Session(checkpoint_iteration=None if state is None else int(state["iteration"]))
+    distiller: Distiller | None = None  # set once it holds a whole, consistent state
+    try:
+        store.update_manifest(
+            version, status="running", error=None, interrupted=False, iterations_target=target,
+            process={"pid": os.getpid(), "host": socket.gethostname()},
+            world_size=parallel.current().world_size,
+        )
+        # Under torchrun the other ranks join here (ncfm_core.parallel); no-ops in one process.
+        parallel.send_order(config, dataset, device, checkpoint_every=checkpoint_every, state=state)
+        pool = _obtain_pool(store, version, spec, dataset, device, emit, session)
+        starting = parallel.make_distiller(config, dataset, pool, device, checkpoint_every=checkpoint_every)
+        if state is not None:
+            starting.load_state_dict(state)
+            session.checkpoint_iteration = starting.iteration
+            log(emit, f"continuing {version.ref} from iteration {starting.iteration}")
+        if starting.iteration > target:
+            raise ConfigError(
+                f"{version.ref} is already at iteration {starting.iteration}; --iterations must be at least that"
+            )
+        distiller = starting
+        log(emit, f"distilling {version.ref}: iterations {distiller.iteration} -> {target} on {device}")
+        # The loop's peak, comparable with the plan's estimate (pool training is not in it).
+        reset_peak(device)
+
+        def progress(event: dict[str, Any]) -> None:
+            session.step_seconds.append(event["seconds"])
+            emit(event)
+
+        def checkpoint(at: Distiller) -> None:
+            _save_checkpoint(store, version, at, session)
+            emit({"stage": "checkpoint", "iteration": at.iteration, "path": str(version.checkpoint_path)})
+            if at.iteration == pause_at:
+                _pause(lambda: interrupt["requested"])
+
+        with interrupt_between_iterations() as interrupt:
+            hooks = LoopHooks(progress=progress, checkpoint=checkpoint, stop_requested=lambda: interrupt["requested"])
+            if not distiller.run(target, checkpoint_every=checkpoint_every, hooks=hooks):
+                raise KeyboardInterrupt
+            distiller.read_metrics()  # accelerators read losses lazily: the curve needs the last ones
+            _finish(store, version, distiller, dataset, device, session)
+    except BaseException as err:
+        if isinstance(err, _OUT_OF_MEMORY):
+            err = _out_of_memory_error(version, session, budget)
+        _record_failure(store, version, None if distiller is None or distiller.mid_step else distiller, session, err)
+        if isinstance(err, KeyboardInterrupt) and not isinstance(err, JobInterrupted):
+            raise JobInterrupted(version, session.checkpoint_iteration) from None
+        if isinstance(err, BudgetInfeasibleError):
+            raise err from None
+        raise
+    return version
+
+
+PAUSE_ENV = "NCFM_PAUSE_AFTER_CHECKPOINT"
+PAUSE_LIMIT_S = 600.0
+
+
+def pause_iteration() -> int | None:
+    """``$NCFM_PAUSE_AFTER_CHECKPOINT`` as an iteration (None when unset): the run then waits
+    after writing its checkpoint at that iteration until it is stopped (Ctrl-C, a kill), at most
+    ten minutes. For tests and demonstrations of stopping and resuming: a process stopped there
+    stops at a known iteration, however fast or slow the machine is."""
+    value = os.environ.get(PAUSE_ENV)
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{PAUSE_ENV}={value!r} is not an iteration number; unset it") from None
+
+
+def _pause(stop_requested: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + PAUSE_LIMIT_S
+    while not stop_requested() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+def _out_of_memory_error(version: ArtifactVersion, session: _Session, budget: MemoryBudget) -> BudgetInfeasibleError:
+    """The one-line error for a CUDA out-of-memory error inside a run."""
+    if session.checkpoint_iteration is not None:
+        kept = f"checkpoint at iteration {session.checkpoint_iteration} kept"
+    else:
+        kept = "no checkpoint yet"
+    if budget.spec is not None:
+        return BudgetInfeasibleError(
+            f"CUDA ran out of memory under --gpu-mem {budget.spec} ({kept}); continue with "
+            f"`ncfm resume {version.ref} --gpu-mem` and a larger figure, or distill again with a larger --gpu-mem"
+        )
+    return BudgetInfeasibleError(
+        f"CUDA ran out of memory with the plan made for the free memory ({kept}); other processes may hold "
+        f"the GPU: distill again with --gpu-mem set below what is free"
+    )
+
+
+def _record_failure(store: Store, version: ArtifactVersion, distiller: Distiller | None,
+                    session: _Session, err: BaseException) -> None:
+    """Keep what can be kept; never let bookkeeping hide the original error."""
+    interrupted = isinstance(err, KeyboardInterrupt)
+    if distiller is not None and distiller.iteration != session.checkpoint_iteration:
+        with contextlib.suppress(Exception):
+            _save_checkpoint(store, version, distiller, session)
+    message = "interrupted (Ctrl-C)" if interrupted else f"{type(err).__name__}: {one_line(err)}"
+    with contextlib.suppress(Exception):
+        timings = _accumulated_timings(version.manifest(), session)
+        store.update_manifest(version, status="failed", error=message, interrupted=interrupted,
+                              failed=utc_now(), timings=timings)
+
+
+def _accumulated_timings(manifest: dict, session: _Session) -> dict[str, Any]:
+    """Timings of ``manifest`` plus this session: totals add up over every session (the distill
+    and each resume) that worked on the version; the median is over the last session only."""
+    old = manifest.get("timings") if isinstance(manifest.get("timings"), dict) else {}
+    median = statistics.median(session.step_seconds) if session.step_seconds else None
+    return {
+        "seconds": float(old.get("seconds", 0.0)) + (time.perf_counter() - session.started),
+        "pool_seconds": float(old.get("pool_seconds", 0.0)) + session.pool_seconds,
+        "sessions": int(old.get("sessions", 0)) + 1,
+        "seconds_per_iteration_median": median if median is not None else old.get("seconds_per_iteration_median"),
+    }
+
+
+def _finish(store: Store, version: ArtifactVersion, distiller: Distiller, dataset: ImageDataset,
+            device: torch.device, session: _Session) -> None:
+    """Write synset, sampler and the final checkpoint, then mark the manifest complete (last, so a
+    crash in between leaves a version that is not complete and can be resumed)."""
+    config = distiller.config
+    images, labels = distiller.synthetic_set()
+    save_synset(version.synset_path, images, labels, factor=config.factor, ipc=config.ipc,
+                class_names=dataset.class_names)
+    sampler = distiller.sampler_tensors()
+    save_sampler(version.sampler_path, sampler, config.num_freqs)
+    if distiller.iteration != session.checkpoint_iteration:
+        store_lib.save_state(version.checkpoint_path, distiller.state_dict())
+        session.checkpoint_iteration = distiller.iteration
+
+    previous = version.manifest()
+    peak, peak_bytes, peak_source = _peak_memory(device)
+    old_peak = previous.get("peak_memory_bytes")
+    if isinstance(old_peak, int) and peak_bytes is not None:
+        peak_bytes = max(peak_bytes, old_peak)
+    final_loss = distiller.loss_curve[-1][1] if distiller.loss_curve else None
+    store.update_manifest(
+        version,
+        status="complete",
+        error=None,
+        interrupted=False,
+        iterations_done=distiller.iteration,
+        checkpoint_iteration=distiller.iteration,
+        finished=utc_now(),
+        timings=_accumulated_timings(previous, session),
+        peak_memory=peak,  # this session's measurement; peak_memory_bytes is the max over sessions
+        peak_memory_bytes=peak_bytes,
+        peak_memory_source=peak_source,
+        loss_curve=distiller.loss_curve,
+        final_loss=final_loss,
+        synset={"file": store_lib.SYNSET_FILE, "stored_images": int(images.shape[0]),
+                "shape": list(images.shape), "factor": config.factor,
+                "decoded_images": int(images.shape[0]) * config.factor**2},
+        sampler={"file": store_lib.SAMPLER_FILE, "learned": bool(sampler)},
+    )
+
+
+def initial_manifest(config: DistillConfig, dataset: ImageDataset, device: JobDevice,
+                      checkpoint_every: int, parent: str | None,
+                      plan_record: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "kind": "ncfm-synset",
+        "config": config.to_dict(),
+        "dataset": dataset_record(config, dataset),
+        "seed": config.seed,
+        "versions": software_versions(),
+        "device": str(device.device),
+        "device_reason": device.reason,
+        "status": "running",
+        "iterations_done": 0,
+        "iterations_target": config.iterations,
+        "checkpoint_every": checkpoint_every,
+        "checkpoint_iteration": None,
+        "parent": parent,
+        "evals": [],
+        **(plan_record or {}),  # plan, flops_per_iteration, gpu_mem
+    }
+
+
+def check_checkpoint_every(checkpoint_every: int) -> int:
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ConfigError(f"--checkpoint-every must be a positive integer, got {checkpoint_every!r}")
+    return checkpoint_every
