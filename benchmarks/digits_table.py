@@ -16,25 +16,22 @@ Writes ``<out>/results/digits.md`` (tables, command, machine, settings, date),
 
 from __future__ import annotations
 
-import os
+import sys
+from pathlib import Path
 
-# Idle OpenMP threads must sleep, not spin: on a shared 2-core machine spinning threads
-# measured 2-3x slower evaluations. Must be set before torch starts its thread pool.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kit  # noqa: E402
+
+kit.passive_omp_wait()  # before torch loads
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-import torch  # noqa: E402
+import report_kit as plots  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import report_kit as kit  # noqa: E402
-
-from ncfm_core.budget import resolve_device  # noqa: E402
+from ncfm_core.devices import resolve_device  # noqa: E402
 from ncfm_core.config import DistillConfig, make_config  # noqa: E402
 from ncfm_core.data import load_dataset  # noqa: E402
 from ncfm_core.evaluate import (  # noqa: E402
@@ -59,11 +56,15 @@ QUICK = dict(
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = kit.parser(
+        __doc__,
+        kit.out_option(kit.DOCS, "docs directory to write results/ and images/ into (default: docs/)"),
+        kit.seed_option("distillation, evaluation and subset"),
+        kit.device_option("auto", "auto, cpu, cuda"),
+        kit.threads_option(),
+    )
     parser.add_argument("--quick", action="store_true",
                         help="tiny settings (a few iterations and epochs, 2 repeats) to check the plumbing")
-    parser.add_argument("--out", type=Path, default=kit.ROOT / "docs",
-                        help="docs directory to write results/ and images/ into (default: docs/)")
     parser.add_argument("--ipcs", type=int, nargs="+", help=f"IPCs of the main table (default {DEFAULTS['ipcs']})")
     parser.add_argument("--iterations", type=int, help=f"distillation iterations (default {DEFAULTS['iterations']})")
     parser.add_argument("--factor", type=int, help=f"multi-formation factor (default {DEFAULTS['factor']})")
@@ -86,9 +87,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--freqs", type=int, nargs="*", help="frequency-count sweep values (default 16 64 256 "
                         "1024 4096; none: skip)")
     parser.add_argument("--sweep-ipc", type=int, help="IPC of both sweeps (default 1)")
-    parser.add_argument("--seed", type=int, default=0, help="distillation, evaluation and subset seed (default 0)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--reuse", type=Path, default=None,
                         help="digits.json of an earlier run: cells with identical settings are taken from it "
                         "instead of recomputed (seeded CPU runs give the same numbers again)")
@@ -107,7 +105,7 @@ class Runner:
 
     def __init__(self, dataset, device: str, previous: dict[str, dict[str, Any]] | None = None) -> None:
         self.dataset, self.device = dataset, device
-        self.pools = kit.PoolCache(dataset, device, log=kit.log_to_stderr)
+        self.pools = kit.PoolCache(dataset, device)
         self.done: dict[str, kit.RowResult] = {}
         for key, cell in (previous or {}).items():
             self.done[key] = kit.RowResult.from_dict(cell)
@@ -120,31 +118,31 @@ class Runner:
     def distilled(self, method: str, config: DistillConfig, eval_config: EvalConfig) -> kit.RowResult:
         key = self._key(config.to_dict(), eval_config.to_dict())
         if key not in self.done:
-            kit.log_to_stderr(f"distill {method} ipc={config.ipc} alpha={config.alpha} F={config.num_freqs} "
-                              f"({config.iterations} iterations), then {eval_config.repeats} evaluation networks")
+            kit.log(f"distill {method} ipc={config.ipc} alpha={config.alpha} F={config.num_freqs} "
+                    f"({config.iterations} iterations), then {eval_config.repeats} evaluation networks")
             row, _, _ = kit.distill_and_evaluate(config, self.dataset, self.pools, eval_config, self.device, method)
-            kit.log_to_stderr(f"  -> {kit.pct(row.mean)} ± {kit.pct(row.std)} % "
-                              f"(distill {row.distill_seconds:.0f} s, eval {row.eval_seconds:.0f} s)")
+            kit.log(f"  -> {kit.pct(row.mean)} ± {kit.pct(row.std)} % "
+                    f"(distill {row.distill_seconds:.0f} s, eval {row.eval_seconds:.0f} s)")
             self.done[key] = row
         return self.done[key]
 
     def random(self, ipc: int, eval_config: EvalConfig, seed: int) -> kit.RowResult:
         key = self._key({"random": ipc, "seed": seed}, eval_config.to_dict())
         if key not in self.done:
-            kit.log_to_stderr(f"random real subset ipc={ipc}: {eval_config.repeats} evaluation networks")
+            kit.log(f"random real subset ipc={ipc}: {eval_config.repeats} evaluation networks")
             result = evaluate_random_baseline(self.dataset, ipc, eval_config, self.device, seed)
             self.done[key] = kit.eval_row("random", ipc, result)
-            kit.log_to_stderr(f"  -> {kit.pct(result.mean)} ± {kit.pct(result.std)} % ({result.seconds:.0f} s)")
+            kit.log(f"  -> {kit.pct(result.mean)} ± {kit.pct(result.std)} % ({result.seconds:.0f} s)")
         return self.done[key]
 
     def full(self, eval_config: EvalConfig) -> kit.RowResult:
         key = self._key({"full": self.dataset.fingerprint}, eval_config.to_dict())
         if key not in self.done:
-            kit.log_to_stderr(f"whole training set ({self.dataset.num_train} images): {eval_config.repeats} x "
-                              f"{eval_config.epochs} epochs")
+            kit.log(f"whole training set ({self.dataset.num_train} images): {eval_config.repeats} x "
+                    f"{eval_config.epochs} epochs")
             result = evaluate_full_baseline(self.dataset, eval_config, self.device)
             self.done[key] = kit.eval_row("full", 0, result)
-            kit.log_to_stderr(f"  -> {kit.pct(result.mean)} ± {kit.pct(result.std)} % ({result.seconds:.0f} s)")
+            kit.log(f"  -> {kit.pct(result.mean)} ± {kit.pct(result.std)} % ({result.seconds:.0f} s)")
         return self.done[key]
 
     def cells(self) -> dict[str, dict[str, Any]]:
@@ -189,8 +187,7 @@ def psi_verdict(rows: list[kit.RowResult], ipcs: list[int]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    kit.set_threads(args.threads)
     device = str(resolve_device(args.device)[0])
     started = time.perf_counter()
     dataset = load_dataset("digits")
@@ -228,14 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     total_seconds = time.perf_counter() - started
 
     results_dir, images_dir = args.out / "results", args.out / "images"
-    results_dir.mkdir(parents=True, exist_ok=True)
     sweep_note = f"IPC {args.sweep_ipc}, NCFM with psi, {args.sweep_repeats} evaluation networks per point"
     def sweep_plot(points: list[tuple[float, kit.RowResult]], path: Path, what: str, x_label: str,
                    log_x: bool) -> None:
         xs = [x for x, _ in points]
-        kit.line_plot(
-            [kit.Series("NCFM with psi", xs, [100 * r.mean for _, r in points], [100 * r.std for _, r in points]),
-             kit.Series("random real subset", xs, [100 * sweep_random] * len(points))],
+        plots.line_plot(
+            [plots.Series("NCFM with psi", xs, [100 * r.mean for _, r in points], [100 * r.std for _, r in points]),
+             plots.Series("random real subset", xs, [100 * sweep_random] * len(points))],
             path, title=f"digits, IPC {args.sweep_ipc}: {what}", x_label=x_label, y_label="test accuracy (%)",
             log_x=log_x, x_ticks=xs,
         )
@@ -280,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         f"there, and recomputing them gives the same numbers on CPU)"
         if reused else ""
     )
+    command = kit.command_line(SCRIPT, argv)
     quick_warning = ("\n**`--quick` run: tiny settings for testing the script; these numbers mean nothing.**\n"
                      if args.quick else "")
     lines = [
@@ -287,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Written by `{SCRIPT}`; every figure on this page comes from one run of it on the machine below.",
         quick_warning,
-        f"- command: `{kit.command_line(SCRIPT, argv if argv is not None else sys.argv[1:])}`",
+        f"- command: `{command}`",
         *kit.machine_lines(device),
         f"- wall time of this run: {total_seconds / 60:.1f} min",
         *([reuse_line] if reuse_line else []),
@@ -328,15 +325,16 @@ def main(argv: list[str] | None = None) -> int:
             "",
             "![frequency sweep](../images/freq_sweep.png)",
         ]
-    (results_dir / "digits.md").write_text("\n".join(lines) + "\n")
+    kit.write_page(results_dir / "digits.md", lines)
 
+    machine = kit.describe_machine(device)
     record = {
-        "command": kit.command_line(SCRIPT, argv if argv is not None else sys.argv[1:]),
+        "command": command,
         "quick": args.quick,
         "device": device,
-        "torch": torch.__version__,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        "torch": machine.torch,
+        "cpu_count": machine.cpus,
+        "torch_threads": machine.threads,
         "seconds": total_seconds,
         "config": base.to_dict(),
         "eval": main_eval.to_dict(),
@@ -349,8 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         "reuse": None if args.reuse is None else str(args.reuse),
         "cells": runner.cells(),
     }
-    (results_dir / "digits.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    kit.log_to_stderr(f"done in {total_seconds / 60:.1f} min: {results_dir / 'digits.md'}")
+    kit.write_json(results_dir / "digits.json", record)
+    kit.log(f"done in {total_seconds / 60:.1f} min: {results_dir / 'digits.md'}")
     return 0
 
 

@@ -22,11 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,15 +30,18 @@ from typing import Any
 
 import torch
 
-from ncfm_core import budget
-from ncfm_core.budget import DatasetShape
-from ncfm_core.config import DistillConfig, make_config
-from ncfm_core.data import load_dataset
-from ncfm_core.distill import Distiller
-from ncfm_core.pool import Pool, PoolSpec
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kit  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = ROOT / "docs" / "benchmarks" / "distill_speed.md"
+from ncfm_core import devices, memory_model, planner  # noqa: E402
+from ncfm_core.data import DatasetShape  # noqa: E402
+from ncfm_core.config import DistillConfig, make_config  # noqa: E402
+from ncfm_core.data import load_dataset  # noqa: E402
+from ncfm_core.distill import Distiller  # noqa: E402
+from ncfm_core.pool import Pool, PoolSpec  # noqa: E402
+
+SCRIPT = "benchmarks/distill_speed.py"
+DEFAULT_OUT = kit.BENCHMARK_PAGES / "distill_speed.md"
 TRAIN_IMAGES = 50_000  # CIFAR-10 and CIFAR-100 both have 50,000 train images
 ABLATIONS: dict[str, dict[str, Any]] = {
     "baseline": {},
@@ -85,28 +84,28 @@ def current_rss() -> int | None:
     return None
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """Measure one configuration (called in a fresh process)."""
-    torch.set_num_threads(spec["threads"])
+def worker_setup(spec: dict[str, Any]) -> tuple[torch.device, Any, DatasetShape, int | None]:
+    """What every worker does first: threads, cuDNN autotuning, the CIFAR-shaped fake data;
+    returns (device, dataset, its shape, the ``--gpu-mem`` budget in bytes or None)."""
+    kit.set_threads(spec["threads"])
     device = torch.device(spec["device"])
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = spec["cudnn_benchmark"]
     classes = spec["classes"]
     dataset = load_dataset("fake", num_classes=classes, train_per_class=TRAIN_IMAGES // classes, test_per_class=1)
+    limit = devices.parse_memory(spec["gpu_mem"], devices.device_total_bytes(device)) if spec["gpu_mem"] else None
+    return device, dataset, DatasetShape.of(dataset), limit
+
+
+def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Measure one configuration (called in a fresh process)."""
+    device, dataset, shape, limit = worker_setup(spec)
     overrides = dict(spec["overrides"])
-    config = paper_config(classes, spec["ipc"], spec["real_per_class"], spec["freqs"], spec["psi"], **overrides)
-    shape = DatasetShape.of(dataset)
-    limit = None
-    if spec["gpu_mem"]:
-        limit = budget.parse_memory(spec["gpu_mem"], budget.device_total_bytes(device))
-    plan = budget.plan_run(config, shape, device, limit)
+    config = paper_config(spec["classes"], spec["ipc"], spec["real_per_class"], spec["freqs"], spec["psi"],
+                          **overrides)
+    plan = planner.plan_run(config, shape, device, limit)
     if limit is not None:
-        budget.cap_device_memory(device, limit)
+        devices.cap_device_memory(device, limit)
     config = plan.apply(config)
     pool = untrained_pool(config, dataset)
 
@@ -114,49 +113,37 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     matmul_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(distiller.precision, torch.float32)
     rate_before = device_matmul_rate(device, matmul_dtype)
     rss_before = current_rss()
-    budget.reset_peak(device)
+    devices.reset_peak(device)
     seconds, cpu_seconds, first_loss = [], [], None
     for i in range(spec["warmup"] + spec["iters"]):
-        sync(device)
-        started, cpu_started = time.perf_counter(), time.process_time()
-        distiller.step()
-        sync(device)
-        seconds.append(time.perf_counter() - started)
-        cpu_seconds.append(time.process_time() - cpu_started)
+        took = kit.timed(distiller.step, device)
+        seconds.append(took.wall)
+        cpu_seconds.append(took.cpu)
         if i == 0:
-            distiller._read_pending()
-            first_loss = distiller._last["loss"]
-    sync(device)
+            first_loss = distiller.read_metrics()["loss"]
     unsynced = None
     if device.type == "cuda":  # the same loop without per-iteration syncs: what a real run sees
-        started = time.perf_counter()
-        for _ in range(spec["iters"]):
-            distiller.step()
-        sync(device)
-        unsynced = (time.perf_counter() - started) / spec["iters"]
-    peak = budget.measure_peak(device)
+
+        def steps() -> None:
+            for _ in range(spec["iters"]):
+                distiller.step()
+
+        unsynced = kit.timed(steps, device).wall / spec["iters"]
+    peak = devices.measure_peak(device)
     # The better of two measurements around the loop: on a shared machine the load drifts.
     peak_rate = max(rate_before, device_matmul_rate(device, matmul_dtype))
 
-    sample_seconds = []
-    for _ in range(5):
-        sync(device)
-        started = time.perf_counter()
-        distiller._sample_real()
-        sync(device)
-        sample_seconds.append(time.perf_counter() - started)
-    argsort_seconds = []  # what the sampler replaced: a float64 argsort over the whole train set
+    sample_seconds = [kit.timed(distiller.sample_real, device).wall for _ in range(5)]
     labels = dataset.train_labels.to(device).double()
-    for _ in range(5):
-        sync(device)
-        started = time.perf_counter()
+
+    def argsort_sampler() -> None:  # what the sampler replaced: a float64 argsort over the whole train set
         keys = torch.rand(labels.shape, generator=distiller.generator, device=device, dtype=torch.float64)
         torch.argsort(labels + keys)
-        sync(device)
-        argsort_seconds.append(time.perf_counter() - started)
+
+    argsort_seconds = [kit.timed(argsort_sampler, device).wall for _ in range(5)]
 
     timed = seconds[spec["warmup"]:]
-    flops = budget.estimate_iteration_flops(config, shape, plan)
+    flops = memory_model.estimate_iteration_flops(config, shape, plan)
     return {
         "spec": spec,
         "plan": plan.to_dict(),
@@ -181,30 +168,19 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 def run_ablation_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Time several variants of one configuration in ONE process, interleaved round by round
     (each round in a rotated order), so drifting machine load hits every variant alike."""
-    torch.set_num_threads(spec["threads"])
-    device = torch.device(spec["device"])
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = spec["cudnn_benchmark"]
-    classes = spec["classes"]
-    dataset = load_dataset("fake", num_classes=classes, train_per_class=TRAIN_IMAGES // classes, test_per_class=1)
-    shape = DatasetShape.of(dataset)
-    limit = budget.parse_memory(spec["gpu_mem"], budget.device_total_bytes(device)) if spec["gpu_mem"] else None
+    device, dataset, shape, limit = worker_setup(spec)
     variants: dict[str, dict[str, Any]] = {}
     for name in spec["variants"]:
-        config = paper_config(classes, spec["ipc"], spec["real_per_class"], spec["freqs"], True, **ABLATIONS[name])
-        plan = budget.plan_run(config, shape, device, limit)
+        config = paper_config(spec["classes"], spec["ipc"], spec["real_per_class"], spec["freqs"], True,
+                              **ABLATIONS[name])
+        plan = planner.plan_run(config, shape, device, limit)
         config = plan.apply(config)
         distiller = Distiller(config, dataset, untrained_pool(config, dataset), device)
         warmup, first_loss = [], None
         for i in range(max(1, spec["warmup"])):
-            sync(device)
-            started = time.perf_counter()
-            distiller.step()
-            sync(device)
-            warmup.append(time.perf_counter() - started)
+            warmup.append(kit.timed(distiller.step, device).wall)
             if i == 0:
-                distiller._read_pending()
-                first_loss = distiller._last["loss"]
+                first_loss = distiller.read_metrics()["loss"]
         variants[name] = dict(distiller=distiller, plan=plan.to_dict(), warmup_seconds=warmup, first_loss=first_loss,
                               seconds=[], cpu_seconds=[])
     names = list(variants)
@@ -212,12 +188,9 @@ def run_ablation_worker(spec: dict[str, Any]) -> dict[str, Any]:
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             entry = variants[name]
-            sync(device)
-            started, cpu_started = time.perf_counter(), time.process_time()
-            entry["distiller"].step()
-            sync(device)
-            entry["seconds"].append(time.perf_counter() - started)
-            entry["cpu_seconds"].append(time.process_time() - cpu_started)
+            took = kit.timed(entry["distiller"].step, device)
+            entry["seconds"].append(took.wall)
+            entry["cpu_seconds"].append(took.cpu)
     results = {}
     for name, entry in variants.items():
         distiller = entry.pop("distiller")
@@ -234,15 +207,9 @@ def run_ablation_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 def spawn(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one configuration in a fresh process; returns its measurements."""
-    started = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
-        capture_output=True, text=True, cwd=ROOT,
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"worker failed for {spec}:\n{done.stderr[-4000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    result["wall_seconds"] = time.perf_counter() - started
+    seconds, result = kit.run_json([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
+                                   label=f"worker for {spec}")
+    result["wall_seconds"] = seconds
     return result
 
 
@@ -255,12 +222,12 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, size: int, repeats: in
     a = torch.randn(size, size, generator=gen, device=device).to(dtype)
     b = torch.randn(size, size, generator=gen, device=device).to(dtype)
     a @ b
-    sync(device)
-    started = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    sync(device)
-    return 2 * size**3 * repeats / (time.perf_counter() - started)
+
+    def products() -> None:
+        for _ in range(repeats):
+            a @ b
+
+    return 2 * size**3 * repeats / kit.timed(products, device).wall
 
 
 def device_matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
@@ -270,29 +237,7 @@ def device_matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
     return matmul_rate(device, dtype, 1024, 8)
 
 
-def machine_description(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    text = f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        text += f"; GPU {props.name} ({budget.format_bytes(props.total_memory)})"
-    return text
-
-
 # ----------------------------------------------------------------------------- report
-
-
-def fmt_seconds(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.3f}" if value < 10 else f"{value:.1f}"
 
 
 def fmt_flops(value: float) -> str:
@@ -302,11 +247,11 @@ def fmt_flops(value: float) -> str:
 def peak_text(result: dict[str, Any]) -> str:
     peak = result["peak"]
     if peak.get("reserved_bytes") is not None:
-        return f"{budget.format_bytes(peak['allocated_bytes'])} / {budget.format_bytes(peak['reserved_bytes'])}"
+        return f"{devices.format_bytes(peak['allocated_bytes'])} / {devices.format_bytes(peak['reserved_bytes'])}"
     growth = ""
     if peak.get("rss_bytes") and result.get("rss_before_bytes"):
-        growth = f" (+{budget.format_bytes(peak['rss_bytes'] - result['rss_before_bytes'])})"
-    return f"{budget.format_bytes(peak.get('peak_bytes') or 0)}{growth}"
+        growth = f" (+{devices.format_bytes(peak['rss_bytes'] - result['rss_before_bytes'])})"
+    return f"{devices.format_bytes(peak.get('peak_bytes') or 0)}{growth}"
 
 
 SHAPE_NAMES = {10: "CIFAR-10", 100: "CIFAR-100"}
@@ -328,11 +273,11 @@ def results_table(results: list[dict[str, Any]]) -> list[str]:
         spec, plan = r["spec"], r["plan"]
         total = r["flops"]["total"]
         achieved = total / r["median_seconds"]
-        seconds = fmt_seconds(r["median_seconds"])
+        seconds = kit.fmt_seconds(r["median_seconds"])
         if r.get("unsynced_seconds") is not None:
-            seconds += f" ({fmt_seconds(r['unsynced_seconds'])} unsynced)"
+            seconds += f" ({kit.fmt_seconds(r['unsynced_seconds'])} unsynced)"
         else:
-            seconds += f" ({fmt_seconds(r['median_cpu_seconds'])} CPU)"
+            seconds += f" ({kit.fmt_seconds(r['median_cpu_seconds'])} CPU)"
         shape_name = SHAPE_NAMES.get(spec["classes"], f"{spec['classes']} classes")
         plan_text = (
             f"{plan['real_chunk']}, {plan['class_chunk']}, {r['precision']}, {on_off(plan['activation_checkpointing'])}"
@@ -341,7 +286,7 @@ def results_table(results: list[dict[str, Any]]) -> list[str]:
             f"| {shape_name} | {spec['ipc']} | {spec['real_per_class']} | {on_off(spec['psi'])} | {plan_text} "
             f"| {seconds} | {fmt_flops(total)} | {achieved / 1e9:.1f} GFLOP/s "
             f"| {r['matmul_rate'] / 1e9:.1f} GFLOP/s {r['matmul_dtype']} | {100 * achieved / r['matmul_rate']:.1f}% "
-            f"| {peak_text(r)} | {budget.format_bytes(plan['estimated_peak_bytes'])} |"
+            f"| {peak_text(r)} | {devices.format_bytes(plan['estimated_peak_bytes'])} |"
         )
     return lines
 
@@ -356,15 +301,15 @@ def ablation_table(results: list[tuple[str, dict[str, Any]]]) -> list[str]:
     for name, r in results:
         plan = r["plan"]
         ratio = "-" if base is None else (
-            f"{base['median_seconds'] / r['median_seconds']:.2f}x, "
-            f"{base['median_cpu_seconds'] / r['median_cpu_seconds']:.2f}x"
+            f"{kit.ratio(base['median_seconds'], r['median_seconds'])}, "
+            f"{kit.ratio(base['median_cpu_seconds'], r['median_cpu_seconds'])}"
         )
         loss = "-" if r["first_loss"] is None else f"{r['first_loss']:.6f}"
         lines.append(
             f"| {name} | {r['precision']} | {'on' if r['channels_last'] else 'off'} "
             f"| {plan['real_chunk']}, {plan['class_chunk']}, {'on' if plan['activation_checkpointing'] else 'off'} "
-            f"| {fmt_seconds(r['median_seconds'])} | {fmt_seconds(r['median_cpu_seconds'])} | {ratio} | {loss} "
-            f"| {', '.join(fmt_seconds(s) for s in r['warmup_seconds'])} |"
+            f"| {kit.fmt_seconds(r['median_seconds'])} | {kit.fmt_seconds(r['median_cpu_seconds'])} | {ratio} | {loss} "
+            f"| {', '.join(kit.fmt_seconds(s) for s in r['warmup_seconds'])} |"
         )
     return lines
 
@@ -383,20 +328,20 @@ def projection_table(
             for psi in (True, False):
                 config = paper_config(classes, ipc, 1024, freqs, psi)
                 cells = []
-                for limit in (None, budget.parse_memory("2.5G")):
+                for limit in (None, devices.parse_memory("2.5G")):
                     try:
-                        plan = budget.plan_run(config, shape, device, limit, free_bytes=free_bytes)
+                        plan = planner.plan_run(config, shape, device, limit, free_bytes=free_bytes)
                         cells.append(
                             f"{plan.real_chunk}, {plan.class_chunk}, {on_off(plan.activation_checkpointing)}: "
-                            f"{budget.format_bytes(plan.estimated_peak_bytes)}"
+                            f"{devices.format_bytes(plan.estimated_peak_bytes)}"
                         )
                     except Exception as err:  # noqa: BLE001 - an infeasible plan is a result to show
                         cells.append(f"infeasible ({type(err).__name__})")
-                fastest = budget.plan_path(config, shape, device)[0]
-                flops = budget.estimate_iteration_flops(config, shape, fastest)["total"]
+                fastest = planner.plan_path(config, shape, device)[0]
+                flops = memory_model.estimate_iteration_flops(config, shape, fastest)["total"]
                 lines.append(
                     f"| {name} | {ipc} | {'on' if psi else 'off'} | {fmt_flops(flops)} | {cells[0]} | {cells[1]} "
-                    f"| {fmt_seconds(flops / achieved_rate)} |"
+                    f"| {kit.fmt_seconds(flops / achieved_rate)} |"
                 )
     return lines
 
@@ -419,17 +364,20 @@ def write_section(path: Path, device_type: str, body: list[str]) -> None:
         text = before + block + after
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    kit.write_page(path, text)
 
 
 # ----------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = kit.parser(
+        __doc__,
+        kit.device_option(kinds="cpu, cuda or auto"),
+        kit.threads_option(default=torch.get_num_threads(), help="torch CPU threads"),
+        kit.out_option(DEFAULT_OUT),
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     parser.add_argument("--classes", type=int, nargs="+", help="10 and/or 100 (default: 10 on CPU, 10 100 on GPU)")
     parser.add_argument("--ipc", type=int, nargs="+", help="IPCs (default: 1 10 on CPU, 1 10 50 on GPU)")
     parser.add_argument("--real-per-class", type=int,
@@ -443,9 +391,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated variants run on the first IPC and shape, psi on (choices: "
                         f"{', '.join(ABLATIONS)}; '' for none; default: baseline,channels_last,bf16,"
                         "class_chunk=1,checkpointing,baseline (again) on CPU; on GPU fp32 and compile instead of bf16)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     parser.add_argument("--no-cudnn-benchmark", action="store_true", help="leave cudnn.benchmark off on CUDA")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--json-out", type=Path,
+                        help="also write the raw figures here: {results: [...], ablations: {name: ...}}")
     args = parser.parse_args(argv)
 
     if args.worker:
@@ -453,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_ablation_worker(spec) if "variants" in spec else run_worker(spec)))
         return 0
 
-    device, _ = budget.resolve_device(args.device)
+    device, _ = devices.resolve_device(args.device)
     gpu = device.type == "cuda"
     classes = args.classes or ([10, 100] if gpu else [10])
     ipcs = args.ipc or ([1, 10, 50] if gpu else [1, 10])
@@ -468,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [a for a in ablations if a not in ABLATIONS]
     if unknown:
         parser.error(f"unknown ablation(s) {unknown}; choose from {', '.join(ABLATIONS)}")
-    torch.set_num_threads(args.threads)
+    kit.set_threads(args.threads)
 
     common = dict(device=str(device), real_per_class=real_per_class, freqs=args.freqs, iters=iters, warmup=warmup,
                   gpu_mem=args.gpu_mem, threads=args.threads, cudnn_benchmark=not args.no_cudnn_benchmark)
@@ -478,30 +426,29 @@ def main(argv: list[str] | None = None) -> int:
         for ipc in ipcs:
             for psi in psis:
                 spec = dict(common, classes=c, ipc=ipc, psi=psi, overrides={})
-                print(f"measuring {c} classes, IPC {ipc}, psi {on_off(psi)} ...", file=sys.stderr, flush=True)
+                kit.log(f"measuring {c} classes, IPC {ipc}, psi {on_off(psi)} ...")
                 results.append(spawn(spec))
-                print(f"  {results[-1]['median_seconds']:.3f} s/iter", file=sys.stderr, flush=True)
+                kit.log(f"  {results[-1]['median_seconds']:.3f} s/iter")
     ablation_results = []
     if ablations:
         spec = dict(common, classes=classes[0], ipc=ipcs[0], psi=True, variants=ablations)
-        print(f"ablations {', '.join(ablations)} ...", file=sys.stderr, flush=True)
+        kit.log(f"ablations {', '.join(ablations)} ...")
         ablation_results = list(spawn(spec)["variants"].items())
         for name, r in ablation_results:
-            print(f"  {name}: {r['median_seconds']:.3f} s/iter", file=sys.stderr, flush=True)
+            kit.log(f"  {name}: {r['median_seconds']:.3f} s/iter")
 
     rates = {"fp32": device_matmul_rate(device, torch.float32), "bf16": device_matmul_rate(device, torch.bfloat16)}
     achieved = [r["flops"]["total"] / r["median_seconds"] for r in results]
     achieved_rate = statistics.median(achieved) if achieved else rates["fp32"]
-    free = budget.detect_memory(device)[0]
+    free = devices.detect_memory(device)[0]
     elapsed = time.perf_counter() - started
 
-    command = "uv run python benchmarks/distill_speed.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     body = [
         f"## {device.type.upper()}",
         "",
-        f"Command: `{command.strip()}` ({elapsed / 60:.1f} min, {time.strftime('%Y-%m-%d')}).",
-        f"Machine: {machine_description(device)}.",
-        f"Square-matmul throughput measured at the end of the run: "
+        f"Command: `{kit.command_line(SCRIPT, argv)}` ({elapsed / 60:.1f} min, {time.strftime('%Y-%m-%d')}).",
+        f"Machine: {kit.describe_machine(device).summary()}.",
+        "Square-matmul throughput measured at the end of the run: "
         + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in rates.items())
         + ("" if gpu else " (this 2-core machine is shared with other jobs, so every figure here carries "
            "load noise: compare the two identical 'baseline' rows of the second table)") + ".",
@@ -514,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         + (f"`--gpu-mem {args.gpu_mem}`" if args.gpu_mem else "the free memory minus a margin") + ".",
         "",
         "FLOPs count convolutions, linear layers and the CF matmuls (analytical, "
-        "`budget.estimate_iteration_flops`); 'achieved' = FLOPs / median time; 'matmul peak' = a square "
+        "`memory_model.estimate_iteration_flops`); 'achieved' = FLOPs / median time; 'matmul peak' = a square "
         "matmul's rate in the run's precision, measured in the same process just before and after the timed "
         "iterations (the better of the two); 'of peak' = achieved / that. "
         + ("Peak on CUDA: `max_memory_allocated` / `max_memory_reserved` during the loop." if gpu else
@@ -551,15 +498,18 @@ def main(argv: list[str] | None = None) -> int:
         f"### Paper settings (1024 real/class, F = {args.freqs}), all configurations",
         "",
         "Planned, not measured: FLOPs per iteration and the planner's memory estimate for its fastest plan "
-        f"that fits this machine's free memory ({budget.format_bytes(free)}) and under a 2.5 GiB budget. "
+        f"that fits this machine's free memory ({devices.format_bytes(free)}) and under a 2.5 GiB budget. "
         f"'Projected' = FLOPs / the median achieved rate of the measured rows ({achieved_rate / 1e9:.1f} GFLOP/s): "
         "an extrapolation, not a measurement.",
         "",
         *projection_table(device, args.freqs, achieved_rate, free),
     ]
     write_section(args.out, device.type, body)
+    if args.json_out is not None:
+        kit.write_json(args.json_out, {"device": str(device), "results": results,
+                                       "ablations": dict(ablation_results)})
     print("\n".join(body))
-    print(f"\nwrote {args.out}", file=sys.stderr)
+    kit.log(f"wrote {args.out}")
     return 0
 
 

@@ -19,24 +19,20 @@ Writes ``<out>/results/paper.md`` and ``paper.json`` (``--out`` defaults to ``do
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see digits_table.py
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-import torch  # noqa: E402
+import sys
+from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import report_kit as kit  # noqa: E402
+import kit  # noqa: E402
+
+kit.passive_omp_wait()  # before torch loads
+
+import argparse  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
 
 from ncfm_core import jobs  # noqa: E402
-from ncfm_core.budget import resolve_device  # noqa: E402
+from ncfm_core.devices import resolve_device  # noqa: E402
 from ncfm_core.config import DistillConfig, make_config  # noqa: E402
 from ncfm_core.evaluate import EvalConfig, protocol_config  # noqa: E402
 from ncfm_core.store import ArtifactVersion, Store  # noqa: E402
@@ -60,7 +56,13 @@ PAPER_FULL = {"cifar10": 84.8, "cifar100": 56.2, "tinyimagenet": 37.6}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = kit.parser(
+        __doc__,
+        kit.repeats_option(5, "evaluation networks per cell"),
+        kit.device_option("auto", "auto, cpu, cuda, cuda:N, mps"),
+        kit.seed_option("distillation and evaluation"),
+        kit.out_option(kit.DOCS, "docs directory (default docs/)"),
+    )
     parser.add_argument("--datasets", nargs="+", default=list(PAPER_DATASETS),
                         help="registered dataset names (default: cifar10 cifar100 tinyimagenet; fake for tests)")
     parser.add_argument("--ipcs", type=int, nargs="+", default=[1, 10, 50], help="IPCs (default 1 10 50)")
@@ -69,16 +71,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=[m.key for m in kit.METHODS],
                         choices=[m.key for m in kit.METHODS], help="rows of the table (default all four)")
     parser.add_argument("--iterations", type=int, default=None, help="distillation iterations (default: preset)")
-    parser.add_argument("--repeats", type=int, default=5, help="evaluation networks per cell (default 5)")
     parser.add_argument("--eval-epochs", type=int, default=None,
                         help="epochs per evaluation network (default: the ncfm protocol's 300; the paper trains "
                         "up to 2000)")
     parser.add_argument("--no-full", action="store_true", help="skip the whole-training-set baseline (and HLR)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default auto)")
     parser.add_argument("--gpu-mem", default=None, help="memory budget of each distillation, e.g. 2.5G")
-    parser.add_argument("--seed", type=int, default=0, help="distillation and evaluation seed (default 0)")
     parser.add_argument("--store", type=Path, default=None, help="artifact store (default: the ncfm default)")
-    parser.add_argument("--out", type=Path, default=kit.ROOT / "docs", help="docs directory (default docs/)")
     parser.add_argument("--quick-pool", action="store_true",
                         help="a pool of 1 untrained extractor, 16 real images per class, 64 frequencies: for "
                         "plumbing tests only")
@@ -107,12 +105,12 @@ def obtain_artifact(store: Store, name: str, config: DistillConfig, device: str,
         if not same_run(manifest, config):
             continue
         if manifest.get("status") == "complete":
-            kit.log_to_stderr(f"{version.ref}: complete, reused")
+            kit.log(f"{version.ref}: complete, reused")
             return version, False
-        kit.log_to_stderr(f"{version.ref}: unfinished ({manifest.get('iterations_done')} iterations), resuming")
+        kit.log(f"{version.ref}: unfinished ({manifest.get('iterations_done')} iterations), resuming")
         return jobs.resume_job(store, version.ref, device=device, gpu_mem=gpu_mem,
                                callback=progress_logger(name)), True
-    kit.log_to_stderr(f"{name}: distilling {config.iterations} iterations")
+    kit.log(f"{name}: distilling {config.iterations} iterations")
     return jobs.distill_job(store, config, name=name, device=device, gpu_mem=gpu_mem,
                             callback=progress_logger(name)), True
 
@@ -123,11 +121,11 @@ def progress_logger(name: str):
     def callback(event: dict[str, Any]) -> None:
         stage = event.get("stage")
         if stage == "log":
-            kit.log_to_stderr(f"{name}: {event.get('message')}")
+            kit.log(f"{name}: {event.get('message')}")
         elif stage == "distill":
             iteration, total = int(event["iteration"]), int(event["total"])
             if iteration == total or iteration % max(1, total // 20) == 0:
-                kit.log_to_stderr(f"{name}: iteration {iteration}/{total} loss {event.get('loss')}")
+                kit.log(f"{name}: iteration {iteration}/{total} loss {event.get('loss')}")
 
     return callback
 
@@ -141,10 +139,10 @@ def cached_eval(store: Store, version: ArtifactVersion, eval_config: EvalConfig,
         protocol = record.get("protocol") or {}
         same = all(protocol.get(k) == v for k, v in wanted.items() if k != "repeat_mode")
         if same and all(kind in (record.get("baselines") or {}) for kind in baselines):
-            kit.log_to_stderr(f"{version.ref}: evaluation reused")
+            kit.log(f"{version.ref}: evaluation reused")
             return record
-    kit.log_to_stderr(f"{version.ref}: evaluating ({eval_config.repeats} x {eval_config.epochs} epochs"
-                      f"{', baselines ' + ', '.join(baselines) if baselines else ''})")
+    kit.log(f"{version.ref}: evaluating ({eval_config.repeats} x {eval_config.epochs} epochs"
+            f"{', baselines ' + ', '.join(baselines) if baselines else ''})")
     return jobs.eval_job(store, version.ref, eval_config, device, progress_logger(version.name), baselines=baselines)
 
 
@@ -195,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {name: run_dataset(args, store, name, eval_config) for name in args.datasets}
     total = time.perf_counter() - started
 
-    command = kit.command_line(SCRIPT, argv if argv is not None else sys.argv[1:])
+    command = kit.command_line(SCRIPT, argv)
     lines = [
         "# Paper settings: measured results",
         "",
@@ -231,12 +229,11 @@ def main(argv: list[str] | None = None) -> int:
             "",
             kit.main_table(result["rows"], args.ipcs, result["random"], full_mean, reference=PAPER.get(name, {})),
         ]
-    args.out.joinpath("results").mkdir(parents=True, exist_ok=True)
-    (args.out / "results" / "paper.md").write_text("\n".join(lines).rstrip() + "\n")
+    kit.write_page(args.out / "results" / "paper.md", lines)
     record = {
         "command": command,
         "device": device,
-        "torch": torch.__version__,
+        "torch": kit.describe_machine(device).torch,
         "seconds": total,
         "eval": eval_config.to_dict(),
         "datasets": {
@@ -248,8 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, result in results.items()
         },
     }
-    (args.out / "results" / "paper.json").write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
-    kit.log_to_stderr(f"done in {total / 60:.1f} min: {args.out / 'results' / 'paper.md'}")
+    kit.write_json(args.out / "results" / "paper.json", record)
+    kit.log(f"done in {total / 60:.1f} min: {args.out / 'results' / 'paper.md'}")
     return 0
 
 

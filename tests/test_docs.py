@@ -18,8 +18,8 @@ import typer
 import typer.main
 
 from ncfm_core.config import make_config
-from ncfm_core.jobs import distill_job, load_synset
-from ncfm_core.store import Store
+from ncfm_core.jobs import distill_job
+from ncfm_core.store import Store, load_synset
 from ncfm_core.synset import decode_synset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +29,7 @@ SNIPPET_MARKER = "<!-- test: store-snippet -->"
 
 
 def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"docs_{name}", ROOT / "benchmarks" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"docs_{name}", ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -62,8 +62,8 @@ def test_the_cli_reference_is_generated_from_the_current_app():
     expected = reference.render()
     current = (DOCS / "cli.md").read_text() if (DOCS / "cli.md").exists() else ""
     assert current == expected, (
-        "docs/cli.md is out of date with the Typer app; run: python benchmarks/cli_reference.py "
-        "(uv run python benchmarks/cli_reference.py) and commit the result"
+        "docs/cli.md is out of date with the Typer app; run: python tools/cli_reference.py "
+        "(uv run python tools/cli_reference.py) and commit the result"
     )
     # the reference really comes from the app: every command and a few options are in it
     for needle in ("## ncfm distill", "## ncfm eval", "`--ipc", "`--min-acc", "Exit codes"):

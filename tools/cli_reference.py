@@ -6,8 +6,8 @@ command: the usage line, the help text, every option and argument as ``--help`` 
 therefore never describe an option the code does not have. tests/test_docs.py fails when
 docs/cli.md differs from what this script writes.
 
-    uv run python benchmarks/cli_reference.py            # rewrite docs/cli.md
-    uv run python benchmarks/cli_reference.py --check    # exit 1 if docs/cli.md is stale
+    uv run python tools/cli_reference.py            # rewrite docs/cli.md
+    uv run python tools/cli_reference.py --check    # exit 1 if docs/cli.md is stale
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import typer.main
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_PATH = ROOT / "docs" / "cli.md"
-COMMAND = "uv run python benchmarks/cli_reference.py"
+COMMAND = "uv run python tools/cli_reference.py"
 
 # Environment variables the code reads (ncfm_core.store, ncfm_core.data.registry, ncfm_cli.main,
 # rich); not Typer options, so they cannot be walked and are listed here.

@@ -12,45 +12,36 @@ For each IPC (default 1 and 10), in a fresh store:
 
 The commands, their stdout and their wall times go to ``docs/results/digits_cli_run.md``.
 
-    uv run python benchmarks/docs_pictures.py              # about 20-30 min on 2 CPU cores
-    uv run python benchmarks/docs_pictures.py --quick      # a few iterations, for testing
+    uv run python tools/docs_pictures.py              # about 20-30 min on 2 CPU cores
+    uv run python tools/docs_pictures.py --quick      # a few iterations, for testing
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import report_kit as kit  # noqa: E402
+# the benchmarks' shared kit and plot (not a package: a directory on sys.path)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import kit  # noqa: E402
+import report_kit as plots  # noqa: E402
 
-SCRIPT = "benchmarks/docs_pictures.py"
+SCRIPT = "tools/docs_pictures.py"
 
 
 def run_ncfm(store: Path, args: list[str], transcript: list[str], env_threads: int | None, cwd: Path) -> str:
     """Run ``ncfm --store STORE ARGS`` in a subprocess in ``cwd``; returns stdout, records it in
     the transcript (with the store shown as the default store and ``cwd`` left out); raises with
     stderr on failure."""
-    env = dict(os.environ)
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if env_threads is not None:
-        env["OMP_NUM_THREADS"] = str(env_threads)
     command = [sys.executable, "-m", "ncfm_cli", "--store", str(store), *args]
     shown = "ncfm " + " ".join(shlex.quote(a) for a in args)
-    kit.log_to_stderr(shown)
-    started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd)
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"{shown} failed with exit code {done.returncode}:\n{done.stderr}")
+    kit.log(shown)
+    seconds, done = kit.run_command(command, cwd=cwd, env=kit.child_env(env_threads), label=shown)
     stdout = done.stdout.replace(str(store), "~/.local/share/ncfm").replace(f"{cwd}{os.sep}", "")
     transcript += [f"### `{shown}`", "", f"{seconds:.0f} s wall time, exit code 0. stdout:", "", "```",
                    stdout.rstrip(), "```", ""]
@@ -58,12 +49,14 @@ def run_ncfm(store: Path, args: list[str], transcript: list[str], env_threads: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=kit.ROOT / "docs", help="docs directory (default docs/)")
+    parser = kit.parser(
+        __doc__,
+        kit.out_option(kit.DOCS, "docs directory (default docs/)"),
+        kit.threads_option(help="OMP_NUM_THREADS of the ncfm processes"),
+    )
     parser.add_argument("--ipcs", type=int, nargs="+", default=[1, 10])
     parser.add_argument("--eval-ipc", type=int, default=10, help="the IPC distilled with --eval (the README's)")
     parser.add_argument("--quick", action="store_true", help="a few iterations and epochs, for testing")
-    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the ncfm processes")
     parser.add_argument("--store", type=Path, default=None, help="store to use (default: a temporary one)")
     args = parser.parse_args(argv)
 
@@ -74,11 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     quick_eval = ["--eval-epochs", "2", "--eval-repeats", "2"] if args.quick else []
     images_dir, results_dir = args.out / "images", args.out / "results"
     images_dir.mkdir(parents=True, exist_ok=True)
-    results_dir.mkdir(parents=True, exist_ok=True)
     transcript = [
         "# The digits run behind the docs' pictures",
         "",
-        f"Written by `{kit.command_line(SCRIPT, argv if argv is not None else sys.argv[1:])}`, which runs the `ncfm`",
+        f"Written by `{kit.command_line(SCRIPT, argv)}`, which runs the `ncfm`",
         "commands below in a fresh store (its path is shown as `~/.local/share/ncfm`).",
         "",
         *kit.machine_lines("cpu (auto)"),
@@ -102,13 +94,13 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.copyfile(work / f"syn-{artifact}" / "grid.png", images_dir / picture)
             curve = json.loads(ncfm(["--json", "inspect", name], record=False)).get("loss_curve") or []
             if curve:
-                curves.append(kit.Series(f"IPC {ipc}", [p[0] for p in curve], [p[1] for p in curve]))
+                curves.append(plots.Series(f"IPC {ipc}", [p[0] for p in curve], [p[1] for p in curve]))
         ncfm(["ls"])
     if curves:
-        kit.line_plot(curves, images_dir / "loss_curve.png", title="ncfm distill digits: loss (manifest loss_curve)",
-                      x_label="iteration", y_label="loss (mean of 10 iterations)")
-    (results_dir / "digits_cli_run.md").write_text("\n".join(transcript).rstrip() + "\n")
-    kit.log_to_stderr(f"wrote {images_dir} and {results_dir / 'digits_cli_run.md'}")
+        plots.line_plot(curves, images_dir / "loss_curve.png", title="ncfm distill digits: loss (manifest loss_curve)",
+                        x_label="iteration", y_label="loss (mean of 10 iterations)")
+    kit.write_page(results_dir / "digits_cli_run.md", transcript)
+    kit.log(f"wrote {images_dir} and {results_dir / 'digits_cli_run.md'}")
     return 0
 
 

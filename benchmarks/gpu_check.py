@@ -1,0 +1,296 @@
+"""GPU acceptance check: the CUDA tests, the CLI end to end on CIFAR-100-format data, and speed.
+
+One command on a bare CUDA machine, from the source tree::
+
+    PYTHONPATH=. python benchmarks/gpu_check.py --out gpu-check
+
+Each step runs in its own process with its own timeout, prints one summary line when it ends,
+and writes its log under ``OUT/logs/``. The last thing printed is a table (step, status,
+seconds, key figures), also written to ``OUT/summary.md`` and ``OUT/summary.json``;
+``OUT/logs.tar.gz`` packs every log. The exit code is 0 only if every step passed.
+
+Steps:
+
+1. ``cuda-tests``: ``pytest -m cuda`` (the tests that need CUDA, and the CPU simulation of a
+   CUDA machine that guards device resolution).
+2. ``cifar100-data``: fake CIFAR-100 written in the real on-disk format (the test fixture writer).
+3. ``distill``: ``ncfm distill cifar100 --ipc 50 --gpu-mem 2.5G`` with the default device
+   (short: a 2-member pool trained 1 epoch, 50 iterations); checks the measured peak against
+   the budget.
+4. ``eval``: 5 repeats of a few epochs. 5. ``export``: ``--format grid``.
+6. ``inspect``: ``--json``; status complete, the images finite, the recorded device indexed.
+7. ``speed`` and ``speed-2.5G``: ``benchmarks/distill_speed.py`` at CIFAR-100 IPC 50, psi on,
+   with the planner's default plan and under ``--gpu-mem 2.5G``.
+
+``--device cpu --smoke`` runs the same steps at toy sizes on a CPU (CI runs it), where the
+CUDA tests skip and the budget check is skipped (a CPU peak is the process's RSS).
+Needs no network. The store goes to ``OUT/store`` (``--store``), so platformdirs is not needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+GiB = 2**30
+
+
+@dataclass
+class Step:
+    name: str
+    status: str = "skipped"
+    seconds: float = 0.0
+    figures: dict[str, Any] = field(default_factory=dict)
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What each step does at full size (a GPU) or as a smoke test (a CPU, in CI)."""
+
+    ipc: int
+    per_class: int
+    test_per_class: int
+    iterations: int
+    pool: tuple[str, ...]
+    eval_epochs: int
+    eval_network: tuple[str, ...]
+    speed: tuple[str, ...]
+
+    @classmethod
+    def for_run(cls, smoke: bool) -> Sizes:
+        if smoke:
+            return cls(ipc=1, per_class=3, test_per_class=1, iterations=3,
+                       pool=("--pool-size", "1", "--pool-epochs", "0", "--width", "8", "--freqs", "16",
+                             "--real-per-class", "3"),
+                       eval_epochs=1, eval_network=("--width", "8"),
+                       speed=("--classes", "10", "--ipc", "1", "--psi", "on", "--iters", "1", "--warmup", "0",
+                              "--real-per-class", "4", "--freqs", "16", "--ablations", ""))
+        return cls(ipc=50, per_class=500, test_per_class=100, iterations=50,
+                   pool=("--pool-size", "2", "--pool-epochs", "1"),
+                   eval_epochs=3, eval_network=(),
+                   speed=("--classes", "100", "--ipc", "50", "--psi", "on", "--ablations", ""))
+
+
+class Check:
+    def __init__(self, out: Path, device: str, smoke: bool, budget: str):
+        self.out = out
+        self.logs = out / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.device = device
+        self.smoke = smoke
+        self.budget = budget
+        self.sizes = Sizes.for_run(smoke)
+        self.steps: list[Step] = []
+        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                    "NCFM_HOME": str(out / "home"), "NCFM_DATA_DIR": str(out / "data")}
+
+    # -- running ------------------------------------------------------------------------------
+
+    def run(self, name: str, argv: list[str], timeout: float) -> tuple[Step, str]:
+        """Run ``argv`` as step ``name``; its stdout and stderr go to ``logs/<name>.log``."""
+        step = Step(name)
+        log = self.logs / f"{name}.log"
+        started = time.perf_counter()
+        try:
+            done = subprocess.run(argv, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout)
+            stdout, code = done.stdout, done.returncode
+            log.write_text(f"$ {' '.join(argv)}\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}\n--- exit {code}\n")
+            step.status = "passed" if code == 0 else "failed"
+            if code != 0:
+                step.detail = f"exit {code}: {_last_line(done.stderr) or _last_line(stdout)}"
+        except subprocess.TimeoutExpired as err:
+            stdout = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+            log.write_text(f"$ {' '.join(argv)}\n--- stdout\n{stdout}\n--- timed out after {timeout:.0f} s\n")
+            step.status, step.detail = "failed", f"timed out after {timeout:.0f} s"
+        step.seconds = time.perf_counter() - started
+        self.steps.append(step)
+        return step, stdout
+
+    def ncfm(self, name: str, args: list[str], timeout: float) -> tuple[Step, dict[str, Any] | None]:
+        """``ncfm --json ARGS`` as a step; its JSON result, or None when it failed."""
+        step, stdout = self.run(name, [sys.executable, "-m", "ncfm_cli", "--store", str(self.out / "store"),
+                                       "--json", *args], timeout)
+        if step.status != "passed":
+            return step, None
+        try:
+            return step, json.loads(stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            self.fail(step, "did not print one JSON document")
+            return step, None
+
+    def fail(self, step: Step, why: str) -> None:
+        step.status, step.detail = "failed", why
+
+    def report(self, step: Step) -> None:
+        figures = ", ".join(f"{k} {v}" for k, v in step.figures.items())
+        print(f"[{step.status:>7}] {step.name} ({step.seconds:.1f} s){': ' + figures if figures else ''}"
+              f"{' -- ' + step.detail if step.detail else ''}", flush=True)
+
+    # -- steps --------------------------------------------------------------------------------
+
+    def cuda_tests(self) -> None:
+        step, stdout = self.run("cuda-tests", [sys.executable, "-m", "pytest", "-q", "-m", "cuda",
+                                               "-p", "no:cacheprovider", "tests"], timeout=150)
+        step.figures["result"] = _last_line(stdout)
+        self.report(step)
+
+    def write_data(self) -> Path:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from fixtures_data import write_cifar100
+
+        step = Step("cifar100-data")
+        started = time.perf_counter()
+        data = self.out / "cifar"
+        write_cifar100(data, per_class=self.sizes.per_class, test_per_class=self.sizes.test_per_class)
+        step.seconds, step.status = time.perf_counter() - started, "passed"
+        step.figures["images"] = f"{100 * self.sizes.per_class} train / {100 * self.sizes.test_per_class} test"
+        self.steps.append(step)
+        self.report(step)
+        return data
+
+    def distill(self, data: Path) -> str | None:
+        device = [] if self.device == "auto" else ["--device", self.device]  # the default device on a GPU
+        step, result = self.ncfm("distill", ["distill", "cifar100", "--ipc", str(self.sizes.ipc),
+                                             "--gpu-mem", self.budget, "--data-dir", str(data), "--name", "check",
+                                             "--iterations", str(self.sizes.iterations), *self.sizes.pool, *device],
+                                 timeout=240)
+        if result is not None:
+            peak, budget = result.get("peak_memory_bytes"), _parse_size(self.budget)
+            step.figures.update(device=result.get("device"), seconds_per_iteration=_round(result.get("seconds_per_iteration")),
+                                peak=_gib(peak), budget=_gib(budget))
+            if str(result.get("device", "")).startswith("cuda") and (peak is None or peak > budget):
+                self.fail(step, f"measured peak {_gib(peak)} is over the budget {_gib(budget)}")
+        self.report(step)
+        return None if result is None else result.get("artifact")
+
+    def evaluate(self, ref: str) -> None:
+        step, result = self.ncfm("eval", ["eval", ref, "--repeats", "5", "--epochs", str(self.sizes.eval_epochs),
+                                          *self.sizes.eval_network,
+                                          *([] if self.device == "auto" else ["--device", self.device])], timeout=150)
+        if result is not None:
+            accuracy = result.get("accuracy", {})
+            step.figures.update(accuracy=_round(accuracy.get("mean")), runs=len(accuracy.get("runs", [])))
+            if len(accuracy.get("runs", [])) != 5:
+                self.fail(step, "expected 5 repeats")
+        self.report(step)
+
+    def export(self, ref: str) -> None:
+        target = self.out / "export"
+        step, _ = self.ncfm("export", ["export", ref, "--format", "grid", "--out", str(target)], timeout=60)
+        if step.status == "passed" and not (target / "grid.png").is_file():
+            self.fail(step, f"{target / 'grid.png'} was not written")
+        self.report(step)
+
+    def inspect(self, ref: str) -> None:
+        step, info = self.ncfm("inspect", ["inspect", ref], timeout=60)
+        if info is not None:
+            step.figures.update(status=info.get("status"), device=info.get("device"))
+            if info.get("status") != "complete":
+                self.fail(step, f"status {info.get('status')!r}, not complete")
+            elif str(info.get("device", "")).startswith(("cuda", "mps")) and ":" not in str(info["device"]):
+                self.fail(step, f"recorded device {info['device']!r} has no index")
+            else:
+                finite = _synset_finite(Path(info["path"]))
+                step.figures["images_finite"] = finite
+                if not finite:
+                    self.fail(step, "the stored images are not all finite")
+        self.report(step)
+
+    def speed(self, name: str, budget: str | None) -> None:
+        figures_file = self.logs / f"{name}.json"
+        argv = [sys.executable, str(ROOT / "benchmarks" / "distill_speed.py"), "--device", self.device,
+                *self.sizes.speed, "--out", str(self.logs / f"{name}.md"), "--json-out", str(figures_file)]
+        step, _ = self.run(name, argv + (["--gpu-mem", budget] if budget else []), timeout=150)
+        if step.status == "passed":
+            rows = json.loads(figures_file.read_text())["results"]
+            for row in rows:
+                peak = row.get("peak", {})
+                step.figures.update(seconds_per_iteration=_round(row["median_seconds"]),
+                                    peak=_gib(peak.get("reserved_bytes") or peak.get("peak_bytes")))
+                limit = _parse_size(budget) if budget else None
+                if limit is not None and peak.get("reserved_bytes") is not None and peak["reserved_bytes"] > limit:
+                    self.fail(step, f"peak {_gib(peak['reserved_bytes'])} is over the budget {_gib(limit)}")
+        self.report(step)
+
+    # -- the whole check ----------------------------------------------------------------------
+
+    def all(self) -> int:
+        self.cuda_tests()
+        data = self.write_data()
+        ref = self.distill(data)
+        if ref is not None:
+            self.evaluate(ref)
+            self.export(ref)
+            self.inspect(ref)
+        else:
+            for name in ("eval", "export", "inspect"):
+                self.steps.append(Step(name, "skipped", detail="distill failed"))
+        self.speed("speed", None)
+        self.speed("speed-2.5G", self.budget)
+        return self.summarise()
+
+    def summarise(self) -> int:
+        lines = ["| step | status | seconds | figures |", "|---|---|---:|---|"]
+        for step in self.steps:
+            figures = ", ".join(f"{k} {v}" for k, v in step.figures.items())
+            detail = f" ({step.detail})" if step.detail else ""
+            lines.append(f"| {step.name} | {step.status}{detail} | {step.seconds:.1f} | {figures} |")
+        table = "\n".join(lines)
+        (self.out / "summary.md").write_text(table + "\n")
+        (self.out / "summary.json").write_text(json.dumps([asdict(s) for s in self.steps], indent=1) + "\n")
+        with tarfile.open(self.out / "logs.tar.gz", "w:gz") as archive:
+            archive.add(self.logs, arcname="logs")
+        print("\n" + table)
+        return 0 if all(step.status == "passed" for step in self.steps) else 1
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in (text or "").strip().splitlines() if line.strip()]
+    return lines[-1].strip()[:200] if lines else ""
+
+
+def _parse_size(spec: str) -> int:
+    from ncfm_core.devices import parse_memory
+
+    return parse_memory(spec)
+
+
+def _gib(size: int | None) -> str:
+    return "-" if size is None else f"{size / GiB:.2f} GiB"
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else round(value, 4)
+
+
+def _synset_finite(version_dir: Path) -> bool:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(version_dir / "synset.safetensors"))
+    return all(bool(t.float().isfinite().all()) for t in tensors.values() if t.is_floating_point())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("gpu-check"), help="folder for logs and the summary")
+    parser.add_argument("--device", default="auto", help="auto (the default device, as a user gets it) or cpu")
+    parser.add_argument("--smoke", action="store_true", help="toy sizes, so the whole check runs on a CPU in CI")
+    parser.add_argument("--budget", default="2.5G", help="the --gpu-mem budget of the distill and speed steps")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    return Check(args.out.resolve(), args.device, args.smoke, args.budget).all()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
