@@ -21,6 +21,7 @@ from the measured FLOP rate (labelled as projections). Results go to
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -52,7 +53,39 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "compile": {"compile": True},
     "class_chunk=1": {"class_chunk": 1},
     "checkpointing": {"activation_checkpointing": True},
+    # issue 14's levers (keys starting with "_" are not config fields; see ablation_distiller):
+    # what the pre-cap code cost when asked twice a class's size: twice the real work (only while
+    # twice real_per_class fits in a class: 32 -> 64 of 5,000 on CPU; at 1024 on 500 both are capped)
+    "2x real/class (pre-cap cost)": {"_real_per_class_factor": 2},
+    "cf_precision=tf32": {"cf_precision": "tf32"},  # a CUDA lever: on CPU the same fp32 run
+    "real side no_grad (pre-#14)": {"_real_side_mode": "no_grad"},
+    "CUDA default plan (frugal)": {"_cuda_frugal_plan": True},  # the chunks the CUDA chooser picks
 }
+# (the frugal CUDA plan is left out: for the small CPU configuration it is the fastest plan itself)
+LEVER_ABLATIONS = ("baseline,2x real/class (pre-cap cost),cf_precision=tf32,real side no_grad (pre-#14),"
+                   "baseline (again)")
+
+
+def ablation_distiller(spec: dict[str, Any], name: str, dataset, shape: DatasetShape, device: torch.device,
+                       limit: int | None) -> tuple[Distiller, Any]:
+    """The distiller and plan of one ablation variant: config overrides, plus the levers that
+    are not config fields (a larger real draw, the real side's autograd mode, the plan the CUDA
+    time model would choose for this configuration with 140 GiB free)."""
+    variant = dict(ABLATIONS[name])
+    factor = variant.pop("_real_per_class_factor", 1)
+    mode = variant.pop("_real_side_mode", None)
+    frugal = variant.pop("_cuda_frugal_plan", False)
+    config = paper_config(spec["classes"], spec["ipc"], spec["real_per_class"] * factor, spec["freqs"], True,
+                          **variant)
+    plan = planner.plan_run(config, shape, device, limit)
+    if frugal:
+        cuda_plan = planner.plan_run(config, shape, "cuda:0", None, free_bytes=140 * 2**30)
+        plan = dataclasses.replace(plan, real_chunk=cuda_plan.real_chunk, class_chunk=cuda_plan.class_chunk)
+    config = plan.apply(config)
+    distiller = Distiller(config, dataset, untrained_pool(config, dataset), device)
+    if mode == "no_grad":
+        distiller._real_side_mode = torch.no_grad
+    return distiller, plan
 
 
 # ----------------------------------------------------------------------------- one configuration
@@ -171,11 +204,7 @@ def run_ablation_worker(spec: dict[str, Any]) -> dict[str, Any]:
     device, dataset, shape, limit = worker_setup(spec)
     variants: dict[str, dict[str, Any]] = {}
     for name in spec["variants"]:
-        config = paper_config(spec["classes"], spec["ipc"], spec["real_per_class"], spec["freqs"], True,
-                              **ABLATIONS[name])
-        plan = planner.plan_run(config, shape, device, limit)
-        config = plan.apply(config)
-        distiller = Distiller(config, dataset, untrained_pool(config, dataset), device)
+        distiller, plan = ablation_distiller(spec, name, dataset, shape, device, limit)
         warmup, first_loss = [], None
         for i in range(max(1, spec["warmup"])):
             warmup.append(kit.timed(distiller.step, device).wall)
@@ -389,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-mem", help="plan for and cap the allocator at this budget (e.g. 2.5G)")
     parser.add_argument("--ablations",
                         help="comma-separated variants run on the first IPC and shape, psi on (choices: "
-                        f"{', '.join(ABLATIONS)}; '' for none; default: baseline,channels_last,bf16,"
+                        f"{', '.join(ABLATIONS)}; '' for none; 'levers' for issue 14's: {LEVER_ABLATIONS}; "
+                        "default: baseline,channels_last,bf16,"
                         "class_chunk=1,checkpointing,baseline (again) on CPU; on GPU fp32 and compile instead of bf16)")
     parser.add_argument("--no-cudnn-benchmark", action="store_true", help="leave cudnn.benchmark off on CUDA")
     parser.add_argument("--json-out", type=Path,
@@ -412,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.ablations is None:
         args.ablations = ("baseline,channels_last,fp32,compile,class_chunk=1,checkpointing" if gpu
                           else "baseline,channels_last,bf16,class_chunk=1,checkpointing,baseline (again)")
+    if args.ablations == "levers":
+        args.ablations = LEVER_ABLATIONS
     ablations = [a for a in args.ablations.split(",") if a]
     unknown = [a for a in ablations if a not in ABLATIONS]
     if unknown:
@@ -457,8 +489,10 @@ def main(argv: list[str] | None = None) -> int:
         f"F = {args.freqs}, calibration on, a pool of 1 untrained extractor; {warmup} warm-up + {iters} timed "
         f"iteration(s), median; each row in its own process. Real images per class: **{real_per_class}**"
         + ("" if real_per_class == 1024 else " (the paper uses 1024; cut down so the CPU run ends in minutes)")
-        + ". The plan is the planner's fastest plan that fits "
-        + (f"`--gpu-mem {args.gpu_mem}`" if args.gpu_mem else "the free memory minus a margin") + ".",
+        + ". The plan is the planner's: "
+        + (f"the fastest that fits `--gpu-mem {args.gpu_mem}`" if args.gpu_mem else
+           "the smallest plan within 10% of the fastest by the time model (CUDA), the fastest that fits the free "
+           "memory minus a margin (CPU)") + ".",
         "",
         "FLOPs count convolutions, linear layers and the CF matmuls (analytical, "
         "`memory_model.estimate_iteration_flops`); 'achieved' = FLOPs / median time; 'matmul peak' = a square "

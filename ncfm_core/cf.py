@@ -22,10 +22,14 @@ Everything here is a pure function of its tensors. Two layouts of labelled sets:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
 __all__ = [
+    "CF_PRECISIONS",
     "cf_chunk_freq_grad",
     "cf_chunk_sums",
     "cf_class_major",
@@ -38,7 +42,84 @@ __all__ = [
     "ncfd",
     "ncfd_terms",
     "normalize_features",
+    "project",
+    "resolve_cf_precision",
 ]
+
+
+# ---- the projections <t, f> and their precision --------------------------------------------------
+# Features are L2-normalised and frequencies ~N(0, s^2 I) (s = 1 without psi, psi's scales up to
+# ~20), so a projection p = <t, f> has standard deviation ~s: O(1) to O(10) radians. What a
+# reduced-precision product does to the phase:
+# - TF32 (tensor cores, 10 mantissa bits: inputs rounded with relative error <= 2^-11, products
+#   and sums in fp32): |error in p| <= 2^-10 sum_i |t_i f_i| <= 2^-10 ||t|| ~ 2^-10 s sqrt(d)
+#   worst case; with independent rounding errors the typical error is ~2^-11 s (5e-4 rad at s=1,
+#   1e-2 rad at s=20), and it averages out over the N samples of a CF (tests/test_cf.py measures
+#   it: the NCFD moves by < 1e-3 relative, its gradients by < 1e-2).
+# - bf16 inputs (8 mantissa bits, 2^-8 relative): 8x that; worse, a bf16 matmul writes a bf16
+#   result, whose spacing at |p| ~ 32 is 0.25 rad: cos/sin of it is noise. bf16 projections would
+#   need an fp32 output (not available on every backend) and a cast of the fp32 features (the
+#   profile already shows dtype copies at 9%). TF32 takes the same fp32 tensors, no copy.
+# So: "tf32" on CUDA ("auto"), "fp32" elsewhere; CPU has no TF32, so CPU results stay bit-identical.
+
+CF_PRECISIONS = ("auto", "fp32", "tf32")
+
+
+def resolve_cf_precision(precision: str, device: torch.device | str) -> str:
+    """``"auto"`` -> ``"tf32"`` on CUDA, ``"fp32"`` elsewhere; ``"tf32"`` off CUDA -> ``"fp32"``
+    (no other backend has TF32 matmuls: asking for it changes nothing there)."""
+    if precision not in CF_PRECISIONS:
+        raise ValueError(f"unknown CF precision {precision!r}; choose one of {', '.join(CF_PRECISIONS)}")
+    return "tf32" if precision != "fp32" and torch.device(device).type == "cuda" else "fp32"
+
+
+@contextlib.contextmanager
+def _cuda_matmul_tf32(enabled: bool) -> Iterator[None]:
+    """Inside: CUDA fp32 matmuls may use TF32 tensor cores (only the matmuls launched inside, so
+    the networks' and psi's matmuls are untouched); the previous setting is restored after."""
+    if not enabled:
+        yield
+        return
+    backend = torch.backends.cuda.matmul
+    previous = backend.fp32_precision
+    backend.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        backend.fp32_precision = previous
+
+
+class _TF32Projection(torch.autograd.Function):
+    """``features @ freqs.T`` with the forward and both backward matmuls in TF32."""
+
+    @staticmethod
+    def forward(ctx, features: Tensor, freqs: Tensor) -> Tensor:
+        ctx.save_for_backward(features, freqs)
+        with _cuda_matmul_tf32(True):
+            return features @ freqs.T
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        features, freqs = ctx.saved_tensors
+        grad_features = grad_freqs = None
+        with _cuda_matmul_tf32(True):
+            if ctx.needs_input_grad[0]:
+                grad_features = grad @ freqs
+            if ctx.needs_input_grad[1]:
+                grad_freqs = grad.T @ features
+        return grad_features, grad_freqs
+
+
+def project(features: Tensor, freqs: Tensor, precision: str = "fp32") -> Tensor:
+    """The projections ``features @ freqs.T`` (N, F), differentiable w.r.t. both. ``precision``
+    ``"tf32"`` runs the product (and its backward) on TF32 tensor cores when the tensors are on
+    CUDA; anything else, and any tensor off CUDA, is the plain fp32 product, bit for bit."""
+    if precision != "tf32" or features.device.type != "cuda":
+        return features @ freqs.T
+    if torch.is_grad_enabled() and (features.requires_grad or freqs.requires_grad):
+        return _TF32Projection.apply(features, freqs)
+    with _cuda_matmul_tf32(True):
+        return features @ freqs.T
 
 
 def normalize_features(features: Tensor, eps: float = 1e-12) -> Tensor:
@@ -136,32 +217,43 @@ def class_means(values: Tensor, per_class: int) -> Tensor:
     return values.reshape(values.shape[0] // per_class, per_class, -1).mean(dim=1)
 
 
-def cf_class_major(features: Tensor, freqs: Tensor, per_class: int) -> tuple[Tensor, Tensor]:
+def cf_class_major(
+    features: Tensor, freqs: Tensor, per_class: int, precision: str = "fp32"
+) -> tuple[Tensor, Tensor]:
     """Per-class empirical CF of a whole class-major set, differentiable w.r.t. both inputs.
 
     features (C * per_class, d), freqs (F, d) -> (re (C, F), im (C, F)); the same values as
     :func:`cf_embed_per_class` with class-major labels, up to rounding (mean of a reshape
-    instead of ``index_add`` sums divided by counts).
+    instead of ``index_add`` sums divided by counts). ``precision``: see :func:`project`.
     """
-    projections = features @ freqs.T  # (C * per_class, F)
+    projections = project(features, freqs, precision)  # (C * per_class, F)
     return class_means(torch.cos(projections), per_class), class_means(torch.sin(projections), per_class)
 
 
-def cf_chunk_sums(features: Tensor, freqs: Tensor, start_row: int, per_class: int) -> tuple[int, Tensor, Tensor]:
+def cf_chunk_sums(
+    features: Tensor, freqs: Tensor, start_row: int, per_class: int, precision: str = "fp32"
+) -> tuple[int, Tensor, Tensor]:
     """Per-class sums of cos and sin of ``features @ freqs.T`` for one chunk.
 
     features (n, d), freqs (F, d) -> (first class, cos sums (k, F), sin sums (k, F)), ``k`` the
     classes the chunk touches (see :func:`class_row_sums`). Dividing the accumulated sums by
-    ``per_class`` gives the per-class CF of :func:`cf_embed_per_class`.
+    ``per_class`` gives the per-class CF of :func:`cf_embed_per_class`. ``precision``: see
+    :func:`project`.
     """
-    projections = features @ freqs.T  # (n, F)
+    projections = project(features, freqs, precision)  # (n, F)
     first, cos_sums = class_row_sums(torch.cos(projections), start_row, per_class)
     _, sin_sums = class_row_sums(torch.sin(projections), start_row, per_class)
     return first, cos_sums, sin_sums
 
 
 def cf_chunk_freq_grad(
-    features: Tensor, freqs: Tensor, start_row: int, per_class: int, grad_re: Tensor, grad_im: Tensor
+    features: Tensor,
+    freqs: Tensor,
+    start_row: int,
+    per_class: int,
+    grad_re: Tensor,
+    grad_im: Tensor,
+    precision: str = "fp32",
 ) -> Tensor:
     """One chunk's share of the gradient w.r.t. ``freqs`` of ``sum(grad_re * re + grad_im * im)``,
     where (re, im) (C, F) is the per-class CF of the whole class-major set.
@@ -171,11 +263,11 @@ def cf_chunk_freq_grad(
     ``W[i, f] = (-grad_re[c_i, f] sin(p_if) + grad_im[c_i, f] cos(p_if)) / per_class``.
     features (n, d), freqs (F, d), grad_re and grad_im (C, F) -> (F, d). Summing over chunks
     gives the full gradient using (n, F) memory per chunk instead of an autograd graph over all
-    rows.
+    rows. ``precision`` (see :func:`project`) applies to both products.
     """
     n = features.shape[0]
     first, whole = _chunk_layout(start_row, n, per_class)
-    projections = features @ freqs.T  # (n, F)
+    projections = project(features, freqs, precision)  # (n, F)
     if whole:
         k = n // per_class
         g_re = grad_re[first : first + k, None, :]  # (k, 1, F)
@@ -185,7 +277,8 @@ def cf_chunk_freq_grad(
         weights = weights.reshape(n, -1)
     else:
         weights = -grad_re[first] * torch.sin(projections) + grad_im[first] * torch.cos(projections)
-    return (weights / per_class).T @ features
+    with _cuda_matmul_tf32(precision == "tf32" and features.device.type == "cuda"):
+        return (weights / per_class).T @ features
 
 
 def chunk_bounds(num_classes: int, per_class: int, chunk: int) -> list[tuple[int, int]]:

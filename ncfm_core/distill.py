@@ -3,7 +3,8 @@
 One iteration (DESIGN.md, "Data flow"):
 
 1. pick a pool member and ``beta ~ U(0, 1)``; blend its weights into the extractor in place;
-2. draw ``real_per_class`` real images of every class (one vectorised op), one DSA draw per
+2. draw ``real_per_class`` real images of every class (capped at the smallest class: never a
+   duplicate; one vectorised op), one DSA draw per
    class (shared by the real and the synthetic images of that class) and the frequencies;
 3. real side, no grad, chunk by chunk: features, then per-class sums of cos/sin accumulated in
    float64 (memory bounded by the chunk); with psi the features are kept (or, with
@@ -24,6 +25,11 @@ Precision: with bf16/fp16 only the network forwards run under autocast. Features
 float32 before the CF maths, which always run in float32: ``<t, f>`` reaches tens of radians
 once psi scales the frequencies up (scales up to 20), and bf16 keeps 8 bits of mantissa, so at
 |x| ~ 32 neighbouring bf16 values are 0.25 rad apart and cos/sin of such an argument is noise.
+On CUDA the projections ``<t, f>`` run on TF32 tensor cores by default (``cf_precision``, fp32
+inputs rounded to 10 mantissa bits, fp32 sums and outputs: a typical phase error of ~2^-11 x the
+frequency scale, see ``ncfm_core.cf``); on CPU they stay fp32, bit for bit.
+
+The real side runs in inference mode: its features are never part of an autograd graph.
 """
 
 from __future__ import annotations
@@ -142,7 +148,19 @@ class Distiller:
         empty = [dataset.class_names[c] for c, n in enumerate(counts) if n == 0]
         if empty:
             raise ConfigError(f"class {empty[0]!r} has no training images; every class needs some to distill")
-        self.real_per_class = config.real_per_class
+        # One DSA draw serves a whole class, so a second copy of an image in the same iteration
+        # is an identical feature: it carries no information and only re-weights the class mean.
+        # Never draw more per class than the smallest class holds (one cap for every class keeps
+        # the class-major layout rectangular: reshape sums, no atomics, equal chunks).
+        self.real_per_class = min(config.real_per_class, min(counts))
+        self.notes: list[str] = []  # one-line facts about this run, for the job layer to log once
+        if self.real_per_class < config.real_per_class:
+            smallest = dataset.class_names[counts.index(min(counts))]
+            self.notes.append(
+                f"real images per class capped at {self.real_per_class} (asked {config.real_per_class}): the "
+                f"smallest class, {smallest!r}, holds {min(counts)} train images, and a repeated image under the "
+                f"class's one augmentation draw adds no information"
+            )
         self._init_real_sampler(class_indices)
 
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
@@ -174,6 +192,10 @@ class Distiller:
         )
 
         self.precision = resolve_precision(config.precision, self.device)
+        self.cf_precision = cf.resolve_cf_precision(config.cf_precision, self.device)  # fp32 off CUDA
+        # The real side's autograd mode: inference mode (no version counters, no view tracking);
+        # torch.no_grad gives the same bits (tests/test_distill.py) and is what ran before.
+        self._real_side_mode: Callable[[], contextlib.AbstractContextManager] = torch.inference_mode
         # None = off. benchmarks/distill_speed.py measured 0.65x to 1.2x on a shared 2-core CPU
         # (gains under light load only); on CUDA it is not yet measured, and group_norm there has
         # long converted channels_last inputs back to NCHW. Opt in with channels_last=True.
@@ -261,12 +283,14 @@ class Distiller:
 
     # -- one iteration ---------------------------------------------------------------------
     def sample_real(self) -> tuple[Tensor, Tensor]:
-        """``real_per_class`` indices of every class, distinct while the class has enough.
+        """``self.real_per_class`` (``config.real_per_class`` capped at the smallest class)
+        distinct indices of every class.
 
         Every train image gets a uniform key; a per-class ``topk`` of the smallest keys is a
         uniformly random ordered subset of the class, in O(N) rather than the O(N log N) of
-        sorting the whole set. A class smaller than the batch is used whole (in random order)
-        before anything repeats. Returns indices (C*B,) class-major and labels (C*B,), C the owned classes.
+        sorting the whole set. The keys are drawn for the whole (C, n_max) table whatever the
+        batch, so a run asking more than the smallest class draws the same images as one asking
+        exactly that. Returns indices (C*B,) class-major and labels (C*B,), C the owned classes.
         """
         keys = torch.rand(
             self._class_table.shape, generator=self.generator, device=self.device, dtype=torch.float64
@@ -295,12 +319,15 @@ class Distiller:
         features = raw.float()  # the CF maths run in float32 (see the module docstring)
         return cf.normalize_features(features) if self.config.normalize_features else features
 
-    @torch.no_grad()
     def _real_chunk_features(self, index: Tensor, start: int, end: int, params: dict[str, Tensor]) -> Tensor:
-        """Normalised no-grad features (end - start, d) of real rows [start, end)."""
-        x = self.real_images[index[start:end]].float().div_(255.0)
-        x = augment.apply_params(x, self._real_labels[start:end], params)
-        return self._embed(self._raw_features(self.extractor, x, grad=False))
+        """Normalised features (end - start, d) of real rows [start, end), computed in inference
+        mode (no autograd bookkeeping at all: no version counters, no views tracked). They are
+        inference tensors: only ever read under no_grad (the CF sums, psi's closed-form
+        gradient), never saved for a backward."""
+        with self._real_side_mode():
+            x = self.real_images[index[start:end]].float().div_(255.0)
+            x = augment.apply_params(x, self._real_labels[start:end], params)
+            return self._embed(self._raw_features(self.extractor, x, grad=False))
 
     @torch.no_grad()
     def _real_statistics(
@@ -324,7 +351,7 @@ class Distiller:
                 first, sums = cf.class_row_sums(features, start, b)
                 sums_a[first : first + sums.shape[0]] += sums.double()
             else:
-                first, cos_sums, sin_sums = cf.cf_chunk_sums(features, freqs, start, b)
+                first, cos_sums, sin_sums = cf.cf_chunk_sums(features, freqs, start, b, self.cf_precision)
                 sums_a[first : first + cos_sums.shape[0]] += cos_sums.double()
                 sums_b[first : first + sin_sums.shape[0]] += sin_sums.double()
         first_stat = (sums_a / b).float()
@@ -346,7 +373,9 @@ class Distiller:
         with torch.no_grad():
             for i, (start, end) in enumerate(self._real_bounds):
                 features = kept[i] if kept else self._real_chunk_features(index, start, end, params)
-                total += cf.cf_chunk_freq_grad(features, freqs, start, self.real_per_class, grad_re, grad_im)
+                total += cf.cf_chunk_freq_grad(
+                    features, freqs, start, self.real_per_class, grad_re, grad_im, self.cf_precision
+                )
         return total
 
     def _group_loss(
@@ -371,7 +400,7 @@ class Distiller:
         if freqs is None:
             per_class = cf.mmd(real_a[rows], cf.class_means(features, per_class_rows))
         else:
-            syn_re, syn_im = cf.cf_class_major(features, freqs, per_class_rows)  # (k, F) each, float32
+            syn_re, syn_im = cf.cf_class_major(features, freqs, per_class_rows, self.cf_precision)  # (k, F) each
             per_class = cf.ncfd(real_a[rows], real_b[rows], syn_re, syn_im, alpha=config.alpha)
         match = config.loss_scale * per_class.sum()
         calib = torch.zeros((), device=self.device)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ncfm_core.cf import chunk_bounds
 from ncfm_core.config import DistillConfig
 from ncfm_core.data import DatasetShape
 from ncfm_core.models import create_network, default_depth, supported_options
@@ -26,9 +27,14 @@ __all__ = [
     "ESTIMATE_OVERHEAD",
     "MemoryEstimate",
     "Plan",
+    "TimeModel",
     "estimate_iteration_flops",
+    "estimate_iteration_seconds",
     "estimate_memory",
     "estimate_peak_bytes",
+    "iteration_passes",
+    "real_per_class_drawn",
+    "time_model_for",
 ]
 
 ESTIMATE_OVERHEAD = 0.10  # allocator rounding and fragmentation, on top of the tensor bytes
@@ -57,6 +63,9 @@ class Plan:
     device: str
     budget_source: str = ""
     estimate_terms: tuple[tuple[str, int], ...] = ()
+    estimated_seconds: float | None = None  # the time model's seconds per iteration (None: no model)
+    chosen_because: str = ""  # why the planner took this plan, one line
+    cf_precision: str = "fp32"  # CF projections: tf32 on CUDA by default (ncfm_core.cf.project)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -64,12 +73,13 @@ class Plan:
         return data
 
     def apply(self, config: DistillConfig) -> DistillConfig:
-        """``config`` with this plan's chunks, precision and checkpointing filled in."""
+        """``config`` with this plan's chunks, precisions and checkpointing filled in."""
         return config.replace(
             real_chunk=self.real_chunk,
             class_chunk=self.class_chunk,
             precision=self.precision,
             activation_checkpointing=self.activation_checkpointing,
+            cf_precision=self.cf_precision,
         )
 
 
@@ -99,6 +109,14 @@ class _NetworkSizes:
     nograd_transient_bytes: int  # tensors alive at once in a no-grad forward
     forward_flops: int  # conv and linear multiply-adds x 2, features only
     classifier_flops: int
+
+
+def real_per_class_drawn(config: DistillConfig, shape: DatasetShape) -> int:
+    """Real images per class one iteration draws, as planned: ``config.real_per_class`` capped
+    at ``num_train // num_classes``. The distiller caps at its smallest class (never a
+    duplicate, see ``Distiller.real_per_class``); the mean class size bounds the smallest from
+    above, so the plan is exact for balanced sets and never under-estimates otherwise."""
+    return max(1, min(config.real_per_class, shape.num_train // max(1, shape.num_classes)))
 
 
 def _convnet_sizes(config: DistillConfig, shape: DatasetShape, precision: str) -> _NetworkSizes:
@@ -239,7 +257,7 @@ def estimate_memory(config: DistillConfig, shape: DatasetShape, plan: Plan) -> M
     ncfm = config.matching == "ncfm"
     learned = ncfm and config.sampler
     per_class_decoded = config.ipc * config.factor**2
-    n_real = c * config.real_per_class
+    n_real = c * real_per_class_drawn(config, shape)
     stored_images = c * config.ipc
     real_chunk = min(plan.real_chunk, n_real)
     group = min(plan.class_chunk, c) * per_class_decoded
@@ -323,7 +341,7 @@ def estimate_iteration_flops(config: DistillConfig, shape: DatasetShape, plan: P
     c = shape.num_classes
     net = _network_sizes(config, shape, plan.precision)
     d, f = net.feature_dim, config.num_freqs
-    n_real = c * config.real_per_class
+    n_real = c * real_per_class_drawn(config, shape)
     n_syn = c * config.ipc * config.factor**2
     ncfm = config.matching == "ncfm"
     learned = ncfm and config.sampler
@@ -347,3 +365,76 @@ def estimate_iteration_flops(config: DistillConfig, shape: DatasetShape, plan: P
                 flops["real recompute (checkpointing)"] = n_real * net.forward_flops
     flops["total"] = sum(flops.values())
     return flops
+
+
+# ---- the time model ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TimeModel:
+    """Seconds per iteration = ``flops / flops_per_second`` + ``launch units x seconds_per_unit``.
+
+    A launch unit is the fixed cost of one pass (kernel launches and the under-filled device at
+    its edges): a real chunk's no-grad forward with its augmentation and CF counts 1, a class
+    group's synthetic forward + backward (extractor and teacher) ``SYNTHETIC_PASS_UNITS``, one
+    chunk of psi's real-side gradient ``PSI_CHUNK_UNITS`` (plus 1 when checkpointing recomputes
+    its forward). See :func:`iteration_passes`.
+    """
+
+    flops_per_second: float
+    seconds_per_unit: float
+    source: str
+
+
+SYNTHETIC_PASS_UNITS = 3.0  # forward + backward of the extractor and of the teacher: ~3x a no-grad forward's kernels
+PSI_CHUNK_UNITS = 0.5  # projection, sin/cos, weights, one matmul: about half a forward's kernels
+
+# Calibrated from two runs measured on an H200 by an earlier session (ConvNet-3 width 128
+# instance norm, CIFAR-100-shaped, IPC 50, factor 2, 1024 real images per class, F = 1024, psi on,
+# bf16; both 20.06 TFLOP by estimate_iteration_flops):
+#   plan real chunk 4096, 100 classes/pass: 0.709-0.753 s/iter (mid 0.731); 40.5 launch units;
+#   plan real chunk  512,   1 class/pass:   1.196 s/iter;                     600 launch units.
+# Two equations, two unknowns: seconds_per_unit = (1.196 - 0.731) / (600 - 40.5) = 0.83 ms;
+# compute = 0.731 - 40.5 x 0.83 ms = 0.697 s, so 20.06 TFLOP / 0.697 s = 28.8 TFLOP/s. The rate is
+# an EFFECTIVE one: the profile showed norms, pooling and dtype copies (memory-bound, not counted
+# as FLOPs) above the convolutions, so it is ~3% of the H200's bf16 peak, and it will move when
+# those kernels change. The ~90,000 launches of the 600-unit plan (~150 per unit at ~5 us)
+# agree with the per-unit figure.
+CUDA_TIME_MODEL = TimeModel(
+    flops_per_second=20.06e12 / 0.697,
+    seconds_per_unit=(1.196 - 0.731) / (600 - 40.5),
+    source="calibrated on an H200 (two measured plans, see ncfm_core.memory_model)",
+)
+
+
+def time_model_for(device: torch.device | str) -> TimeModel | None:
+    """The time model of a device kind: CUDA's (calibrated on an H200, used for every CUDA GPU:
+    only the ratio between plans matters to the planner); None elsewhere (no calibration)."""
+    return CUDA_TIME_MODEL if torch.device(device).type == "cuda" else None
+
+
+def iteration_passes(config: DistillConfig, shape: DatasetShape, plan: Plan) -> dict[str, float]:
+    """Passes of one iteration under ``plan``: ``real chunks``, ``synthetic groups`` and ``psi
+    chunks`` (counts), and ``launch units`` (their weighted sum, see :class:`TimeModel`)."""
+    c = shape.num_classes
+    b = real_per_class_drawn(config, shape)
+    real_chunks = len(chunk_bounds(c, b, max(1, plan.real_chunk)))
+    groups = -(-c // max(1, min(plan.class_chunk, c)))
+    learned = config.matching == "ncfm" and config.sampler
+    psi_chunks = real_chunks if learned else 0
+    psi_units = PSI_CHUNK_UNITS + (1.0 if plan.activation_checkpointing else 0.0)
+    units = real_chunks + SYNTHETIC_PASS_UNITS * groups + psi_units * psi_chunks
+    return {"real chunks": real_chunks, "synthetic groups": groups, "psi chunks": psi_chunks, "launch units": units}
+
+
+def estimate_iteration_seconds(
+    config: DistillConfig, shape: DatasetShape, plan: Plan, model: TimeModel | None = None
+) -> float | None:
+    """Seconds per iteration under ``plan`` by ``model`` (default: the plan's device's; None when
+    the device has no time model)."""
+    model = model or time_model_for(plan.device)
+    if model is None:
+        return None
+    flops = estimate_iteration_flops(config, shape, plan)["total"]
+    units = iteration_passes(config, shape, plan)["launch units"]
+    return flops / model.flops_per_second + units * model.seconds_per_unit

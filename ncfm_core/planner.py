@@ -3,8 +3,13 @@
 :func:`plan_run` answers "how must this run be cut to fit in B bytes?" without touching data or a
 GPU: :func:`plan_path` walks from the fastest plan towards smaller ones (smaller real chunks,
 then fewer classes per synthetic pass, then recomputation) until the estimate of
-:func:`ncfm_core.memory_model.estimate_memory` fits. Without a budget, the budget is the free
-memory minus a safety margin.
+:func:`ncfm_core.memory_model.estimate_memory` fits. With a budget (``--gpu-mem 2.5G``) the run
+gets the fastest plan that fits it. Without one, the budget is the free memory minus a safety
+margin, and on CUDA (which has a time model, :func:`ncfm_core.memory_model.estimate_iteration_seconds`)
+the run gets the SMALLEST plan whose estimated time is within ``FRUGAL_TOLERANCE`` (10%) of the
+fastest that fits: taking 68 GiB of a shared GPU for 1.6x over 2 GiB is antisocial, and past a
+few GiB extra memory buys almost nothing. ``--gpu-mem all`` (``fastest=True``) asks for the
+fastest plan that fits the free memory. Every plan says why it was chosen (``chosen_because``).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import dataclasses
 
 import torch
 
+from ncfm_core.cf import resolve_cf_precision
 from ncfm_core.config import DistillConfig
 from ncfm_core.data import DatasetShape
 from ncfm_core.devices import (
@@ -22,11 +28,18 @@ from ncfm_core.devices import (
     resolve_precision,
 )
 from ncfm_core.errors import BudgetInfeasibleError, ConfigError
-from ncfm_core.memory_model import Plan, estimate_memory
+from ncfm_core.memory_model import (
+    Plan,
+    estimate_iteration_seconds,
+    estimate_memory,
+    real_per_class_drawn,
+    time_model_for,
+)
 
 __all__ = [
     "FREE_MARGIN_FRACTION",
     "FREE_MARGIN_MIN_BYTES",
+    "FRUGAL_TOLERANCE",
     "MAX_REAL_CHUNK",
     "MIN_REAL_CHUNK",
     "plan_path",
@@ -37,12 +50,18 @@ MAX_REAL_CHUNK = 4096  # real images per no-grad forward in the fastest plan (bi
 MIN_REAL_CHUNK = 64  # the planner never cuts real chunks below this
 FREE_MARGIN_FRACTION = 0.10  # without a budget: keep this share of the free memory unused...
 FREE_MARGIN_MIN_BYTES = 256 * 2**20  # ...and at least this much
+FRUGAL_TOLERANCE = 0.10  # without a budget: the smallest plan at most this much slower than the fastest
 
 
 def _make_plan(config, shape, device, precision, real, classes, checkpointing, budget, source) -> Plan:
-    draft = Plan(real, classes, precision, checkpointing, budget, 0, str(device), source)
+    draft = Plan(real, classes, precision, checkpointing, budget, 0, str(device), source,
+                 cf_precision=resolve_cf_precision(config.cf_precision, device))
     estimate = estimate_memory(config, shape, draft)
-    return dataclasses.replace(draft, estimated_peak_bytes=estimate.peak_bytes, estimate_terms=estimate.terms)
+    seconds = estimate_iteration_seconds(config, shape, draft)
+    return dataclasses.replace(
+        draft, estimated_peak_bytes=estimate.peak_bytes, estimate_terms=estimate.terms,
+        estimated_seconds=None if seconds is None else round(seconds, 4),
+    )
 
 
 def plan_path(
@@ -65,7 +84,7 @@ def plan_path(
     """
     precision = resolve_precision(config.precision, device)
     c = shape.num_classes
-    n_real = c * config.real_per_class
+    n_real = c * real_per_class_drawn(config, shape)
     real = min(config.real_chunk, n_real) if config.real_chunk else min(n_real, MAX_REAL_CHUNK)
     classes = min(config.class_chunk, c) if config.class_chunk else c
     checkpointing = bool(config.activation_checkpointing)
@@ -113,11 +132,18 @@ def plan_run(
     device: torch.device | str,
     budget_bytes: int | None,
     free_bytes: int | None = None,
+    *,
+    fastest: bool = False,
+    tolerance: float = FRUGAL_TOLERANCE,
 ) -> Plan:
-    """The fastest plan whose estimated peak fits the budget (see :func:`plan_path`).
+    """The plan a run gets (see :func:`plan_path`), with ``chosen_because`` saying why.
 
-    ``budget_bytes=None``: the budget is the free memory (``free_bytes`` if given, else detected
-    by :func:`detect_memory`) minus a safety margin of ``max(10%, 256 MiB)``. Raises
+    ``budget_bytes`` given: the fastest plan whose estimated peak fits it. ``budget_bytes=None``:
+    the budget is the free memory (``free_bytes`` if given, else detected by
+    :func:`detect_memory`) minus a safety margin of ``max(10%, 256 MiB)``, and among the plans
+    that fit, the one with the smallest estimated peak whose estimated time is at most
+    ``1 + tolerance`` times the fastest's (on devices with a time model, CUDA; elsewhere, and
+    with ``fastest=True`` (``--gpu-mem all``), the fastest that fits). Raises
     :class:`BudgetInfeasibleError` (exit code 4) naming the smallest budget that would work
     when even the last plan does not fit.
     """
@@ -133,9 +159,11 @@ def plan_run(
         budget = max(0, int(free_bytes) - margin)
         source = f"free memory {format_bytes(free_bytes)} minus a {format_bytes(margin)} margin"
     path = plan_path(config, shape, device, budget, source)
-    for plan in path:
-        if plan.estimated_peak_bytes <= budget:
-            return plan
+    fitting = [plan for plan in path if plan.estimated_peak_bytes <= budget]
+    if fitting:
+        return _choose(fitting, frugal=budget_bytes is None and not fastest, tolerance=tolerance,
+                       budget_name="the budget" if budget_bytes is not None
+                       else "the free memory (--gpu-mem all)" if fastest else "the free memory")
     smallest = path[-1]
     what = "--gpu-mem" if budget_bytes is not None else "free memory"
     raise BudgetInfeasibleError(
@@ -146,3 +174,31 @@ def plan_run(
         f"{format_bytes(budget)}; raise --gpu-mem to at least {ceil_mib_spec(smallest.estimated_peak_bytes)}, "
         f"or lower --ipc, --real-per-class or --freqs"
     )
+
+
+def _choose(fitting: list[Plan], *, frugal: bool, tolerance: float, budget_name: str) -> Plan:
+    """The plan to run among ``fitting`` (path order: estimated peak strictly decreasing), with
+    ``chosen_because`` filled in."""
+    first = fitting[0]
+    if not frugal:
+        why = f"the fastest plan that fits {budget_name}"
+        return dataclasses.replace(first, chosen_because=why)
+    # Recomputation is taken only when nothing else fits (and --no-checkpointing refuses it):
+    # the frugal rule trims chunk sizes, never switches checkpointing on by itself.
+    same = [p for p in fitting if p.activation_checkpointing == first.activation_checkpointing]
+    timed = [p for p in same if p.estimated_seconds is not None]
+    if len(timed) != len(same) or time_model_for(first.device) is None:
+        kind = torch.device(first.device).type
+        why = f"the fastest plan that fits {budget_name} ({kind} has no time model to weigh smaller plans)"
+        return dataclasses.replace(first, chosen_because=why)
+    quickest = min(timed, key=lambda p: p.estimated_seconds)
+    limit = quickest.estimated_seconds * (1.0 + tolerance)
+    chosen = [p for p in timed if p.estimated_seconds <= limit][-1]  # the smallest such: last in path order
+    if chosen is quickest:
+        why = (f"the fastest plan that fits ({quickest.estimated_seconds:.3f} s/iter estimated); every smaller "
+               f"plan is more than {tolerance:.0%} slower by the time model")
+    else:
+        why = (f"the smallest plan within {tolerance:.0%} of the fastest by the time model "
+               f"({chosen.estimated_seconds:.3f} vs {quickest.estimated_seconds:.3f} s/iter estimated; the fastest "
+               f"needs {format_bytes(quickest.estimated_peak_bytes)}); --gpu-mem all takes the fastest")
+    return dataclasses.replace(chosen, chosen_because=why)

@@ -93,6 +93,26 @@ def test_dry_run_writes_nothing_and_loads_no_data(tmp_path, monkeypatch, no_gpu)
     assert store_files(store) == []
 
 
+def test_dry_run_default_cuda_plan_is_frugal_and_gpu_mem_all_is_the_fastest(tmp_path, monkeypatch, no_gpu):
+    """Issue 14 changed the default CUDA plan on purpose: without --gpu-mem the smallest plan
+    whose estimated time is within 10% of the fastest (it says why), --gpu-mem all the fastest
+    that fits the free memory (the old default)."""
+    monkeypatch.setattr("ncfm_core.planner.detect_memory", lambda device: (140 * 2**30, 141 * 2**30))
+    config, shape = make_config("cifar100", 50), dataset_shape("cifar100")
+    base = ["--store", tmp_path / "store", "--json", "distill", "cifar100", "--ipc", "50", "--dry-run"]
+    frugal = one_json(invoke(*base, "--device", "cuda"))["plan"]
+    fastest = one_json(invoke(*base, "--gpu-mem", "all"))["plan"]
+    expected = plan_run(config, shape, "cuda:0", None, free_bytes=140 * 2**30)
+    assert frugal == json.loads(json.dumps(expected.to_dict()))
+    assert "smallest plan within 10%" in frugal["chosen_because"]
+    assert fastest["estimated_peak_bytes"] == plan_path(config, shape, "cuda:0")[0].estimated_peak_bytes
+    assert frugal["estimated_peak_bytes"] < fastest["estimated_peak_bytes"] / 10
+    assert frugal["estimated_seconds"] <= 1.1 * fastest["estimated_seconds"]
+    assert "--gpu-mem all" in fastest["chosen_because"]
+    human = invoke(*[a for a in base if a != "--json"], "--device", "cuda").stdout
+    assert "chosen because" in human and "estimated time" in human
+
+
 def test_tiny_budget_exits_4_with_the_minimum_and_writes_nothing(tmp_path, no_gpu):
     store = tmp_path / "store"
     config = make_config("fake", 50)
@@ -222,4 +242,4 @@ def test_progress_renderer_copes_with_losses_not_read_yet(capsys):
         render({"stage": "distill", "iteration": 10, "total": 10, "loss": None, "seconds": 0.01})
         render({"stage": "distill", "iteration": 10, "total": 10, "loss": 0.5, "seconds": 0.01})
     lines = capsys.readouterr().err.splitlines()
-    assert "loss - " in lines[0] and "loss 0.5000" in lines[1]
+    assert "loss -," in lines[0] and "loss 0.5000," in lines[1]

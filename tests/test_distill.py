@@ -75,10 +75,56 @@ def test_real_batches_are_per_class_and_distinct(tiny):
     assert torch.equal(dataset.train_labels[index], labels)
     for c in range(3):
         assert len(set(index[labels == c].tolist())) == 5
-    # a class smaller than the batch is used whole before anything repeats
+    # asking more than a class holds (12 each here) draws each image once: the cap, not cycling
     d = Distiller(base.replace(real_per_class=20), dataset, pool, "cpu")
     index, labels = d.sample_real()
-    assert set(index[labels == 0][:12].tolist()) == set(torch.nonzero(dataset.train_labels == 0).flatten().tolist())
+    assert d.real_per_class == 12 and index.shape == (36,)
+    for c in range(3):
+        assert sorted(index[labels == c].tolist()) == torch.nonzero(dataset.train_labels == c).flatten().tolist()
+
+
+def _uneven(dataset):
+    """``dataset`` with class 1 cut to 7 train images (the others keep 12)."""
+    import dataclasses
+
+    keep = torch.ones(len(dataset.train_labels), dtype=torch.bool)
+    keep[torch.nonzero(dataset.train_labels == 1).flatten()[7:]] = False
+    images, labels = dataset.train_images[keep], dataset.train_labels[keep]
+    return dataclasses.replace(dataset, train_images=images, train_labels=labels)
+
+
+def test_real_draw_is_capped_at_the_smallest_class_and_says_so(tiny):
+    """Issue 14: a repeated real image under its class's one DSA draw is an identical feature
+    (no information, half the real work at 1024/class on CIFAR's 500). Capped at the smallest
+    class: every drawn image is distinct, every class draws the same number, and the cap is
+    written once into ``notes`` for the job layer to log."""
+    dataset, base, pool = tiny
+    uneven = _uneven(dataset)
+    d = Distiller(base.replace(real_per_class=10), uneven, pool, "cpu")
+    assert d.real_per_class == 7
+    assert len(d.notes) == 1 and "capped at 7 (asked 10)" in d.notes[0] and "'class_1'" in d.notes[0]
+    for _ in range(3):
+        index, labels = d.sample_real()
+        assert index.shape == (21,)
+        assert torch.equal(uneven.train_labels[index], labels)
+        for c in range(3):
+            assert len(set(index[labels == c].tolist())) == 7  # no duplicates
+    assert Distiller(base.replace(real_per_class=7), uneven, pool, "cpu").notes == []
+
+
+@pytest.mark.parametrize("sampler", [True, False])
+def test_asking_more_than_a_class_holds_equals_asking_exactly_that(tiny, sampler):
+    """The sampler draws one key per train image whatever the batch, so a run asking 20 per
+    class (classes of 12) draws exactly the images of a run asking 12, and ends bit-identical."""
+    dataset, base, pool = tiny
+    over = Distiller(base.replace(sampler=sampler, real_per_class=20), dataset, pool, "cpu")
+    exact = Distiller(base.replace(sampler=sampler, real_per_class=12), dataset, pool, "cpu")
+    for _ in range(3):
+        assert torch.equal(over.sample_real()[0], exact.sample_real()[0])
+    over, exact = (Distiller(base.replace(sampler=sampler, real_per_class=n), dataset, pool, "cpu") for n in (20, 12))
+    over.run(3)
+    exact.run(3)
+    assert torch.equal(over.images, exact.images)
 
 
 def test_fused_loss_equals_a_per_class_loop(tiny):
@@ -257,3 +303,34 @@ def test_deferred_loss_reads_resume_exactly_and_keep_the_curve(tiny, tmp_path):
     assert torch.equal(second.images, straight.images)
     assert second.loss_curve == straight.loss_curve == every_step.loss_curve
     assert straight.step()["loss_iteration"] == 12  # 13 is not read yet: the metrics say so
+
+
+# -- hot-path levers of issue 14: each equals the plain step on CPU ---------------------------
+
+
+@pytest.mark.parametrize("plan", [{}, {"activation_checkpointing": True, "real_chunk": 7, "class_chunk": 2}])
+def test_inference_mode_real_side_is_bit_identical_to_no_grad(tiny, plan):
+    """The real side runs under torch.inference_mode; the same arithmetic as under no_grad, so
+    the same bits (psi on: its closed-form gradient reads the kept or recomputed features)."""
+    dataset, base, pool = tiny
+    config = base.replace(**plan)
+    lever = Distiller(config, dataset, pool, "cpu")
+    assert lever._real_side_mode is torch.inference_mode
+    lever.run(3)
+    plain = Distiller(config, dataset, pool, "cpu")
+    plain._real_side_mode = torch.no_grad  # what ran before issue 14
+    plain.run(3)
+    assert torch.equal(lever.images, plain.images)
+    assert all(torch.equal(a, b) for a, b in zip(lever.sampler.parameters(), plain.sampler.parameters()))
+
+
+def test_tf32_cf_precision_changes_nothing_on_cpu(tiny):
+    """cf_precision tf32 is a CUDA lever: on CPU the run is the fp32 run, bit for bit."""
+    dataset, base, pool = tiny
+    runs = []
+    for cf_precision in ("fp32", "tf32", "auto"):
+        d = Distiller(base.replace(cf_precision=cf_precision), dataset, pool, "cpu")
+        assert d.cf_precision == "fp32"
+        d.run(3)
+        runs.append(d.images.detach())
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])

@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ncfm_core import memory_model
 from ncfm_core.config import make_config
 from ncfm_core.data import DatasetShape
-from ncfm_core.memory_model import estimate_iteration_flops, estimate_memory
+from ncfm_core.memory_model import Plan, estimate_iteration_flops, estimate_memory
 from ncfm_core.models import create_network
 from ncfm_core.planner import plan_path
 
@@ -59,7 +59,37 @@ def test_flop_model_matches_the_flop_counter():
     plan = plan_path(config, shape, "cpu")[0]
     flops = estimate_iteration_flops(config, shape, plan)
     assert flops["total"] == sum(v for k, v in flops.items() if k != "total")
-    assert flops["real forward (no grad)"] == 10 * config.real_per_class * sizes.forward_flops
+    # 10 train images per class here: the draw is capped at the class (issue 14), not the 64 asked
+    assert flops["real forward (no grad)"] == 10 * 10 * sizes.forward_flops
+
+
+def test_planning_uses_the_capped_real_draw():
+    """Asking more real images per class than the classes hold plans exactly like asking the
+    class size (the distiller never draws a duplicate): same peak, same FLOPs, same plan path."""
+    shape = DatasetShape(100, 3, 32, 50_000)  # CIFAR-100: 500 per class
+    over, exact = make_config("fake", 50, real_per_class=1024), make_config("fake", 50, real_per_class=500)
+    assert memory_model.real_per_class_drawn(over, shape) == 500
+    path_over, path_exact = plan_path(over, shape, "cuda:0"), plan_path(exact, shape, "cuda:0")
+    assert [p.to_dict() for p in path_over] == [p.to_dict() for p in path_exact]
+    assert estimate_iteration_flops(over, shape, path_over[0]) == estimate_iteration_flops(exact, shape, path_exact[0])
+
+
+def test_time_model_reproduces_the_h200_measurements_it_was_calibrated_on():
+    """The two measured plans (1024 real/class drawn, before the cap: a shape with 1024 per class
+    reproduces what ran) come back at their measured seconds per iteration."""
+    shape = DatasetShape(100, 3, 32, 102_400)
+    config = make_config("fake", 50, factor=2, real_per_class=1024, num_freqs=1024, sampler=True, width=128)
+
+    def seconds(real_chunk, class_chunk):
+        plan = Plan(real_chunk, class_chunk, "bf16", False, None, 0, "cuda:0")
+        return memory_model.estimate_iteration_seconds(config, shape, plan)
+
+    assert seconds(4096, 100) == pytest.approx(0.731, abs=1e-3)
+    assert seconds(512, 1) == pytest.approx(1.196, abs=1e-3)
+    assert memory_model.iteration_passes(config, shape, Plan(512, 1, "bf16", False, None, 0, "cuda:0")) == {
+        "real chunks": 200, "synthetic groups": 100, "psi chunks": 200, "launch units": 600.0,
+    }
+    assert memory_model.estimate_iteration_seconds(config, shape, Plan(512, 1, "fp32", False, None, 0, "cpu")) is None
 
 
 def test_traced_model_covers_other_networks():
