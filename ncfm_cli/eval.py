@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any
 
 import typer
@@ -37,6 +39,7 @@ from ncfm_cli.options import (
 from ncfm_cli.output import (
     GlobalOptions,
     command_errors,
+    error_object,
     format_accuracy,
     format_seconds,
     global_options,
@@ -45,8 +48,9 @@ from ncfm_cli.output import (
     print_json,
     print_pairs,
     print_table,
+    report_error,
 )
-from ncfm_core.errors import EXIT_BELOW_MIN_ACC, ConfigError
+from ncfm_core.errors import EXIT_BELOW_MIN_ACC, ConfigError, ResultNotSavedError
 from ncfm_core.evaluate import EvalConfig, protocol_config
 from ncfm_core.jobs import eval_job
 
@@ -95,8 +99,8 @@ def build_eval_config(
 ) -> EvalConfig:
     """The named evaluation protocol (default ``ncfm``) with the options given on top
     (``None``: the protocol's value)."""
-    if lr is not None and lr <= 0:
-        raise ConfigError("--lr must be > 0")
+    if lr is not None and not (0 < lr <= 10 and math.isfinite(lr)):
+        raise ConfigError(f"--lr must be a finite number in (0, 10], got {lr}")
     if not soft_labels and (temperature is not None or teacher_member is not None):
         raise ConfigError("--temperature and --teacher-member only apply with --soft-labels; add --soft-labels")
     return protocol_config(
@@ -127,8 +131,10 @@ def split_names(values: list[str] | None) -> list[str]:
 
 
 def check_min_acc(min_acc: float | None) -> None:
-    if min_acc is not None and min_acc < 0:
-        raise ConfigError("--min-acc must be >= 0 (a fraction, e.g. 0.85 for 85%)")
+    """Before any work: --min-acc is a fraction in [0, 1] (NaN and 1.5 could never be met or
+    compared; they must not cost a whole evaluation first)."""
+    if min_acc is not None and not (0.0 <= min_acc <= 1.0):  # also false for NaN
+        raise ConfigError(f"--min-acc must be a fraction in [0, 1] (e.g. 0.85 for 85%), got {min_acc}")
 
 
 def passed(record: dict[str, Any], min_acc: float | None) -> bool:
@@ -246,11 +252,31 @@ def metrics_table(record: dict[str, Any]) -> Table | None:
     return table
 
 
-def _print_result(opts: GlobalOptions, record: dict[str, Any], min_acc: float | None) -> None:
+def kept_if_unsaved(job: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], ResultNotSavedError | None]:
+    """Run an evaluation job; when it could not record its result (disk full), keep the result
+    to print it anyway, with the error (:func:`fail_if_unsaved` exits 1 after printing)."""
+    try:
+        return job(), None
+    except ResultNotSavedError as err:
+        if err.result is None:
+            raise
+        return err.result, err
+
+
+def fail_if_unsaved(unsaved: ResultNotSavedError | None) -> None:
+    """After the result is printed: exit 1 with the reason it was not recorded (with --json the
+    printed object already carries it under "error")."""
+    if unsaved is not None:
+        raise typer.Exit(report_error(unsaved, json_output=False))
+
+
+def _print_result(opts: GlobalOptions, record: dict[str, Any], min_acc: float | None,
+                  unsaved: ResultNotSavedError | None = None) -> None:
     if not is_main():  # under torchrun only rank 0 prints
         return
     if opts.json:
-        print_json({**record, "min_acc": min_acc, "passed": passed(record, min_acc)})
+        print_json({**record, "min_acc": min_acc, "passed": passed(record, min_acc),
+                    **({} if unsaved is None else error_object(unsaved))})
         return
     print_pairs([
         ("artifact", record["artifact"]),
@@ -317,12 +343,13 @@ def eval_command(
             teacher_member=teacher_member,
         )
         with job_progress(opts) as progress:
-            record = eval_job(
+            record, unsaved = kept_if_unsaved(lambda: eval_job(
                 opts.open_store(), ref, eval_config, device, progress,
                 data_dir=None if data_dir is None else str(data_dir),
                 models=models or None,
                 baselines=split_names(baseline),
                 baseline_seed=baseline_seed,
-            )
-    _print_result(opts, record, min_acc)
+            ))
+    _print_result(opts, record, min_acc, unsaved)
+    fail_if_unsaved(unsaved)
     fail_below_min_acc(record, min_acc)

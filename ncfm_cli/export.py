@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -19,6 +19,8 @@ EXPORT_EPILOG = (
     "Formats: png (one PNG per image in a folder per class), grid (one labelled grid.png), "
     "imagefolder (train/<index>_<class>/ for torchvision ImageFolder), pt (torch file with "
     "images, labels, class_names, factor), npz (NumPy archive, loads with allow_pickle=False). "
+    "imagefolder, pt and npz write the decoded training images unless --stored; a README.txt and "
+    "ncfm-export.json beside them say which. "
     "Exit codes: 0 ok; 1 failure (e.g. a corrupt synset.safetensors); 2 invalid option; 3 not found."
 )
 
@@ -29,9 +31,12 @@ def export_command(
     fmt: Annotated[ExportFormat, typer.Option("--format", help="Output format.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", file_okay=False, show_default=False,
                                       help="Output directory (created; same-named files are replaced).")],
-    decoded: Annotated[bool, typer.Option(
-        "--decoded", help="Decode multi-formation images first: factor x factor training images per stored one.",
-    )] = False,
+    decoded: Annotated[Optional[bool], typer.Option(
+        "--decoded/--stored", show_default=False,
+        help="--decoded: the training images (each stored image decoded into factor x factor images); "
+        "--stored: the stored images, tiles side by side. Default: decoded for imagefolder, pt and npz, "
+        "stored for png and grid.",
+    )] = None,
     json_flag: CommandJsonOption = False,
 ) -> None:
     """Write the synthetic images of REF to a directory, as images or arrays.
@@ -48,7 +53,9 @@ def export_command(
     else:
         print_pairs([
             ("artifact", result["artifact"]),
-            ("format", result["format"] + (" (decoded)" if decoded else "")),
+            ("format", result["format"]),
+            ("images", f"{result['images']} {result['form']}"
+                       + (" (training images)" if result["decoded"] else " (tiles not decoded)")),
             ("files", len(result["files"])),
             ("out", result["out"]),
         ])

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Table
@@ -21,7 +22,8 @@ from ncfm_core.devices import format_bytes
 from ncfm_core.jobs import inspect_job
 
 INSPECT_EPILOG = (
-    "--json prints the manifest itself plus artifact, path and file_sizes (bytes). "
+    "--json prints the manifest itself plus artifact, path and file_sizes (bytes); the normalisation "
+    "the networks apply to [0, 1] pixels is dataset.normalization. "
     "Exit codes: 0 ok; 1 corrupt manifest; 2 invalid reference; 3 not found."
 )
 
@@ -58,13 +60,23 @@ def evals_table(evals: list[Any]) -> Table:
     return table
 
 
+def _normalization(dataset: dict[str, Any]) -> str:
+    """What the networks apply to [0, 1] pixels; older manifests did not record it."""
+    norm = _dict(dataset.get("normalization"))
+    if not isinstance(norm.get("mean"), list) or not isinstance(norm.get("std"), list):
+        return "not recorded (made by an older ncfm)"
+    values = lambda key: ", ".join(f"{float(v):.4f}" for v in norm[key])  # noqa: E731
+    return f"(x - mean) / std, mean [{values('mean')}], std [{values('std')}]"
+
+
 def _print_human(info: dict[str, Any]) -> None:
     dataset, timings, pool = _dict(info.get("dataset")), _dict(info.get("timings")), _dict(info.get("pool"))
     versions = _dict(info.get("versions"))
     print_pairs([
         ("artifact", info["artifact"]),
         ("path", info["path"]),
-        ("status", str(info.get("status")) + (f" ({info['error']})" if info.get("error") else "")),
+        ("status", str(info.get("status")) + (f" ({info.get('error') or info.get('hint')})"
+                                              if info.get("error") or info.get("hint") else "")),
         ("created", info.get("created")),
         ("parent", info.get("parent")),
         ("dataset", f"{dataset.get('name')}: {dataset.get('num_classes')} classes, "
@@ -80,6 +92,8 @@ def _print_human(info: dict[str, Any]) -> None:
         ("peak memory", f"{format_bytes(info.get('peak_memory_bytes'))} ({info.get('peak_memory_source')})"
          if info.get("peak_memory_bytes") is not None else None),
         ("final loss", info.get("final_loss")),
+        ("normalization", _normalization(dataset)),
+        ("plot", info.get("plot")),
     ])
     config = _dict(info.get("config"))
     if config:
@@ -93,7 +107,15 @@ def _print_human(info: dict[str, Any]) -> None:
     print_pairs([(f"  {path}", format_bytes(size)) for path, size in info["file_sizes"].items()])
 
 
-def inspect_command(ctx: typer.Context, ref: RefArgument, json_flag: CommandJsonOption = False) -> None:
+def inspect_command(
+    ctx: typer.Context,
+    ref: RefArgument,
+    plot: Annotated[Optional[Path], typer.Option(
+        "--plot", dir_okay=False, show_default=False,
+        help="Also draw the loss curve beside the synthetic images into this PNG (needs matplotlib: "
+        "pip install 'ncfm[plot]').")] = None,
+    json_flag: CommandJsonOption = False,
+) -> None:
     """Show how an artifact was made and how it did: provenance, config, metrics, evals, file sizes.
 
     Example:
@@ -102,7 +124,7 @@ def inspect_command(ctx: typer.Context, ref: RefArgument, json_flag: CommandJson
     """
     opts = global_options(ctx, json_flag)
     with command_errors(opts):
-        info = inspect_job(opts.open_store(), ref)
+        info = inspect_job(opts.open_store(), ref, plot=plot)
     if opts.json:
         print_json(info)
     else:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+from typing import Any
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from ncfm_cli.distill import DISTILL_EPILOG, distill_command
 from ncfm_cli.eval import EVAL_EPILOG, eval_command
@@ -13,12 +16,49 @@ from ncfm_cli.export import EXPORT_EPILOG, export_command
 from ncfm_cli.inspect import INSPECT_EPILOG, inspect_command
 from ncfm_cli.ls import LS_EPILOG, ls_command
 from ncfm_cli.options import JsonOption, QuietOption, StoreOption, VerboseOption
-from ncfm_cli.output import EXIT_CODES_HELP, GlobalOptions, error_line, exit_code_for
+from ncfm_cli.output import CLICK_ERROR, EXIT_CODES_HELP, GlobalOptions, report_error, wants_json
 from ncfm_cli.resume import RESUME_EPILOG, resume_command
 from ncfm_core import __version__
 from ncfm_core.errors import NcfmError
+from ncfm_core.jobs.events import sigterm_as_interrupt
+
+
+def _flags_without_metavar(params: list[Any]) -> list[Any]:
+    """A boolean flag takes no value: show no ``<bool>`` placeholder after it in --help."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _Command(TyperCommand):
+    def get_params(self, ctx: typer.Context) -> list[Any]:
+        return _flags_without_metavar(super().get_params(ctx))
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx: typer.Context) -> list[Any]:
+        return _flags_without_metavar(super().get_params(ctx))
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        """With ``--json``, a usage error found while the command line is parsed (before any
+        command body, e.g. ``--ipc 0`` or an unknown option) also prints its JSON error object
+        on stdout. Both the console entry point and ``typer.testing.CliRunner`` come here."""
+        argv = list(sys.argv[1:] if args is None else args)
+        if not standalone_mode or not wants_json(argv):
+            return super().main(argv, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except CLICK_ERROR as err:
+            sys.exit(report_error(err, json_output=True))
+        except typer.Abort:
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
+    cls=_Group,
     name="ncfm",
     help="Distill image datasets with Neural Characteristic Function Matching (NCFM).",
     epilog=EXIT_CODES_HELP,
@@ -27,12 +67,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-app.command("distill", epilog=DISTILL_EPILOG)(distill_command)
-app.command("resume", epilog=RESUME_EPILOG)(resume_command)
-app.command("eval", epilog=EVAL_EPILOG)(eval_command)
-app.command("export", epilog=EXPORT_EPILOG)(export_command)
-app.command("inspect", epilog=INSPECT_EPILOG)(inspect_command)
-app.command("ls", epilog=LS_EPILOG)(ls_command)
+app.command("distill", cls=_Command, epilog=DISTILL_EPILOG)(distill_command)
+app.command("resume", cls=_Command, epilog=RESUME_EPILOG)(resume_command)
+app.command("eval", cls=_Command, epilog=EVAL_EPILOG)(eval_command)
+app.command("export", cls=_Command, epilog=EXPORT_EPILOG)(export_command)
+app.command("inspect", cls=_Command, epilog=INSPECT_EPILOG)(inspect_command)
+app.command("ls", cls=_Command, epilog=LS_EPILOG)(ls_command)
 
 
 def _version_callback(value: bool) -> None:
@@ -66,10 +106,13 @@ def main(
 def run() -> None:
     """Console entry point. Commands map their own errors to exit codes; this catches what
     escapes them (e.g. an error while the command line itself is set up)."""
+    # SIGTERM (a scheduler, `docker stop`) stops like Ctrl-C: recorded, checkpointed, exit 143.
+    # Under torchrun SIGTERM stays the group's way to stop its ranks (ncfm_core.parallel).
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and "LOCAL_RANK" not in os.environ:
+        signal.signal(signal.SIGTERM, sigterm_as_interrupt)
     try:
         app(standalone_mode=True)
     except (NcfmError, KeyboardInterrupt) as err:
         if os.environ.get("NCFM_DEBUG") == "1":
             raise
-        print(error_line(err), file=sys.stderr)
-        sys.exit(exit_code_for(err))
+        sys.exit(report_error(err, wants_json(sys.argv[1:])))

@@ -45,6 +45,15 @@ RefArgument = Annotated[
         show_default=False,
     ),
 ]
+ResumeRefArgument = Annotated[
+    str,
+    typer.Argument(
+        metavar="REF",
+        help="The run to continue: NAME (its newest version, whatever its status), NAME@vN, or a path to a "
+        "version directory.",
+        show_default=False,
+    ),
+]
 DeviceOption = Annotated[
     str,
     typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps. auto prefers CUDA, then MPS, then CPU."),
@@ -64,7 +73,8 @@ GpuMemOption = Annotated[
         metavar="SIZE",
         help="Memory budget: 2.5G or 800M (K, M, G, T are powers of 1024; KB, MB, GB of 1000) or a "
         "fraction of the device such as 0.3. Caps the CUDA allocator and plans the run to fit it; "
-        "exit code 4 if even the smallest plan does not.",
+        "exit code 4 if even the smallest plan does not. Without it a GPU run takes the smallest plan "
+        "within ~10% of the fastest estimated time; 'all' takes the fastest plan that fits the free memory.",
         show_default=False,
     ),
 ]
@@ -95,7 +105,8 @@ EvalModelOption = Annotated[
 ]
 EvalLrOption = Annotated[
     Optional[float],
-    typer.Option("--lr", help="Learning rate of the evaluation networks (default 0.001).",
+    typer.Option("--lr", help="Learning rate of the evaluation networks (default: the protocol's, 0.001 for ncfm, "
+                 "0.01 for dsa).",
                  show_default=False),
 ]
 EvalSeedOption = Annotated[

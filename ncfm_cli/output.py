@@ -1,8 +1,9 @@
 """Everything the CLI writes: results on stdout, progress and logs on stderr, errors and exit codes.
 
 - Results: a human rendering, or with ``--json`` exactly one JSON object (one line) on stdout.
-- Progress: rich bars on stderr, only when stderr is a terminal and neither ``--json`` nor
-  ``--quiet`` is given; otherwise ``--verbose`` prints a short line every few iterations.
+- Progress: rich bars on stderr when stderr is a terminal; without one (a log file, CI, nohup)
+  plain lines with iteration, loss and ETA at most every 10% or minute (5% with ``--verbose``);
+  none with ``--json`` or ``--quiet``.
 - Errors: one line ``error: ...`` on stderr and a documented exit code (``EXIT_CODES_HELP``);
   the traceback only with ``NCFM_DEBUG=1``.
 
@@ -18,6 +19,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,15 +40,17 @@ from rich.table import Table
 
 from ncfm_core import parallel
 from ncfm_core.devices import format_bytes
-from ncfm_core.errors import EXIT_FAILURE, EXIT_INTERRUPTED, NcfmError, one_line
+from ncfm_core.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_TERMINATED, NcfmError, one_line
 from ncfm_core.jobs import JobInterrupted
+from ncfm_core.jobs.events import signal_of
 from ncfm_core.store import Store
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 success; 1 failure (one-line reason on stderr; set NCFM_DEBUG=1 for the "
     "traceback); 2 usage error or invalid option; 3 artifact, version, dataset or file not found; "
     "4 memory budget too small; 5 accuracy below --min-acc; 130 interrupted by Ctrl-C "
-    "(a checkpoint is saved first; continue with `ncfm resume REF`)."
+    "(a checkpoint is saved first; continue with `ncfm resume REF`); 143 stopped by SIGTERM "
+    "(likewise). With --json every error also prints {\"error\": {type, message, exit_code}} on stdout."
 )
 
 
@@ -156,6 +160,10 @@ def print_plan(result: dict[str, Any]) -> None:
         ("estimated peak", format_bytes(plan.get("estimated_peak_bytes"))),
         ("FLOPs / iteration", format_flops(result.get("flops_per_iteration"))),
     ]
+    if plan.get("estimated_seconds") is not None:  # the planner's time model (CUDA only)
+        pairs.append(("estimated time", f"{plan['estimated_seconds']:.3f} s / iteration (time model)"))
+    if plan.get("chosen_because"):
+        pairs.append(("chosen because", plan["chosen_because"]))
     print_pairs(pairs)
     terms = plan.get("estimate_terms") or {}
     if terms:
@@ -207,6 +215,34 @@ class ProgressRenderer:
         self.progress: Progress | None = None
         self.tasks: dict[str, TaskID] = {}
         self.last_artifact: str | None = None
+        # Without a terminal (a log file, CI, nohup): plain lines, at most every 10% or
+        # PLAIN_EVERY_SECONDS (every 5% with --verbose), and the last iteration.
+        self.plain = not (opts.json or opts.quiet or self.live)
+        self.clock = time.monotonic
+        self._plain_start: tuple[float, int] | None = None  # (time, iteration) of the first event
+        self._plain_last: tuple[float, int] | None = None  # (time, iteration) of the last line
+
+    PLAIN_EVERY_SECONDS = 60.0
+
+    def _plain_line_due(self, iteration: int, total: int) -> bool:
+        now = self.clock()
+        if self._plain_start is None:
+            self._plain_start, self._plain_last = (now, iteration), (now, iteration - 1)
+        last_time, last_iteration = self._plain_last
+        step = max(1, total // (20 if self.opts.verbose else 10))
+        due = (iteration == total or iteration // step > last_iteration // step
+               or now - last_time >= self.PLAIN_EVERY_SECONDS)
+        if due:
+            self._plain_last = (now, iteration)
+        return due
+
+    def _eta(self, iteration: int, total: int, seconds_per_iteration: float) -> str:
+        """Time left at the mean pace since the first event (the last iteration's, at first)."""
+        assert self._plain_start is not None
+        start_time, start_iteration = self._plain_start
+        done = iteration - start_iteration
+        pace = (self.clock() - start_time) / done if done > 0 else seconds_per_iteration
+        return format_seconds(max(total - iteration, 0) * pace)
 
     def __enter__(self) -> ProgressRenderer:
         if self.live:
@@ -253,17 +289,17 @@ class ProgressRenderer:
             if self.progress is not None:
                 self._bar("pool", "pool", members * epochs, member * epochs + epoch + 1,
                           f"net {member + 1}/{members} loss {event['loss']:.3f}")
-            elif epoch + 1 == epochs:
-                self._log(f"pool: network {member + 1}/{members} trained (loss {event['loss']:.4f})", "debug")
+            elif epoch + 1 == epochs and self.plain:
+                self._log(f"pool: network {member + 1}/{members} trained (loss {event['loss']:.4f})")
         elif stage == "distill":
             iteration, total = int(event["iteration"]), int(event["total"])
             if self.progress is not None:
                 self._bar("distill", "distill", total, iteration, f"loss {format_loss(event.get('loss'))}")
-            elif iteration == total or iteration % max(1, total // 20) == 0:
+            elif self.plain and self._plain_line_due(iteration, total):
                 self._log(
-                    f"distill: iteration {iteration}/{total} loss {format_loss(event.get('loss'))} "
-                    f"({event['seconds']:.3f} s/it)",
-                    "debug",
+                    f"distill: iteration {iteration}/{total} ({100 * iteration // max(total, 1)}%) loss "
+                    f"{format_loss(event.get('loss'))}, {event['seconds']:.3f} s/it, "
+                    f"ETA {self._eta(iteration, total, float(event['seconds']))}"
                 )
         elif stage == "checkpoint":
             self._log(f"checkpoint at iteration {event['iteration']}", "debug")
@@ -305,24 +341,62 @@ def is_main() -> bool:
 def exit_code_for(err: BaseException) -> int:
     """The documented exit code of an exception that reached the command line."""
     if isinstance(err, KeyboardInterrupt):
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if signal_of(err) == "SIGTERM" else EXIT_INTERRUPTED
     if isinstance(err, NcfmError):
         return int(err.exit_code)
+    if isinstance(err, CLICK_ERROR):  # a usage error found while the command line was parsed
+        return int(getattr(err, "exit_code", 2))
     return EXIT_FAILURE
 
 
 def error_line(err: BaseException) -> str:
     """The one line a failed command prints on stderr (the only place errors become text)."""
     if isinstance(err, KeyboardInterrupt):
-        return "interrupted"
+        return "interrupted (SIGTERM)" if signal_of(err) == "SIGTERM" else "interrupted"
     if isinstance(err, NcfmError):
         return f"error: {one_line(err, limit=None)}"
+    if isinstance(err, CLICK_ERROR):
+        return f"error: {one_line(err.format_message(), limit=None)}; see --help"
     return f"error: unexpected {type(err).__name__}: {one_line(err, limit=None)} (set NCFM_DEBUG=1 for the traceback)"
+
+
+CLICK_ERROR: type = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+"""Click's base of usage errors (typer re-exports only its subclass ``BadParameter``)."""
+
+
+def wants_json(argv: list[str]) -> bool:
+    """Whether a raw command line asks for ``--json`` (before any ``--``): usage errors are found
+    before the options are parsed, so this is all there is to go by then."""
+    for token in argv:
+        if token == "--":
+            return False
+        if token == "--json":
+            return True
+    return False
+
+
+def error_object(err: BaseException, message: str | None = None) -> dict[str, Any]:
+    """What ``--json`` prints on stdout for a failed command: ``{"error": {type, message, exit_code}}``
+    (``message`` is the stderr line without ``error: ``)."""
+    text = message if message is not None else error_line(err).removeprefix("error: ")
+    return {"error": {"type": type(err).__name__, "message": text, "exit_code": exit_code_for(err)}}
+
+
+def report_error(err: BaseException, json_output: bool, message: str | None = None) -> int:
+    """Print a failed command's one line on stderr (``message``, else :func:`error_line`) and,
+    with ``--json``, its :func:`error_object` on stdout (only where :func:`is_main`); returns the
+    exit code."""
+    line = message if message is not None else error_line(err)
+    print(line, file=sys.stderr)
+    if json_output and is_main():
+        print_json(error_object(err, line.removeprefix("error: ")))
+    return exit_code_for(err)
 
 
 @contextlib.contextmanager
 def command_errors(opts: GlobalOptions) -> Iterator[None]:
-    """Run a command body: map exceptions to a one-line message on stderr and ``typer.Exit``.
+    """Run a command body: map exceptions to a one-line message on stderr (with ``--json`` also
+    :func:`error_object` on stdout) and ``typer.Exit``.
 
     ``NCFM_DEBUG=1`` re-raises instead, so the traceback is shown. ``typer.Exit`` passes.
     """
@@ -335,16 +409,14 @@ def command_errors(opts: GlobalOptions) -> Iterator[None]:
             where = f"checkpoint saved at iteration {err.checkpoint_iteration}"
         else:
             where = "no checkpoint yet, so resuming starts it again"
-        print(f"interrupted: {err.version.ref} ({where}); continue with: "
-              f"ncfm {opts.store_flag()}resume {err.version.ref}", file=sys.stderr)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        how = " by SIGTERM" if err.signal_name == "SIGTERM" else ""
+        raise typer.Exit(report_error(err, opts.json, f"interrupted{how}: {err.version.ref} ({where}); continue with: "
+                                                      f"ncfm {opts.store_flag()}resume {err.version.ref}")) from None
     except KeyboardInterrupt as err:
-        print(error_line(err), file=sys.stderr)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        raise typer.Exit(report_error(err, opts.json)) from None
     except Exception as err:
         if os.environ.get("NCFM_DEBUG") == "1":
             raise
         if getattr(err, "relayed", False):  # rank 0's error, passed on under torchrun: rank 0 printed it
             raise typer.Exit(exit_code_for(err)) from None
-        print(error_line(err), file=sys.stderr)
-        raise typer.Exit(exit_code_for(err)) from None
+        raise typer.Exit(report_error(err, opts.json)) from None

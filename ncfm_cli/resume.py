@@ -12,7 +12,7 @@ from ncfm_cli.options import (
     DataDirOption,
     DeviceOption,
     GpuMemOption,
-    RefArgument,
+    ResumeRefArgument,
 )
 from ncfm_cli.output import command_errors, global_options, job_progress
 from ncfm_core.jobs import resume_job
@@ -25,13 +25,13 @@ RESUME_EPILOG = (
     "`ncfm distill --gpu-mem` applies again when it is left out. "
     "Exit codes: 0 ok (also when there is nothing to do); 1 failure (e.g. a corrupt checkpoint); "
     "2 invalid option; 3 artifact not found; 4 --gpu-mem below the recorded plan's estimate, or out "
-    "of memory under it (the checkpoint is kept); 130 interrupted again (resume again)."
+    "of memory under it (the checkpoint is kept); 130 (Ctrl-C) or 143 (SIGTERM) interrupted again (resume again)."
 )
 
 
 def resume_command(
     ctx: typer.Context,
-    ref: RefArgument,
+    ref: ResumeRefArgument,
     iterations: Annotated[
         Optional[int],
         typer.Option(

@@ -9,14 +9,18 @@ registers its preset beside its loader (``ncfm_core.data``, ``register_dataset(p
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any
 
-from ncfm_core.data.registry import dataset_preset
+from ncfm_core.data.registry import MAX_IMAGE_SIZE, dataset_preset, image_size_message
 from ncfm_core.errors import ConfigError
 
 MATCHING_MODES = ("ncfm", "mmd")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+CF_PRECISIONS = ("auto", "fp32", "tf32")  # the same as ncfm_core.cf.CF_PRECISIONS (config imports no torch)
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,7 @@ class DistillConfig:
     # memory plan and speed (ncfm_core.planner fills these in to fit a budget)
     class_chunk: int | None = None  # classes per synthetic forward/backward (None: all at once)
     precision: str = "auto"  # network forwards: auto | fp32 | bf16 | fp16 autocast; CF maths stay fp32
+    cf_precision: str = "auto"  # CF projections <t, f>: auto (tf32 on CUDA, else fp32) | fp32 | tf32 (ncfm_core.cf)
     activation_checkpointing: bool = False  # recompute activations (and psi's real features), not store
     channels_last: bool | None = None  # NHWC memory format for the networks (None: the measured default, off)
     compile: bool = False  # torch.compile the extractor blocks; falls back to eager if compiling fails
@@ -77,10 +82,36 @@ class DistillConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown config field(s) {', '.join(unknown)}: written by a newer ncfm?")
+        hints = typing.get_type_hints(cls)
+        for name, value in data.items():
+            if not _fits(value, hints[name]):
+                raise TypeError(f"config field {name!r} is {value!r}, expected {_type_name(hints[name])}")
         return cls(**data)
 
     def replace(self, **changes: Any) -> DistillConfig:
         return validate(dataclasses.replace(self, **changes))
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON value has the type of a config field (an int for a float field, never a bool
+    for a number)."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for option in options:
+        if option is type(None) and value is None:
+            return True
+        if option is bool and isinstance(value, bool):
+            return True
+        if isinstance(value, bool):
+            continue
+        if (option is int and isinstance(value, int)) or (option is float and isinstance(value, (int, float))):
+            return True
+        if option is str and isinstance(value, str):
+            return True
+    return False
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
 def preset_for(dataset: str) -> dict[str, Any]:
@@ -99,9 +130,28 @@ def make_config(dataset: str, ipc: int, **overrides: Any) -> DistillConfig:
     return validate(DistillConfig(dataset=dataset, ipc=ipc, **fields))
 
 
+MAX_LR = 10.0
+"""The largest learning rate accepted: pixels live in [0, 1], so a step beyond this is no longer
+a learning rate (and far larger figures overflow float32)."""
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def validate(config: DistillConfig) -> DistillConfig:
     """Range checks with messages that name the option; returns the config unchanged."""
+    for option, value in (("--lr", config.image_lr), ("--alpha", config.alpha), ("--calib-weight", config.calib_weight),
+                          ("sampler_lr", config.sampler_lr), ("sampler_init_scale", config.sampler_init_scale),
+                          ("loss_scale", config.loss_scale), ("pool_lr", config.pool_lr),
+                          ("pool_momentum", config.pool_momentum), ("pool_weight_decay", config.pool_weight_decay)):
+        if not _finite(value):
+            raise ConfigError(f"{option} must be a finite number, got {value!r}")
     checks = [
+        (config.image_size is None or config.image_size >= 1, "--image-size must be >= 1"),
+        (config.image_size is None or config.image_size <= MAX_IMAGE_SIZE, image_size_message(config.image_size or 0)),
+        (config.image_lr <= MAX_LR, f"--lr {config.image_lr:g} is too large: use a learning rate in (0, {MAX_LR:g}]"),
+        (config.calib_weight >= 0, "--calib-weight must be >= 0"),
         (config.ipc >= 1, "--ipc must be >= 1"),
         (config.iterations >= 0, "--iterations must be >= 0"),
         (config.factor >= 1, "--factor must be >= 1"),
@@ -116,6 +166,7 @@ def validate(config: DistillConfig) -> DistillConfig:
         (config.num_components is None or config.num_components >= 1, "--components must be >= 1"),
         (config.class_chunk is None or config.class_chunk >= 1, "--class-chunk must be >= 1"),
         (config.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
+        (config.cf_precision in CF_PRECISIONS, f"cf_precision must be one of {', '.join(CF_PRECISIONS)}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -176,9 +176,13 @@ class MemoryBudget:
     @classmethod
     def resolve(cls, spec: str | None, device: torch.device, source: str = "--gpu-mem") -> MemoryBudget:
         """Parse ``spec`` once (a fraction such as ``"0.3"`` is of ``device``'s memory);
-        ``ConfigError`` for an unreadable size. None gives the empty budget."""
+        ``ConfigError`` for an unreadable size. None gives the empty budget (the planner takes
+        the smallest plan nearly as fast as the fastest); ``"all"`` too, but asking for the
+        fastest plan that fits the free memory (``spec`` "all", see ``ncfm_core.planner``)."""
         if spec is None:
             return cls()
+        if str(spec).strip().lower() == "all":
+            return cls(None, "all", source)
         return cls(parse_memory(spec, device_total_bytes(device)), str(spec), source)
 
 
@@ -302,10 +306,12 @@ def device_total_bytes(device: torch.device | str) -> int | None:
         return None
 
 
-def resolve_precision(precision: str, device: torch.device | str) -> str:
+def resolve_precision(precision: str, device: torch.device | str, world_size: int = 1) -> str:
     """``"auto"`` -> the fastest precision the device runs well: bf16 autocast on CUDA with bf16
     support (Ampere and later), fp16 autocast on older CUDA GPUs (with loss scaling), fp32
-    elsewhere (CPU, MPS). Planning for CUDA on a machine without one assumes bf16.
+    elsewhere (CPU, MPS). Planning for CUDA on a machine without one assumes bf16. With
+    ``world_size`` > 1 (several processes under torchrun) auto never picks fp16, whose per-rank
+    loss scalers would skip different steps: bf16 where supported, else fp32.
     Explicit ``fp32``/``bf16``/``fp16`` are returned as they are."""
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
@@ -316,7 +322,9 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
         return "fp32"
     if not torch.cuda.is_available():
         return "bf16"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp16" if world_size <= 1 else "fp32"
 
 
 def cap_device_memory(device: torch.device | str, budget_bytes: int) -> float | None:

@@ -11,6 +11,7 @@ EXIT_NOT_FOUND = 3  # an artifact, version, dataset or file that does not exist
 EXIT_BUDGET = 4  # a memory budget too small
 EXIT_BELOW_MIN_ACC = 5  # accuracy below --min-acc (the result is printed and recorded first)
 EXIT_INTERRUPTED = 130  # Ctrl-C (a checkpoint is saved first)
+EXIT_TERMINATED = 143  # SIGTERM (a scheduler, `docker stop`, `kill`): like Ctrl-C, a checkpoint is saved first
 
 
 def one_line(err: BaseException | str, limit: int | None = 300) -> str:
@@ -51,3 +52,25 @@ class BudgetInfeasibleError(NcfmError):
     the smallest budget that would work."""
 
     exit_code = EXIT_BUDGET
+
+
+class ResultNotSavedError(NcfmError):
+    """A job finished its work but could not record the result (disk full, store gone read-only).
+    Exit code 1; ``result`` is what it would have recorded, so the caller can still show it."""
+
+    exit_code = EXIT_FAILURE
+
+    def __init__(self, message: str, result: dict | None = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class DivergedError(NcfmError):
+    """A distillation whose loss or images became NaN or infinite. Exit code 1; the version is
+    marked failed and keeps its last good (finite) checkpoint. ``iteration`` is where it was seen."""
+
+    exit_code = EXIT_FAILURE
+
+    def __init__(self, message: str, iteration: int | None = None) -> None:
+        super().__init__(message)
+        self.iteration = iteration

@@ -13,6 +13,9 @@ Formats (``EXPORT_FORMATS``):
 - ``npz``: ``<out>/synset.npz`` with ``images`` (float32 NCHW), ``labels`` (int64),
   ``class_names`` (unicode array) and ``factor``; loadable with ``allow_pickle=False``.
 
+The training formats (``TRAINING_FORMATS``: imagefolder, pt, npz) write the DECODED training
+images by default (each stored image becomes factor x factor images, what the networks are
+trained on); png and grid write the stored form (tiles side by side) by default.
 ``factor`` in pt/npz is the multi-formation factor of the images as written: 1 after
 decoding, else the factor of the stored form. Pixels are written as ``round(x * 255)``
 after clamping to [0, 1]. Class names become folder names with every character outside
@@ -23,8 +26,11 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import re
-from collections.abc import Sequence
+import secrets
+import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +40,11 @@ from torch import Tensor
 
 from ncfm_core.errors import ConfigError
 from ncfm_core.store import atomic_write_bytes
+from ncfm_core.store.files import fsync_directory
 
 EXPORT_FORMATS = ("png", "grid", "imagefolder", "pt", "npz")
+TRAINING_FORMATS = ("imagefolder", "pt", "npz")
+"""Formats meant for training a network: decoded by default (see :func:`decoded_by_default`)."""
 GRID_MIN_CELL = 64
 """Grid cells are upscaled by an integer factor until their longer side is at least this."""
 GRID_PAD = 2
@@ -117,6 +126,11 @@ def _write_grid(pixels: np.ndarray, labels: Tensor, class_names: Sequence[str], 
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def decoded_by_default(fmt: str) -> bool:
+    """Whether ``fmt`` writes decoded training images unless told otherwise (the training formats)."""
+    return fmt in TRAINING_FORMATS
+
+
 def export_synset(
     images: Tensor,
     labels: Tensor,
@@ -125,13 +139,13 @@ def export_synset(
     fmt: str,
     *,
     factor: int = 1,
-    decoded: bool = False,
+    decoded: bool | None = None,
 ) -> list[Path]:
     """Write a synthetic set under ``out_dir`` in format ``fmt``; returns the files written.
 
     images (M, C, H, W) float in [0, 1], stored form; labels (M,) int64 indices into
     ``class_names``. With ``decoded=True`` the multi-formation images are first decoded with
-    ``factor`` into (M * factor^2, C, H, W). ``out_dir`` is created; files of the same name
+    ``factor`` into (M * factor^2, C, H, W); ``None``: :func:`decoded_by_default`. ``out_dir`` is created; files of the same name
     are overwritten, other files are left alone. ``ConfigError`` for an unknown format or
     inputs that do not fit together.
     """
@@ -152,15 +166,20 @@ def export_synset(
     if fmt in ("png", "grid", "imagefolder") and images.shape[1] not in (1, 3, 4):
         raise ConfigError(f"cannot write {images.shape[1]}-channel images as PNG; use --format pt or npz")
 
+    if decoded is None:
+        decoded = decoded_by_default(fmt)
     if decoded:
         from ncfm_core.synset import decode_synset  # lazy: export must not pull in the loop
 
         images, labels = decode_synset(images.detach(), labels, factor)
     written_factor = 1 if decoded else factor
     images = images.detach().to("cpu", torch.float32)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    return _staged(Path(out_dir), lambda stage: _write_format(fmt, images, labels, class_names, written_factor, stage))
 
+
+def _write_format(fmt: str, images: Tensor, labels: Tensor, class_names: Sequence[str], written_factor: int,
+                  out_dir: Path) -> list[Path]:
+    """Write the files of ``fmt`` under ``out_dir`` (the staging folder); returns them."""
     if fmt == "png":
         return _write_pngs(_to_uint8(images), labels, _folder_names(class_names), out_dir)
     if fmt == "imagefolder":
@@ -195,3 +214,36 @@ def export_synset(
     )
     atomic_write_bytes(path, buffer.getvalue())
     return [path]
+
+
+def _staged(out_dir: Path, write: Callable[[Path], list[Path]]) -> list[Path]:
+    """Run ``write`` into a hidden staging folder beside ``out_dir``, then move what it wrote into
+    place by renames: the whole folder when ``out_dir`` is new (or empty), else file by file and
+    new class folders whole (other files in ``out_dir`` are left alone). A process killed while
+    writing leaves ``out_dir`` as it was (and at worst the hidden ``.<name>.export-*.tmp``
+    folder), never a half-written file under its final name. Returns the final paths."""
+    given, out_dir = out_dir, out_dir.absolute()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = out_dir.parent / f".{out_dir.name}.export-{secrets.token_hex(4)}.tmp"
+    stage.mkdir()
+    try:
+        written = write(stage)
+        if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
+            os.replace(stage, out_dir)  # replaces an empty folder too (POSIX)
+        else:
+            if not out_dir.is_dir():
+                raise ConfigError(f"--out {out_dir} is a file; pass a folder")
+            _merge_into(stage, out_dir)
+        fsync_directory(out_dir.parent)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return [given / path.relative_to(stage) for path in written]
+
+
+def _merge_into(source: Path, target: Path) -> None:
+    for entry in sorted(source.iterdir()):
+        destination = target / entry.name
+        if entry.is_dir() and destination.is_dir():
+            _merge_into(entry, destination)
+        else:
+            os.replace(entry, destination)  # one rename: the old file or the new, whole

@@ -126,9 +126,15 @@ def test_export_formats(made, tmp_path, fmt, expected):
     payload = one_json(result)
     assert payload["format"] == fmt and (out / expected).is_file()
     assert all(Path(f).is_file() for f in payload["files"])
+    info = json.loads((out / "ncfm-export.json").read_text())
+    training = fmt in ("imagefolder", "pt", "npz")  # decoded by default; png and grid: stored
+    assert payload["decoded"] is training and info["form"] == ("decoded" if training else "stored")
+    assert info["images"] == payload["images"] == (40 if training else 10)
+    assert ("DECODED" if training else "STORED") in (out / "README.txt").read_text()
+    assert len(info["mean"]) == len(info["std"]) == 1 and info["std"][0] > 0
     if fmt == "npz":
         with np.load(out / "synset.npz", allow_pickle=False) as archive:
-            assert archive["images"].shape == (10, 1, 16, 16) and int(archive["factor"]) == 2
+            assert archive["images"].shape == (40, 1, 16, 16) and int(archive["factor"]) == 1
 
 
 def test_eval_protocol_option(store_copy):
@@ -139,10 +145,16 @@ def test_eval_protocol_option(store_copy):
     assert Store(store_copy).resolve("digits-ipc1").manifest()["evals"][-1]["protocol"] == out["protocol"]
 
 
-def test_export_decoded(made, tmp_path):
-    invoke("--store", made["store"], "export", "digits-ipc1", "--format", "npz", "--out", tmp_path, "--decoded")
+def test_export_stored_and_decoded_on_request(made, tmp_path):
+    result = invoke("--store", made["store"], "export", "digits-ipc1", "--format", "npz", "--out", tmp_path,
+                    "--stored")
+    assert re.search(r"^images +10 stored \(tiles not decoded\)$", result.stdout, flags=re.M), result.stdout
     with np.load(tmp_path / "synset.npz", allow_pickle=False) as archive:
-        assert archive["images"].shape == (40, 1, 16, 16) and int(archive["factor"]) == 1
+        assert archive["images"].shape == (10, 1, 16, 16) and int(archive["factor"]) == 2
+    result = invoke("--store", made["store"], "export", "digits-ipc1", "--format", "png", "--out",
+                    tmp_path / "png", "--decoded")
+    assert re.search(r"^images +40 decoded \(training images\)$", result.stdout, flags=re.M), result.stdout
+    assert len(list((tmp_path / "png").rglob("*.png"))) == 40
 
 
 def test_distill_with_eval_in_one_command_and_resume_extension(store_copy):
@@ -166,7 +178,7 @@ def test_verbose_and_quiet_logging(store_copy):
     assert "distill: iteration 4/4" in loud.stderr and "checkpoint at iteration 2" in loud.stderr
     assert "artifact" in loud.stdout and "distill:" not in loud.stdout  # progress never on stdout
     normal = invoke("--store", store_copy, "distill", "digits", "--ipc", "1", "--iterations", "2", *TINY)
-    assert "created digits-ipc1@v3" in normal.stderr and "distill: iteration" not in normal.stderr
+    assert "created digits-ipc1@v3" in normal.stderr and "distill: iteration 2/2 (100%)" in normal.stderr
     quiet = invoke("--store", store_copy, "--quiet", "distill", "digits", "--ipc", "1", "--iterations", "1", *TINY)
     assert quiet.stderr == "" and "digits-ipc1@v4" in quiet.stdout
 
@@ -175,10 +187,10 @@ def test_verbose_and_quiet_logging(store_copy):
 
 
 def test_exit_5_below_min_acc_after_printing_and_recording(store_copy):
-    result = invoke("--store", store_copy, "eval", "digits-ipc1", *EVAL_TINY, "--min-acc", "1.01", "--json",
+    result = invoke("--store", store_copy, "eval", "digits-ipc1", *EVAL_TINY, "--min-acc", "1", "--json",
                     expect=5)
     out = one_json(result)
-    assert out["passed"] is False and out["min_acc"] == 1.01
+    assert out["passed"] is False and out["min_acc"] == 1.0
     assert "below --min-acc" in error_line(result)
     evals = Store(store_copy).resolve("digits-ipc1").manifest()["evals"]
     assert evals[-1]["accuracy"] == out["accuracy"]

@@ -247,9 +247,9 @@ def test_bad_options_are_one_line_usage_errors_before_any_training(store_copy, a
 
 
 def test_min_acc_exit_5_applies_to_the_synthetic_mean(store_copy):
-    result = invoke("--store", store_copy, *EVAL, "--baseline", "random", "--min-acc", "1.01", "--json", expect=5)
+    result = invoke("--store", store_copy, *EVAL, "--baseline", "random", "--min-acc", "1", "--json", expect=5)
     out = one_json(result)
-    assert out["passed"] is False and out["min_acc"] == 1.01 and "ior" in out["metrics"]
+    assert out["passed"] is False and out["min_acc"] == 1.0 and "ior" in out["metrics"]
     assert "below --min-acc" in result.stderr.strip().splitlines()[-1]
     assert Store(store_copy).resolve("digits-ipc1").manifest()["evals"][-1]["accuracy"] == out["accuracy"]
 

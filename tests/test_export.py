@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ncfm_core.errors import ConfigError
-from ncfm_core.export import EXPORT_FORMATS, GRID_MIN_CELL, GRID_PAD, export_synset
+from ncfm_core.export import EXPORT_FORMATS, GRID_MIN_CELL, GRID_PAD, decoded_by_default, export_synset
 
 CLASS_NAMES = ["cat", "dog/wolf", "zebra"]
 
@@ -122,7 +122,7 @@ def test_grid_size_and_cells(tmp_path, channels):
 
 def test_pt_contents(tmp_path):
     images, labels = make_synset()
-    (path,) = export_synset(images, labels, CLASS_NAMES, tmp_path, "pt", factor=2)
+    (path,) = export_synset(images, labels, CLASS_NAMES, tmp_path, "pt", factor=2, decoded=False)
     assert path == tmp_path / "synset.pt"
     # Test-only load of our own file; product code never unpickles.
     payload = torch.load(path, weights_only=True)
@@ -142,6 +142,21 @@ def test_npz_contents(tmp_path):
         np.testing.assert_array_equal(archive["labels"], labels.numpy())
         assert archive["class_names"].tolist() == CLASS_NAMES
         assert int(archive["factor"]) == 1
+
+
+@pytest.mark.parametrize("fmt", EXPORT_FORMATS)
+def test_training_formats_write_decoded_images_unless_asked_for_the_stored_ones(tmp_path, fmt):
+    images, labels = make_synset(size=8, ipc=2)
+    images = images.clamp(0, 1)
+    by_default = export_synset(images, labels, CLASS_NAMES, tmp_path / "default", fmt, factor=2)
+    stored = export_synset(images, labels, CLASS_NAMES, tmp_path / "stored", fmt, factor=2, decoded=False)
+    decoded = export_synset(images, labels, CLASS_NAMES, tmp_path / "decoded", fmt, factor=2, decoded=True)
+    assert decoded_by_default(fmt) == (fmt in ("imagefolder", "pt", "npz"))
+    same = decoded if decoded_by_default(fmt) else stored
+    assert [p.relative_to(tmp_path / ("decoded" if decoded_by_default(fmt) else "stored")) for p in same] == \
+        [p.relative_to(tmp_path / "default") for p in by_default]
+    for mine, theirs in zip(by_default, same):
+        assert mine.read_bytes() == theirs.read_bytes()
 
 
 @pytest.mark.parametrize("fmt", EXPORT_FORMATS)

@@ -79,7 +79,7 @@ def test_distill_writes_a_complete_version(tmp_path):
     assert manifest["status"] == "complete"
     assert manifest["iterations_done"] == manifest["iterations_target"] == 12
     # the manifest holds the config with the memory plan applied, so resume replays the plan
-    planned = {k: v for k, v in manifest["plan"].items() if k in ("real_chunk", "class_chunk", "precision", "activation_checkpointing")}
+    planned = {k: v for k, v in manifest["plan"].items() if k in ("real_chunk", "class_chunk", "precision", "activation_checkpointing", "cf_precision")}
     assert manifest["config"] == config.replace(**planned).to_dict()
     assert manifest["seed"] == 0 and manifest["parent"] is None
     assert manifest["dataset"]["name"] == "digits"

@@ -501,8 +501,8 @@ def test_resolve_not_found_messages(tmp_path):
         store.resolve(str(tmp_path / "no" / "such"))
     with pytest.raises(ConfigError):
         store.resolve("cifar10-ipc10@latest")
-    with pytest.raises(ConfigError):
-        store.resolve("..")
+    with pytest.raises(NotFoundError, match="not a version directory"):
+        store.resolve("..")  # a path (the parent folder), never a name
 
 
 def test_corrupt_manifest_and_scan(tmp_path):

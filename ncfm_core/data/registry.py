@@ -34,7 +34,7 @@ from ncfm_core.platform import user_dir
 
 DatasetLoader = Callable[..., "ImageDataset"]
 
-# Paper settings (NCFM_NOTES.md): ConvNet-3/4/5 by resolution, factor 2, 1024 real images per
+# Paper settings (the paper and the authors' configs, github.com/gszfwsb/NCFM): ConvNet-3/4/5 by resolution, factor 2, 1024 real images per
 # class, F = 1024, pools of 20 extractors trained 60 epochs.
 PAPER_PRESET: dict[str, Any] = dict(
     factor=2, iterations=20000, real_per_class=1024, num_freqs=1024, pool_size=20, pool_epochs=60
@@ -221,6 +221,8 @@ def load_dataset(
     _ensure_builtin_sources()
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
         raise ConfigError(f"image_size must be a positive integer, got {image_size!r}")
+    if image_size is not None and image_size > MAX_IMAGE_SIZE:
+        raise ConfigError(image_size_message(image_size))
     key = name.strip().lower()
     prefix, sep, argument = name.strip().partition(":")
     family = f"{prefix.lower()}:" if sep else None
@@ -240,6 +242,37 @@ def load_dataset(
         raise ConfigError(_unknown_name_message(name))
     _check_options(name, loader, options)
     return loader(**kwargs, **options)
+
+
+MAX_IMAGE_SIZE = 1024
+"""The largest ``--image-size``: a dataset is held in memory as uint8 at this size, and the
+networks' memory plans are made for images up to it."""
+
+
+def image_size_message(image_size: int) -> str:
+    return (f"--image-size {image_size} is too large: use at most {MAX_IMAGE_SIZE} pixels per side "
+            f"(datasets are held in memory at this size)")
+
+
+def check_evaluable(dataset: ImageDataset) -> ImageDataset:
+    """A dataset distillation and accuracy mean something for: at least 2 classes and a
+    non-empty test split (``ConfigError``, exit 2, saying what the data needs). The jobs check
+    it (``distill``, ``resume``, ``eval``); loading itself accepts any data."""
+    folder = dataset.name.startswith("folder:")
+    if dataset.num_classes < 2:
+        where = "add a second class folder beside" if folder else "use a dataset with more classes than"
+        raise ConfigError(
+            f"dataset '{dataset.name}' has {dataset.num_classes} class ({', '.join(dataset.class_names)}); "
+            f"telling classes apart needs at least 2 classes, so any accuracy would be meaningless; "
+            f"{where} the one there"
+        )
+    if int(dataset.test_images.shape[0]) == 0:
+        hint = ("give every class at least 2 images (one is held out for testing), or use train/ and test/ "
+                "folders" if folder else "use a dataset with a test split")
+        raise ConfigError(
+            f"dataset '{dataset.name}' has no test images, so its accuracy cannot be measured; {hint}"
+        )
+    return dataset
 
 
 def _unknown_name_message(name: str) -> str:
@@ -306,7 +339,8 @@ def tensor_fingerprint(tag: str, tensors: Iterable[Tensor], extra: Iterable[str]
     for tensor in tensors:
         array = tensor.detach().cpu().contiguous().numpy()
         hasher.update(f"{array.dtype.str}{tuple(array.shape)}\0".encode())
-        hasher.update(memoryview(array).cast("B"))
+        if array.size:  # an empty split (data in memory without a test split) has no bytes to view
+            hasher.update(memoryview(array).cast("B"))
     for item in extra:
         hasher.update(f"{item}\0".encode())
     return hasher.hexdigest()

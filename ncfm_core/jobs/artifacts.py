@@ -6,11 +6,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ncfm_core.export import export_synset
-from ncfm_core.jobs.common import (
-    complete_synset,
-)
-from ncfm_core.store import ArtifactVersion, Store
+from ncfm_core.export import decoded_by_default, export_synset
+from ncfm_core.jobs.common import open_complete_synset
+from ncfm_core.jobs.run import shown_status
+from ncfm_core.store import ArtifactVersion, Store, atomic_write_bytes, write_json
+
+EXPORT_INFO_FILE = "ncfm-export.json"
+EXPORT_README_FILE = "README.txt"
 
 
 def export_job(
@@ -19,22 +21,52 @@ def export_job(
     fmt: str,
     out_dir: Path | str,
     *,
-    decoded: bool = False,
+    decoded: bool | None = None,
 ) -> dict[str, Any]:
     """Write the synthetic set of ``ref`` under ``out_dir`` in format ``fmt`` (see
-    ``ncfm_core.export``). Returns ``{artifact, path, format, decoded, out, files}``."""
-    version = store.resolve(ref)
-    synset = complete_synset(version, version.manifest())
-    files = export_synset(synset.images, synset.labels, synset.class_names, Path(out_dir), fmt,
+    ``ncfm_core.export``; ``decoded=None``: decoded for the training formats imagefolder, pt and
+    npz, stored for png and grid), plus ``ncfm-export.json`` and ``README.txt`` saying what was
+    written (form, image count, factor, class names, the normalisation the networks used).
+    Returns ``{artifact, path, format, decoded, form, images, factor, mean, std, out, files}``."""
+    version, _, synset = open_complete_synset(store, ref)
+    decoded = decoded_by_default(fmt) if decoded is None else decoded
+    out = Path(out_dir)
+    files = export_synset(synset.images, synset.labels, synset.class_names, out, fmt,
                           factor=synset.factor, decoded=decoded)
-    return {
+    factor = 1 if decoded or synset.factor == 1 else synset.factor
+    count = int(synset.images.shape[0]) * (synset.factor**2 if decoded else 1)
+    info = {
         "artifact": version.ref,
-        "path": str(version.path),
         "format": fmt,
         "decoded": decoded,
-        "out": str(Path(out_dir).absolute()),
-        "files": [str(f) for f in files],
+        "form": "decoded" if decoded else "stored",
+        "images": count,
+        "factor": factor,
+        "class_names": list(synset.class_names),
+        "mean": None if synset.mean is None else list(synset.mean),
+        "std": None if synset.std is None else list(synset.std),
     }
+    write_json(out / EXPORT_INFO_FILE, info)
+    atomic_write_bytes(out / EXPORT_README_FILE, _export_readme(info, synset.factor).encode())
+    return {**info, "path": str(version.path), "out": str(out.absolute()), "files": [str(f) for f in files]}
+
+
+def _export_readme(info: dict[str, Any], stored_factor: int) -> str:
+    if info["decoded"]:
+        form = (f"DECODED training images: each stored image ({stored_factor} x {stored_factor} tiles) became "
+                f"{stored_factor**2} images, upsampled to full size; train on these." if stored_factor > 1
+                else "training images (this artifact has no multi-formation: stored = decoded).")
+    else:
+        form = (f"STORED images: each holds {stored_factor} x {stored_factor} tiles; decode before training "
+                f"(ncfm export --decoded, or ncfm_core.open_synthetic)." if stored_factor > 1
+                else "stored images (no multi-formation: stored = decoded).")
+    norm = ("networks normalise [0, 1] pixels with mean " + ", ".join(f"{v:.4f}" for v in info["mean"])
+            + " and std " + ", ".join(f"{v:.4f}" for v in info["std"])) if info["mean"] else \
+        "normalisation: not recorded (artifact made before ncfm recorded it)"
+    return (f"{info['artifact']}, exported by ncfm as {info['format']}\n"
+            f"{info['images']} {form}\n"
+            f"pixels in [0, 1] (PNG: 0..255); {norm}\n"
+            f"details: {EXPORT_INFO_FILE}\n")
 
 
 def _file_sizes(directory: Path) -> dict[str, int]:
@@ -46,12 +78,23 @@ def _file_sizes(directory: Path) -> dict[str, int]:
     return sizes
 
 
-def inspect_job(store: Store, ref: str) -> dict[str, Any]:
+def inspect_job(store: Store, ref: str, *, plot: Path | str | None = None) -> dict[str, Any]:
     """The manifest of ``ref`` plus ``artifact`` (name@vN), ``path`` and ``file_sizes``
-    (path relative to the version directory -> bytes)."""
+    (path relative to the version directory -> bytes). With ``plot``, also a PNG there of the
+    loss curve beside the synthetic images (``ncfm_core.plot.run_figure``; needs a complete
+    version and matplotlib), and ``plot`` (its absolute path) in the result."""
     version = store.resolve(ref)
     result = dict(version.manifest())
     result.update(artifact=version.ref, path=str(version.path), file_sizes=_file_sizes(version.path))
+    status, hint = shown_status(version, result)
+    if hint is not None:
+        result.update(status=status, recorded_status=result.get("status"), hint=hint)
+    if plot is not None:
+        from ncfm_core.plot import run_figure  # lazy: matplotlib is optional
+
+        _, manifest, synset = open_complete_synset(store, ref)
+        run_figure({**manifest, "artifact": version.ref}, synset.images, synset.labels, synset.class_names, plot)
+        result["plot"] = str(Path(plot).absolute())
     return result
 
 
@@ -75,11 +118,14 @@ def list_job(store: Store) -> dict[str, Any]:
         if not config:
             warnings.append(f"{version.ref}: {version.manifest_path} has no config; not an ncfm distillation?")
         evals = manifest.get("evals")
+        status, hint = shown_status(version, manifest)
+        if hint is not None:
+            warnings.append(hint)
         rows.append({
             "artifact": version.ref,
             "name": version.name,
             "version": version.version,
-            "status": str(manifest.get("status", "unknown")),
+            "status": status,
             "dataset": config.get("dataset"),
             "ipc": config.get("ipc"),
             "iterations_done": manifest.get("iterations_done"),

@@ -3,16 +3,18 @@ records a manifest keeps about it."""
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 from typing import Any
 
 import torch
 
 from ncfm_core import __version__
-from ncfm_core.config import DistillConfig
+from ncfm_core.config import DistillConfig, validate
 from ncfm_core.data import ImageDataset, load_dataset
-from ncfm_core.errors import CorruptArtifactError, NcfmError, NotFoundError, one_line
-from ncfm_core.store import ArtifactVersion
+from ncfm_core.errors import ConfigError, CorruptArtifactError, NcfmError, NotFoundError, one_line
+from ncfm_core import store as store_lib
+from ncfm_core.store import ArtifactVersion, Store
 from ncfm_core.store.synset import SyntheticSet, load_synset
 
 
@@ -34,6 +36,8 @@ def dataset_record(config: DistillConfig, dataset: ImageDataset) -> dict[str, An
         "class_names": list(dataset.class_names),
         "num_train": dataset.num_train,
         "num_test": int(dataset.test_images.shape[0]),
+        # What the networks apply to [0, 1] pixels, (x - mean) / std: the real train set's statistics.
+        "normalization": {"mean": list(dataset.mean), "std": list(dataset.std)},
     }
 
 
@@ -51,9 +55,11 @@ def config_from_manifest(version: ArtifactVersion, manifest: dict) -> DistillCon
     if not isinstance(raw, dict):
         raise CorruptArtifactError(f"{version.manifest_path}: has no config; this version cannot be resumed")
     try:
-        return DistillConfig.from_dict(raw)
-    except TypeError as err:
-        raise CorruptArtifactError(f"{version.manifest_path}: invalid config ({one_line(err)})") from None
+        return validate(DistillConfig.from_dict(raw))
+    except (TypeError, ConfigError) as err:
+        raise CorruptArtifactError(
+            f"{version.manifest_path}: invalid config ({one_line(err)}); restore or delete this file"
+        ) from None
 
 
 def complete_synset(version: ArtifactVersion, manifest: dict) -> SyntheticSet:
@@ -62,4 +68,20 @@ def complete_synset(version: ArtifactVersion, manifest: dict) -> SyntheticSet:
             f"{version.ref} is {manifest.get('status', 'unknown')}, so it has no synthetic set yet; "
             f"finish it with `ncfm resume {version.ref}`"
         )
+    version.verify_sha256(store_lib.SYNSET_FILE, manifest)
     return load_synset(version.synset_path)
+
+
+def open_complete_synset(store: Store, ref: str) -> tuple[ArtifactVersion, dict, SyntheticSet]:
+    """The version ``ref`` names, its manifest and its synthetic set (NotFoundError unless it is
+    complete), with the normalisation filled in from the manifest for synset files written before
+    it was recorded there. What ``ncfm eval``, ``ncfm export`` and ``ncfm_core.open_synthetic`` read."""
+    version = store.resolve(ref)
+    manifest = version.manifest()
+    synset = complete_synset(version, manifest)
+    if synset.mean is None:
+        recorded = (manifest.get("dataset") or {}).get("normalization") or {}
+        if isinstance(recorded.get("mean"), list) and isinstance(recorded.get("std"), list):
+            synset = dataclasses.replace(synset, mean=tuple(map(float, recorded["mean"])),
+                                         std=tuple(map(float, recorded["std"])))
+    return version, manifest, synset

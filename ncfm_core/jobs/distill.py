@@ -7,7 +7,7 @@ import re
 from ncfm_core import parallel
 from ncfm_core import store as store_lib
 from ncfm_core.config import DistillConfig
-from ncfm_core.data import DatasetShape
+from ncfm_core.data import DatasetShape, ImageDataset
 from ncfm_core.devices import (
     JobDevice,
     MemoryBudget,
@@ -51,6 +51,7 @@ def distill_job(
     callback: JobCallback | None = None,
     gpu_mem: str | None = None,
     allow_checkpointing: bool = True,
+    dataset: ImageDataset | None = None,
 ) -> ArtifactVersion:
     """Distill ``config.dataset`` into a new version of ``name`` (default ``<dataset>-ipc<IPC>``).
 
@@ -63,11 +64,13 @@ def distill_job(
     complete version.
     Raises :class:`JobInterrupted` on Ctrl-C (after checkpointing), ``NcfmError`` subclasses for
     bad input, and re-raises anything else after marking the version failed.
+    ``dataset``: the data already in memory (``ncfm_core.distill`` from tensors), instead of
+    loading ``config.dataset``.
     """
     emit = emitter(callback)
     checkpoint_every = check_checkpoint_every(checkpoint_every)
     name = store_lib.validate_name(name) if name is not None else default_artifact_name(config.dataset, config.ipc)
-    dataset = load_job_dataset(config)
+    dataset = dataset if dataset is not None else load_job_dataset(config)
     spec = validate_job(config, dataset)
     torch_device = device.device
     budget = MemoryBudget.resolve(gpu_mem, torch_device)

@@ -14,10 +14,11 @@ from ncfm_core import parallel
 from ncfm_core import store as store_lib
 from ncfm_core.config import DistillConfig
 from ncfm_core.data import ImageDataset
+from ncfm_core.data.registry import check_evaluable
 from ncfm_core.devices import (
     JobDevice,
 )
-from ncfm_core.errors import ConfigError, CorruptArtifactError, NcfmError, one_line
+from ncfm_core.errors import ConfigError, CorruptArtifactError, NcfmError, ResultNotSavedError, one_line
 from ncfm_core.evaluate import (
     EvalConfig,
     EvalResult,
@@ -30,9 +31,9 @@ from ncfm_core.evaluate import (
 )
 from ncfm_core.jobs.common import (
     check_fingerprint,
-    complete_synset,
     config_from_manifest,
     load_job_dataset,
+    open_complete_synset,
     software_versions,
 )
 from ncfm_core.jobs.events import JobCallback, emitter, log
@@ -241,6 +242,7 @@ def eval_job(
     models: Sequence[str] | None = None,
     baselines: Sequence[str] = (),
     baseline_seed: int = 0,
+    dataset: ImageDataset | None = None,
 ) -> dict[str, Any]:
     """Train ``eval_config.repeats`` fresh networks on the synthetic set of ``ref`` and test them
     on the real test set, for each network in ``models`` (default ``[eval_config.model]``), with
@@ -260,16 +262,19 @@ def eval_job(
     of every evaluation are spread over the ranks; the other ranks return rank 0's record.
 
     The top-level results are those of the first model. Accuracies and metrics are fractions.
+    ``dataset``: the data already in memory (``ncfm_core.evaluate``), checked against the
+    manifest's fingerprint like loaded data; default: load the artifact's dataset.
     """
     emit = emitter(callback)
     started = time.perf_counter()
     baselines = _check_baselines(baselines)
-    version = store.resolve(ref)
-    manifest = version.manifest()
-    synset = complete_synset(version, manifest)
+    version, manifest, synset = open_complete_synset(store, ref)
     config = config_from_manifest(version, manifest)
-    dataset = load_job_dataset(config, data_dir)
+    if dataset is None:  # given: data in memory (``ncfm_core.evaluate``), checked like loaded data
+        dataset = load_job_dataset(config, data_dir)
     check_fingerprint(version, manifest, dataset)
+    check_evaluable(dataset)
+    store.check_writable(version)  # before hours of training, not after them
     if synset.num_classes != dataset.num_classes or tuple(synset.images.shape[1:]) != (
         dataset.channels, dataset.image_size, dataset.image_size
     ):
@@ -311,5 +316,13 @@ def eval_job(
         device=str(torch_device),
         world_size=parallel.current().world_size,
     )
-    store.append_eval(version, record)
-    return {"artifact": version.ref, "path": str(version.path), **record}
+    result = {"artifact": version.ref, "path": str(version.path), **record}
+    try:
+        store.append_eval(version, record)
+    except OSError as err:  # the evaluation is done: hand its result back rather than lose it
+        raise ResultNotSavedError(
+            f"could not record the evaluation in {version.manifest_path} ({err.strerror or one_line(err)}); "
+            f"the result above was not saved: free space or make the store writable, then run it again",
+            result=result,
+        ) from None
+    return result

@@ -9,7 +9,8 @@ import torch
 
 from ncfm_core.config import DistillConfig
 from ncfm_core.data import DatasetShape, dataset_shape
-from ncfm_core.devices import MemoryBudget, format_bytes, planning_device
+from ncfm_core import parallel
+from ncfm_core.devices import MemoryBudget, format_bytes, planning_device, resolve_precision
 from ncfm_core.errors import BudgetInfeasibleError
 from ncfm_core.jobs.common import (
     load_job_dataset,
@@ -34,7 +35,9 @@ def make_plan(
     "gpu_mem": the budget as the user wrote it})``. :class:`BudgetInfeasibleError` (exit 4)
     naming the minimum when nothing fits.
     """
-    plan = plan_run(config, shape, device, budget.bytes)
+    if config.precision == "auto":  # several processes never get fp16 (see resolve_precision)
+        config = config.replace(precision=resolve_precision("auto", device, parallel.current().world_size))
+    plan = plan_run(config, shape, device, budget.bytes, fastest=budget.spec == "all")  # --gpu-mem all: the fastest
     if plan.activation_checkpointing and not config.activation_checkpointing and not allow_checkpointing:
         raise BudgetInfeasibleError(
             f"{config.dataset} at IPC {config.ipc} fits in {format_bytes(plan.budget_bytes or 0)} only with "
@@ -50,6 +53,7 @@ def plan_message(plan: Plan) -> str:
         f"plan: real chunk {plan.real_chunk}, {plan.class_chunk} class(es) per pass, {plan.precision}, "
         f"checkpointing {'on' if plan.activation_checkpointing else 'off'}; estimated peak "
         f"{format_bytes(plan.estimated_peak_bytes)} of the {budget} ({plan.budget_source or 'given'})"
+        + (f"; {plan.chosen_because}" if plan.chosen_because else "")
     )
 
 

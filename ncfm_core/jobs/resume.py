@@ -4,7 +4,6 @@ new version."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,7 +43,7 @@ from ncfm_core.store import ArtifactVersion, Store
 def _resolve_any_status(store: Store, ref: str) -> ArtifactVersion:
     """Like ``Store.resolve``, except that a bare name means its newest version whatever its
     status: that is the one a user who pressed Ctrl-C wants to continue."""
-    if "@" not in ref and "/" not in ref and not (Path(ref).expanduser() / store_lib.MANIFEST_FILE).is_file():
+    if "@" not in ref and not store_lib.looks_like_path(ref):
         versions = store.versions(store_lib.validate_name(ref))
         if versions:
             return versions[-1]
@@ -90,7 +89,26 @@ def _load_distiller_state(version: ArtifactVersion) -> dict:
     state = store_lib.load_state(version.checkpoint_path)
     if not isinstance(state, dict) or "iteration" not in state or "images" not in state:
         raise CorruptArtifactError(f"{version.checkpoint_path}: not a distiller state; restore or delete this file")
+    bad = _non_finite(state)
+    if bad is not None:
+        raise CorruptArtifactError(
+            f"{version.checkpoint_path}: tensor {bad!r} holds NaN or infinity, so it cannot be continued; "
+            f"restore or delete this file (without it, `ncfm resume` starts the version again)"
+        )
     return state
+
+
+def _non_finite(obj: object, path: str = "") -> str | None:
+    """The dotted path of the first floating-point tensor in a nested state that holds NaN or
+    infinity (None: all finite)."""
+    if isinstance(obj, torch.Tensor):
+        return path or "<root>" if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        found = _non_finite(value, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 @parallel.ranked_job(prefer_device=_started_on)

@@ -7,6 +7,7 @@ Ctrl-C becomes :class:`~ncfm_core.jobs.events.JobInterrupted` after a checkpoint
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 import statistics
@@ -22,6 +23,7 @@ from ncfm_core import augment, parallel
 from ncfm_core import store as store_lib
 from ncfm_core.config import DistillConfig
 from ncfm_core.data import ImageDataset, check_ipc
+from ncfm_core.data.registry import check_evaluable
 from ncfm_core.devices import (
     JobDevice,
     MemoryBudget,
@@ -29,7 +31,7 @@ from ncfm_core.devices import (
     reset_peak,
 )
 from ncfm_core.distill import Distiller, LoopHooks
-from ncfm_core.errors import BudgetInfeasibleError, ConfigError, NcfmError, one_line
+from ncfm_core.errors import BudgetInfeasibleError, ConfigError, DivergedError, NcfmError, one_line
 from ncfm_core.jobs.common import (
     dataset_record,
     software_versions,
@@ -39,6 +41,7 @@ from ncfm_core.jobs.events import (
     JobInterrupted,
     interrupt_between_iterations,
     log,
+    signal_of,
 )
 from ncfm_core.pool import PoolSpec
 from ncfm_core.store import ArtifactVersion, Store, utc_now
@@ -77,6 +80,7 @@ def _peak_memory(device: torch.device) -> tuple[dict[str, Any] | None, int | Non
 def validate_job(config: DistillConfig, dataset: ImageDataset) -> PoolSpec:
     """Cheap checks that would otherwise fail only after the pool is trained; returns the
     run's pool spec, built once here for the whole job."""
+    check_evaluable(dataset)
     spec = PoolSpec.from_config(config, dataset)
     check_ipc(dataset, config.ipc)
     check_factor(dataset.image_size, config.factor)
@@ -100,6 +104,31 @@ def run_lock(version: ArtifactVersion) -> Iterator[None]:
         lock.release()
 
 
+def run_is_alive(version: ArtifactVersion) -> bool | None:
+    """Whether a process is distilling into ``version`` right now, told by its run lock: True
+    (held), False (free: a version still marked "running" was left by a process that died, e.g.
+    SIGKILL or a power loss), None (cannot tell, e.g. a read-only store)."""
+    lock = filelock.FileLock(str(version.path / RUN_LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        return True
+    except OSError:
+        return None
+    lock.release()
+    return False
+
+
+def shown_status(version: ArtifactVersion, manifest: dict) -> tuple[str, str | None]:
+    """(status to show, hint or None): a "running" version no live process holds is shown as
+    "interrupted", with the command that continues it."""
+    status = str(manifest.get("status", "unknown"))
+    if status != "running" or run_is_alive(version) is not False:
+        return status, None
+    return "interrupted", (f"{version.ref} is marked running but no process is distilling it (the one that did "
+                           f"died); continue it with `ncfm resume {version.ref}`")
+
+
 @dataclass
 class _Session:
     """One process's stretch of work on a version (a distill, or one resume)."""
@@ -111,14 +140,56 @@ class _Session:
 
 
 def _save_checkpoint(store: Store, version: ArtifactVersion, distiller: Distiller, session: _Session) -> None:
-    store_lib.save_state(version.checkpoint_path, distiller.state_dict())
+    state = distiller.state_dict()
+    check_finite(version, distiller, session, state)  # a diverged state never replaces the last good one
+    digest = store_lib.save_state(version.checkpoint_path, state)
     session.checkpoint_iteration = distiller.iteration
     store.update_manifest(
         version,
         iterations_done=distiller.iteration,
         checkpoint_iteration=distiller.iteration,
         loss_curve=distiller.loss_curve,
+        sha256=_with_hashes(version, {store_lib.CHECKPOINT_RELPATH: digest}),
     )
+
+
+def _with_hashes(version: ArtifactVersion, digests: dict[str, str]) -> dict[str, str]:
+    """The manifest's ``sha256`` map (file path relative to the version -> sha256) with ``digests`` set."""
+    old = version.manifest().get("sha256")
+    return {**(old if isinstance(old, dict) else {}), **digests}
+
+
+def _diverged(version: ArtifactVersion, session: _Session, iteration: int, what: str) -> DivergedError:
+    if session.checkpoint_iteration is not None:
+        kept = f"the last good checkpoint (iteration {session.checkpoint_iteration}) is kept"
+    else:
+        kept = "there is no good checkpoint yet"
+    return DivergedError(
+        f"{version.ref} diverged at iteration {iteration}: {what}; {kept}; distill again with a lower --lr "
+        f"(or another --seed)",
+        iteration=iteration,
+    )
+
+
+def check_loss(version: ArtifactVersion, session: _Session, event: dict[str, Any]) -> None:
+    """A loss read back from the device must be finite (None: not read yet, on accelerators)."""
+    loss = event.get("loss")
+    if loss is not None and not math.isfinite(float(loss)):
+        raise _diverged(version, session, int(event["iteration"]), f"the loss is {float(loss)}")
+
+
+def check_finite(version: ArtifactVersion, distiller: Distiller, session: _Session,
+                 state: dict[str, Any] | None = None) -> None:
+    """Before a checkpoint or the result is written: the images and the loss curve are finite,
+    and so are the losses of ``state`` not read back yet (accelerators read them lazily)."""
+    pending = (state or {}).get("pending_losses")
+    if isinstance(pending, torch.Tensor) and not bool(torch.isfinite(pending).all()):
+        raise _diverged(version, session, distiller.iteration, "a loss not read back yet is not finite")
+    if not bool(torch.isfinite(distiller.images.detach()).all()):
+        raise _diverged(version, session, distiller.iteration, "the synthetic images hold NaN or infinity")
+    bad = [point for point in distiller.loss_curve if not math.isfinite(float(point[1]))]
+    if bad:
+        raise _diverged(version, session, int(bad[0][0]), f"the loss is {float(bad[0][1])}")
 
 
 def _obtain_pool(store: Store, version: ArtifactVersion, spec: PoolSpec, dataset: ImageDataset,
@@ -190,12 +261,15 @@ def distill_into(
                 f"{version.ref} is already at iteration {starting.iteration}; --iterations must be at least that"
             )
         distiller = starting
+        for note in distiller.notes:  # e.g. a real draw capped at the class size: said once per run
+            log(emit, note)
         log(emit, f"distilling {version.ref}: iterations {distiller.iteration} -> {target} on {device}")
         # The loop's peak, comparable with the plan's estimate (pool training is not in it).
         reset_peak(device)
 
         def progress(event: dict[str, Any]) -> None:
             session.step_seconds.append(event["seconds"])
+            check_loss(version, session, event)
             emit(event)
 
         def checkpoint(at: Distiller) -> None:
@@ -207,15 +281,16 @@ def distill_into(
         with interrupt_between_iterations() as interrupt:
             hooks = LoopHooks(progress=progress, checkpoint=checkpoint, stop_requested=lambda: interrupt["requested"])
             if not distiller.run(target, checkpoint_every=checkpoint_every, hooks=hooks):
-                raise KeyboardInterrupt
+                raise KeyboardInterrupt(interrupt["signal"] or "SIGINT")
             distiller.read_metrics()  # accelerators read losses lazily: the curve needs the last ones
             _finish(store, version, distiller, dataset, device, session)
     except BaseException as err:
         if isinstance(err, _OUT_OF_MEMORY):
             err = _out_of_memory_error(version, session, budget)
-        _record_failure(store, version, None if distiller is None or distiller.mid_step else distiller, session, err)
+        keep = not (distiller is None or distiller.mid_step or isinstance(err, DivergedError))
+        _record_failure(store, version, distiller if keep else None, session, err)
         if isinstance(err, KeyboardInterrupt) and not isinstance(err, JobInterrupted):
-            raise JobInterrupted(version, session.checkpoint_iteration) from None
+            raise JobInterrupted(version, session.checkpoint_iteration, signal_of(err)) from None
         if isinstance(err, BudgetInfeasibleError):
             raise err from None
         raise
@@ -273,7 +348,10 @@ def _record_failure(store: Store, version: ArtifactVersion, distiller: Distiller
     if distiller is not None and distiller.iteration != session.checkpoint_iteration:
         with contextlib.suppress(Exception):
             _save_checkpoint(store, version, distiller, session)
-    message = "interrupted (Ctrl-C)" if interrupted else f"{type(err).__name__}: {one_line(err)}"
+    if interrupted:
+        message = "interrupted (SIGTERM)" if signal_of(err) == "SIGTERM" else "interrupted (Ctrl-C)"
+    else:
+        message = f"{type(err).__name__}: {one_line(err)}"
     with contextlib.suppress(Exception):
         timings = _accumulated_timings(version.manifest(), session)
         store.update_manifest(version, status="failed", error=message, interrupted=interrupted,
@@ -298,13 +376,15 @@ def _finish(store: Store, version: ArtifactVersion, distiller: Distiller, datase
     """Write synset, sampler and the final checkpoint, then mark the manifest complete (last, so a
     crash in between leaves a version that is not complete and can be resumed)."""
     config = distiller.config
+    check_finite(version, distiller, session)
     images, labels = distiller.synthetic_set()
-    save_synset(version.synset_path, images, labels, factor=config.factor, ipc=config.ipc,
-                class_names=dataset.class_names)
+    digests = {store_lib.SYNSET_FILE: save_synset(
+        version.synset_path, images, labels, factor=config.factor, ipc=config.ipc,
+        class_names=dataset.class_names, mean=dataset.mean, std=dataset.std)}
     sampler = distiller.sampler_tensors()
-    save_sampler(version.sampler_path, sampler, config.num_freqs)
+    digests[store_lib.SAMPLER_FILE] = save_sampler(version.sampler_path, sampler, config.num_freqs)
     if distiller.iteration != session.checkpoint_iteration:
-        store_lib.save_state(version.checkpoint_path, distiller.state_dict())
+        digests[store_lib.CHECKPOINT_RELPATH] = store_lib.save_state(version.checkpoint_path, distiller.state_dict())
         session.checkpoint_iteration = distiller.iteration
 
     previous = version.manifest()
@@ -331,6 +411,7 @@ def _finish(store: Store, version: ArtifactVersion, distiller: Distiller, datase
                 "shape": list(images.shape), "factor": config.factor,
                 "decoded_images": int(images.shape[0]) * config.factor**2},
         sampler={"file": store_lib.SAMPLER_FILE, "learned": bool(sampler)},
+        sha256=_with_hashes(version, digests),
     )
 
 

@@ -31,6 +31,7 @@ from ncfm_core.store.layout import (
     ARTIFACTS_DIR,
     CHECKPOINT_DIR,
     CHECKPOINT_FILE,
+    CHECKPOINT_RELPATH,
     MANIFEST_FILE,
     POOL_FILE,
     POOLS_DIR,
@@ -53,12 +54,13 @@ from ncfm_core.store.synset import (
     save_sampler,
     save_synset,
 )
-from ncfm_core.store.tensors import load_tensors, save_tensors
+from ncfm_core.store.tensors import file_sha256, load_tensors, save_tensors
 from ncfm_core.store.versions import (
     NAME_PATTERN,
     STATUSES,
     ArtifactVersion,
     Store,
+    looks_like_path,
     store_root,
     utc_now,
     validate_name,
@@ -68,6 +70,7 @@ __all__ = [
     "ARTIFACTS_DIR",
     "CHECKPOINT_DIR",
     "CHECKPOINT_FILE",
+    "CHECKPOINT_RELPATH",
     "MANIFEST_FILE",
     "NAME_PATTERN",
     "POOLS_DIR",
@@ -83,10 +86,12 @@ __all__ = [
     "ArtifactVersion",
     "Store",
     "atomic_write_bytes",
+    "file_sha256",
     "flatten_state",
     "load_state",
     "load_synset",
     "load_tensors",
+    "looks_like_path",
     "read_json",
     "save_sampler",
     "save_state",

@@ -30,14 +30,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp_path, path)
-        _fsync_directory(path.parent)
+        fsync_directory(path.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             temp_path.unlink()
 
 
-def _fsync_directory(directory: Path) -> None:
-    # Makes the rename itself durable on POSIX; directories cannot be opened on Windows.
+def fsync_directory(directory: Path) -> None:
+    """Make a rename inside ``directory`` durable (POSIX; directories cannot be opened on Windows)."""
     if os.name != "posix":
         return
     with contextlib.suppress(OSError):

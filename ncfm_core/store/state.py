@@ -144,12 +144,12 @@ def unflatten_state(tensors: dict[str, Tensor], tree: dict) -> object:
     return obj
 
 
-def save_state(path: Path, state: Any) -> None:
+def save_state(path: Path, state: Any) -> str:
     """Atomically write a nested ``state`` (see ``flatten_state``) as ONE safetensors file,
     the tree JSON in its metadata under ``"ncfm_state_tree"``: a checkpoint is replaced in
-    one rename, so resume never sees half of an old and half of a new one."""
+    one rename, so resume never sees half of an old and half of a new one. Returns the file's sha256."""
     tensors, tree = flatten_state(state)
-    save_tensors(Path(path), tensors, {STATE_TREE_KEY: json.dumps(tree, sort_keys=True, allow_nan=False)})
+    return save_tensors(Path(path), tensors, {STATE_TREE_KEY: json.dumps(tree, sort_keys=True, allow_nan=False)})
 
 
 def load_state(path: Path, device: str = "cpu") -> object:

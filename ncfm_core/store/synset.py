@@ -5,7 +5,7 @@ This module owns both formats: what is written, and what is accepted on load."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +21,11 @@ SAMPLER_FORMAT = "ncfm-sampler/1"
 
 @dataclass(frozen=True)
 class SyntheticSet:
-    """A loaded ``synset.safetensors``: stored images (M, C, H, W) float32 in [0, 1], labels (M,)."""
+    """A loaded ``synset.safetensors``: stored images (M, C, H, W) float32 in [0, 1], labels (M,).
+
+    ``mean``/``std``: the per-channel normalisation the networks apply to [0, 1] inputs
+    (``(x - mean) / std``), the real training set's statistics; None for files written before
+    ncfm recorded them."""
 
     images: Tensor
     labels: Tensor
@@ -29,6 +33,8 @@ class SyntheticSet:
     ipc: int
     class_names: tuple[str, ...]
     path: Path
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -71,14 +77,34 @@ def load_synset(path: Path) -> SyntheticSet:
         raise corrupt("images contain NaN or infinity")
     if images.numel() and (float(images.min()) < 0.0 or float(images.max()) > 1.0):
         raise corrupt("pixel values outside [0, 1]")
-    return SyntheticSet(images, labels, numbers["factor"], numbers["ipc"], tuple(class_names), path)
+    mean, std = _normalization(meta, numbers["channels"], corrupt)
+    return SyntheticSet(images, labels, numbers["factor"], numbers["ipc"], tuple(class_names), path, mean, std)
+
+
+def _normalization(
+    meta: dict[str, str], channels: int, corrupt: Callable[[str], Exception]
+) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """(mean, std) from the metadata, or (None, None) for files written before they were recorded."""
+    if "mean" not in meta and "std" not in meta:
+        return None, None
+    try:
+        mean, std = (tuple(float(v) for v in json.loads(meta[key])) for key in ("mean", "std"))
+    except (KeyError, ValueError, TypeError) as err:
+        raise corrupt(f"malformed normalisation metadata ({one_line(err)})") from None
+    if len(mean) != channels or len(std) != channels or min(std) <= 0:
+        raise corrupt(f"normalisation metadata needs {channels} means and positive stds")
+    return mean, std
 
 
 def save_synset(path: Path, images: Tensor, labels: Tensor, *, factor: int, ipc: int,
-                class_names: Sequence[str]) -> None:
+                class_names: Sequence[str], mean: Sequence[float] | None = None,
+                std: Sequence[float] | None = None) -> str:
     """Write a synthetic set: ``images`` (C*ipc, channels, H, W) in [0, 1] as float32, ``labels``
-    (C*ipc,) as int64, and the metadata :func:`load_synset` checks them against."""
-    save_tensors(
+    (C*ipc,) as int64, and the metadata :func:`load_synset` checks them against; ``mean``/``std``
+    (one per channel) record the normalisation the networks apply to the images."""
+    extra = {} if mean is None or std is None else {
+        "mean": json.dumps([float(v) for v in mean]), "std": json.dumps([float(v) for v in std])}
+    return save_tensors(  # the file's sha256
         path,
         {"images": images.to(torch.float32).contiguous(), "labels": labels.to(torch.int64).contiguous()},
         {
@@ -89,12 +115,14 @@ def save_synset(path: Path, images: Tensor, labels: Tensor, *, factor: int, ipc:
             "image_size": str(images.shape[-1]),
             "channels": str(images.shape[1]),
             "class_names": json.dumps(list(class_names)),
+            **extra,
         },
     )
 
 
-def save_sampler(path: Path, tensors: dict[str, Tensor], num_freqs: int) -> None:
+def save_sampler(path: Path, tensors: dict[str, Tensor], num_freqs: int) -> str:
     """Write psi's weights. Without a learned psi the file is still written (no tensors), so every
-    complete version has the same files; its metadata says which sampler the run used."""
-    save_tensors(path, tensors, {"format": SAMPLER_FORMAT, "kind": "mixture" if tensors else "gaussian",
+    complete version has the same files; its metadata says which sampler the run used. Returns
+    the file's sha256."""
+    return save_tensors(path, tensors, {"format": SAMPLER_FORMAT, "kind": "mixture" if tensors else "gaussian",
                                  "num_freqs": str(num_freqs)})

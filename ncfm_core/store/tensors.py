@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from pathlib import Path
@@ -17,11 +18,37 @@ from ncfm_core.store.files import atomic_write_bytes
 # safetensors itself refuses headers above 100 MB; a larger length prefix means garbage.
 _MAX_HEADER_BYTES = 100_000_000
 
+DIGEST_KEY = "ncfm_sha256"
+"""Metadata key of the sha256 of a file's tensors (names, dtypes, shapes and bytes, by name):
+written by :func:`save_tensors`, checked by :func:`load_tensors`, so flipped bytes in tensor
+data are found on load even where no manifest says what the file should hold."""
 
-def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
+
+def tensors_digest(tensors: dict[str, Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and raw bytes, in name order."""
+    hasher = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        hasher.update(f"{name}\0{str(tensor.dtype).removeprefix('torch.')}\0{tuple(tensor.shape)}\0".encode())
+        if tensor.numel():
+            hasher.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return hasher.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a whole file (what ``sha256sum`` prints), read in 1 MiB blocks."""
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            hasher.update(block)
+    return hasher.hexdigest()
+
+
+def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> str:
     """Atomically write ``tensors`` (any devices, any layout) as one safetensors file with
-    optional string ``metadata``. Tensors are detached, moved to CPU and made contiguous;
-    tensors that share memory are copied, since safetensors refuses aliases."""
+    optional string ``metadata`` plus the tensors' digest (``DIGEST_KEY``). Tensors are
+    detached, moved to CPU and made contiguous; tensors that share memory are copied, since
+    safetensors refuses aliases. Returns the sha256 of the whole file written."""
     prepared: dict[str, Tensor] = {}
     seen_storages: set[int] = set()
     for key, tensor in tensors.items():
@@ -41,8 +68,10 @@ def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str
         bad = [key for key, value in metadata.items() if not isinstance(key, str) or not isinstance(value, str)]
         if bad:
             raise TypeError(f"safetensors metadata must map str to str; bad entries: {bad}")
-    data = safetensors.torch.save(prepared, metadata=dict(metadata) if metadata else None)
+    full_metadata = {**(metadata or {}), DIGEST_KEY: tensors_digest(prepared)}
+    data = safetensors.torch.save(prepared, metadata=full_metadata)
     atomic_write_bytes(Path(path), data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def _read_safetensors_header(path: Path) -> dict:
@@ -103,6 +132,9 @@ def load_tensors(
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except Exception as err:  # safetensors raises SafetensorError, OSError, ValueError, ...
         raise corrupt(f"not a readable safetensors file ({one_line(err)})") from None
+    recorded = metadata.pop(DIGEST_KEY, None)
+    if recorded is not None and recorded != tensors_digest(tensors):
+        raise corrupt("tensor data does not match the sha256 recorded in its header (bytes were changed or damaged)")
 
     if expected is not None:
         missing = sorted(set(expected) - set(tensors))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import difflib
+import json
 import logging
 import os
 import re
@@ -23,9 +24,10 @@ from typing import Any
 
 import filelock
 
-from ncfm_core.errors import ConfigError, CorruptArtifactError, NotFoundError
+from ncfm_core.errors import ConfigError, CorruptArtifactError, NcfmError, NotFoundError
 from ncfm_core.platform import user_dir
-from ncfm_core.store.files import read_json, write_json
+from ncfm_core.store.files import atomic_write_bytes, read_json, write_json
+from ncfm_core.store.tensors import file_sha256
 from ncfm_core.store.layout import (
     ARTIFACTS_DIR,
     CHECKPOINT_DIR,
@@ -63,6 +65,16 @@ def store_root(explicit: str | os.PathLike | None = None) -> Path:
     else:
         root = Path(user_dir("user_data_dir"))
     return root.expanduser().absolute()
+
+
+def looks_like_path(ref: str) -> bool:
+    """Whether a reference names a directory rather than the store's artifact: it starts with
+    ``.``, ``~`` or a separator, or contains one (``./x``, ``/x``, ``~/x``, ``a/b``, ``.``, ``..``). A bare
+    name never does (names start with a letter or digit and hold no separator), so ``NAME``
+    always means the store, whatever folders the current directory holds."""
+    ref = str(ref)
+    separators = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    return ref.startswith((".", "~")) or any(sep in ref for sep in separators)
 
 
 def validate_name(name: str, what: str = "artifact name") -> str:
@@ -107,8 +119,79 @@ class ArtifactVersion:
         return self.path / CHECKPOINT_DIR / CHECKPOINT_FILE
 
     def manifest(self) -> dict:
-        """The manifest as a dict (``NotFoundError`` / ``CorruptArtifactError``)."""
-        return read_json(self.manifest_path)
+        """The manifest as a dict, validated (:func:`read_manifest`; ``NotFoundError`` /
+        ``CorruptArtifactError``)."""
+        return read_manifest(self.manifest_path)
+
+    def verify_sha256(self, relpath: str, manifest: dict) -> None:
+        """Check the file ``relpath`` against the sha256 the manifest recorded for it when it was
+        written (nothing to check for versions made before hashes were recorded, or a missing
+        file, which its loader reports). A mismatch is a one-line ``CorruptArtifactError``."""
+        recorded = manifest.get("sha256")
+        expected = recorded.get(relpath) if isinstance(recorded, dict) else None
+        path = self.path / relpath
+        if not isinstance(expected, str) or not path.is_file():
+            return
+        actual = file_sha256(path)
+        if actual != expected:
+            raise CorruptArtifactError(
+                f"{path}: content does not match the sha256 in {MANIFEST_FILE} ({actual[:12]}... != "
+                f"{expected[:12]}...): the file was changed or damaged; restore or delete this file"
+            )
+
+
+MAX_MANIFEST_BYTES = 16 * 2**20
+"""The largest manifest read: ncfm's own stay far below (kilobytes, plus a record per eval);
+a larger file is damaged or not ours, and is refused before it is read (or rewritten) whole."""
+
+_INT, _NUM, _STR, _BOOL, _DICT, _LIST = (int,), (int, float), (str,), (bool,), (dict,), (list,)
+_MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
+    "kind": _STR, "name": _STR, "version": _INT, "status": _STR, "created": _STR, "finished": _STR,
+    "failed": _STR, "error": _STR, "parent": _STR, "device": _STR, "device_reason": _STR, "gpu_mem": _STR,
+    "peak_memory_source": _STR, "interrupted": _BOOL, "seed": _INT, "iterations_done": _INT,
+    "iterations_target": _INT, "checkpoint_every": _INT, "checkpoint_iteration": _INT, "world_size": _INT,
+    "peak_memory_bytes": _INT, "flops_per_iteration": _NUM, "final_loss": _NUM, "config": _DICT,
+    "dataset": _DICT, "versions": _DICT, "pool": _DICT, "plan": _DICT, "timings": _DICT, "synset": _DICT,
+    "sampler": _DICT, "sha256": _DICT, "process": _DICT, "peak_memory": _DICT, "evals": _LIST,
+    "loss_curve": _LIST,
+}
+"""The type of each field ncfm writes (None is allowed for every one but name, version, status)."""
+_REQUIRED = ("name", "version", "status")
+
+
+def read_manifest(path: Path) -> dict:
+    """Read and validate a version's ``manifest.json``: at most ``MAX_MANIFEST_BYTES``, a JSON
+    object with ``name``, ``version`` and ``status``, every known field of its type (see
+    ``_MANIFEST_TYPES``), non-negative counts. Anything else is a one-line
+    ``CorruptArtifactError`` (exit 1) naming the field and the file."""
+    path = Path(path)
+
+    def corrupt(reason: str) -> CorruptArtifactError:
+        return CorruptArtifactError(f"{path}: {reason}; restore or delete this file")
+
+    with contextlib.suppress(OSError):
+        size = path.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise corrupt(f"{size} bytes is more than any ncfm manifest ({MAX_MANIFEST_BYTES // 2**20} MiB at most)")
+    manifest = read_json(path)
+    for field in _REQUIRED:
+        if manifest.get(field) is None:
+            raise corrupt(f"field {field!r} is missing")
+    for field, kinds in _MANIFEST_TYPES.items():
+        value = manifest.get(field)
+        if value is None:
+            continue
+        wrong_bool = isinstance(value, bool) and bool not in kinds
+        if wrong_bool or not isinstance(value, kinds):
+            wanted = " or ".join("number" if k is float else k.__name__ for k in kinds if k is not int or len(kinds) == 1)
+            raise corrupt(f"field {field!r} is {json.dumps(value)[:40]}, expected {wanted}")
+        if kinds is _INT and value < 0:
+            raise corrupt(f"field {field!r} is {value}, expected a count >= 0")
+    if manifest["status"] not in STATUSES:
+        raise corrupt(f"field 'status' is {json.dumps(manifest['status'])[:40]}, expected one of {', '.join(STATUSES)}")
+    if any(not (isinstance(k, str) and isinstance(v, str)) for k, v in (manifest.get("sha256") or {}).items()):
+        raise corrupt("field 'sha256' must map file names to hex digests")
+    return manifest
 
 
 def utc_now() -> str:
@@ -220,6 +303,21 @@ class Store:
             write_json(version.manifest_path, manifest)
         return manifest
 
+    def check_writable(self, version: ArtifactVersion) -> None:
+        """Before long work whose result goes into ``version``'s manifest: take (and release) the
+        name's lock and write (and remove) a probe file beside the manifest. ``NcfmError`` (exit 1)
+        naming the folder if either fails, so no result is computed only to be lost."""
+        probe = version.path / f".write-probe-{secrets.token_hex(4)}"
+        try:
+            with self._name_lock(version.name):
+                atomic_write_bytes(probe, b"")
+                probe.unlink()
+        except OSError as err:
+            raise NcfmError(
+                f"{version.path}: cannot write there ({err.strerror or err}), so a result could not be recorded; "
+                f"make the store writable (or pass --store with a writable copy) and run again"
+            ) from None
+
     def delete_version(self, version: ArtifactVersion) -> None:
         """Remove one version directory. It is first renamed out of the ``v<N>`` namespace,
         so an interrupted delete never leaves a half version that still resolves."""
@@ -235,14 +333,20 @@ class Store:
 
         ``name`` -> its latest version whose manifest status is "complete";
         ``name@vN`` or ``name@N`` -> that version, whatever its status;
-        a path to a directory holding ``manifest.json`` -> that directory.
+        a path to a directory holding ``manifest.json`` -> that directory; a path must look like
+        one (:func:`looks_like_path`): a bare name is always the store's, never ``./name``.
         ``NotFoundError`` (with suggestions) when nothing matches.
         """
         ref = str(ref)
-        as_path = Path(ref).expanduser()
-        if as_path.is_dir() and (as_path / MANIFEST_FILE).is_file():
-            return self._version_from_path(as_path)
-        if "/" in ref or os.sep in ref:
+        if looks_like_path(ref):
+            as_path = Path(ref).expanduser()
+            try:
+                found = as_path.is_dir() and (as_path / MANIFEST_FILE).is_file()
+            except OSError as err:  # e.g. a name too long for the file system
+                raise ConfigError(f"{ref[:80]}{'...' if len(ref) > 80 else ''}: not a usable path "
+                                  f"({err.strerror or err}); pass a version directory or NAME[@vN]") from None
+            if found:
+                return self._version_from_path(as_path)
             raise NotFoundError(f"{ref}: not a version directory (expected a directory containing {MANIFEST_FILE})")
 
         name, at, version_text = ref.partition("@")
@@ -265,7 +369,7 @@ class Store:
         if match and NAME_PATTERN.match(directory.parent.name):
             return ArtifactVersion(directory.parent.name, int(match.group(1)), directory)
         # A version directory copied elsewhere: trust what its manifest says.
-        manifest = read_json(directory / MANIFEST_FILE)
+        manifest = read_manifest(directory / MANIFEST_FILE)
         name, number = manifest.get("name"), manifest.get("version")
         if not (isinstance(name, str) and NAME_PATTERN.match(name) and isinstance(number, int)):
             raise CorruptArtifactError(
@@ -289,15 +393,20 @@ class Store:
     def _latest_complete(self, name: str) -> ArtifactVersion:
         self._raise_unknown_name(name)
         described = []
+        corrupt: CorruptArtifactError | None = None
         for version in reversed(self.versions(name)):
             try:
                 status = version.manifest().get("status", "unknown")
             except (NotFoundError, CorruptArtifactError) as err:
                 log.warning("skipping %s: %s", version.ref, err)
                 status = "unreadable manifest"
+                if isinstance(err, CorruptArtifactError) and corrupt is None:
+                    corrupt = err
             if status == "complete":
                 return version
             described.append(f"v{version.version} ({status})")
+        if corrupt is not None:  # a damaged file, not an unfinished run: say which (exit 1)
+            raise corrupt
         raise NotFoundError(
             f"{name} has no complete version ({', '.join(reversed(described))}); "
             f"pick one with {name}@vN or finish it with `ncfm resume {name}@vN`"
