@@ -243,3 +243,40 @@ def test_cli_dry_run_under_a_gpu_budget_plans_for_cuda_0(tmp_path, simulated_cud
     assert out["device"] == "cuda:0" and out["device_reason"] == "auto: CUDA available (Simulated GPU)"
     assert out["plan"]["budget_bytes"] == int(2.5 * GiB)
     assert out["plan"]["estimated_peak_bytes"] <= out["plan"]["budget_bytes"]
+
+
+# -- precision under several processes -------------------------------------------------------
+
+
+@pytest.mark.parametrize(("bf16", "world_size", "expected"), [
+    (True, 1, "bf16"), (True, 4, "bf16"),
+    (False, 1, "fp16"),  # one process: fp16 with its loss scaler
+    (False, 2, "fp32"),  # several: per-rank loss scalers would disagree, so never fp16
+])
+def test_auto_precision_never_picks_fp16_for_several_processes(simulated_cuda, monkeypatch, bf16, world_size,
+                                                                 expected):
+    from ncfm_core.devices import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    assert resolve_precision("auto", "cuda:0", world_size) == expected
+    assert resolve_precision("fp16", "cuda:0", world_size) == "fp16"  # what the user asked stays theirs
+
+
+def test_a_torchrun_job_on_a_gpu_without_bf16_plans_fp32_not_an_fp16_it_then_refuses(simulated_cuda,
+                                                                                    monkeypatch):
+    from ncfm_core import parallel
+    from ncfm_core.config import make_config
+    from ncfm_core.data import dataset_shape
+    from ncfm_core.devices import MemoryBudget
+    from ncfm_core.jobs import make_plan
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    config = make_config("cifar10", 10)
+    device = torch.device("cuda", 0)
+    budget = MemoryBudget.resolve("20G", device)
+    one, _ = make_plan(config, dataset_shape("cifar10"), device, budget)
+    assert one.precision == "fp16"
+    monkeypatch.setattr(parallel.context, "_context", parallel.DistContext(rank=0, world_size=2))
+    several, record = make_plan(config, dataset_shape("cifar10"), device, budget)
+    assert several.precision == "fp32" and record["plan"]["precision"] == "fp32"
+    assert several.apply(config).precision == "fp32"  # what the ranks' ShardedDistiller then accepts

@@ -70,6 +70,23 @@ def test_the_cli_reference_is_generated_from_the_current_app():
         assert needle in expected, needle
 
 
+def test_the_presets_page_is_generated_from_the_dataset_registry():
+    presets = _load_script("presets_table")
+    expected = presets.render()
+    assert (DOCS / "presets.md").read_text() == expected, (
+        "docs/presets.md is out of date with the dataset registry; run: uv run python tools/presets_table.py"
+    )
+    from ncfm_core.data import dataset_names, dataset_preset
+
+    for name in dataset_names():  # every registered dataset has a row, with its own preset values
+        row = next(line for line in expected.splitlines() if line.startswith(f"| `{name}` |"))
+        preset = dataset_preset(name)
+        if "iterations" in preset:
+            assert f" {preset['iterations']:,} |" in row, name
+    assert "docs/presets.md" in " ".join((DOCS / "cli.md").read_text().split())  # linked from distill --help
+    assert "(presets.md)" in (DOCS / "index.md").read_text()
+
+
 def test_every_relative_link_and_image_points_to_an_existing_file():
     broken = []
     checked = 0
@@ -184,3 +201,39 @@ def test_the_store_snippet_reads_a_real_artifact_with_safetensors_and_decodes_it
     torch.testing.assert_close(namespace["decoded"], decoded, rtol=0, atol=1e-6)
     assert torch.equal(namespace["decoded_labels"], decoded_labels)
     assert printed.getvalue().startswith("complete digits (10, 1, 16, 16) 2")
+
+
+def test_the_python_page_runs_top_to_bottom_and_prints_what_it_says(tmp_path, monkeypatch):
+    """docs/python.md as a user runs it: its python blocks in one namespace, its ``uv run ncfm``
+    lines through the real command line, in an empty folder; every output it shows in a
+    comment or after "prints" is what it printed."""
+    from typer.testing import CliRunner
+
+    from ncfm_cli.main import app
+
+    text = (DOCS / "python.md").read_text()
+    blocks = re.findall(r"^```(python|)\n(.*?)^```", text, flags=re.S | re.M)
+    assert [kind for kind, _ in blocks].count("python") >= 5
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NCFM_HOME", str(tmp_path / "default-store"))
+    namespace: dict = {}
+    printed = io.StringIO()
+    torch.manual_seed(0)
+    with contextlib.redirect_stdout(printed):
+        for kind, block in blocks:
+            if kind == "python":
+                exec(compile(block, "docs/python.md", "exec"), namespace)  # noqa: S102 - our own docs
+                continue
+            for line in block.splitlines():
+                assert line.startswith("uv run ncfm "), line
+                result = CliRunner().invoke(app, shlex.split(line)[3:])
+                assert result.exit_code == 0, (line, result.output)
+    lines = printed.getvalue().splitlines()
+    assert lines[0] == "my-digits@v1 (100, 1, 8, 8) 2"  # the page says so after the first block
+    for shown in ("400 ('0', '1', '2') (0.30", "torch.Size([400, 1, 8, 8]) decoded [0.30", "400 ['000_0', '001_1']"):
+        assert shown.split(" (0.")[0].split(" [0.")[0] in text, shown  # still what the page shows
+        assert any(line.startswith(shown) for line in lines), (shown, lines)
+    assert re.fullmatch(r"test accuracy \d+\.\d% after training on 400 synthetic images", lines[2]), lines
+    assert re.fullmatch(r"\d+\.\d% \+- \d+\.\d% over 2 networks", lines[3]), lines
+    assert namespace["accuracy"] > 0.5  # a network trained on 40 decoded images per class learned digits
+    assert not (tmp_path / "default-store").exists()  # every command used the page's own store
