@@ -1,5 +1,5 @@
 """The results scripts run end to end on tiny settings and write what the docs link to; their
-table arithmetic and the PIL plot are checked against hand-computed values."""
+table arithmetic and the matplotlib plot are checked against hand-computed values."""
 
 from __future__ import annotations
 
@@ -77,6 +77,38 @@ def test_digits_table_quick_writes_tables_plots_and_raw_numbers(tmp_path):
         digits_table.main(reuse[1:])
 
 
+def test_mnist_table_quick_writes_the_table_the_figure_and_raw_numbers(tmp_path):
+    mnist_table = _load("mnist_table")
+    argv = ["--quick", "--out", str(tmp_path), "--ipcs", "1", "10", "--figure-ipcs", "1"]
+    assert mnist_table.main(argv) == 0
+
+    page = (tmp_path / "results" / "mnist.md").read_text()
+    assert "these numbers mean nothing" in page
+    assert f"`uv run python benchmarks/mnist_table.py {' '.join(argv)}`" in page
+    for label in ("Random real subset", "Mean matching", "NCFM without psi", "NCFM with psi",
+                  "What separates the methods", "seed 1: acc % / distill s", "../images/mnist_ipc1.png"):
+        assert label in page, label
+    record = json.loads((tmp_path / "results" / "mnist.json").read_text())
+    assert [(row["method"], row["ipc"]) for row in record["main"]] == [
+        (method, ipc) for ipc in (1, 10) for method in ("random", "mmd", "ncfm_no_psi", "ncfm")]
+    for row in record["main"]:
+        random_row = next(r for r in record["main"] if r["ipc"] == row["ipc"] and r["method"] == "random")
+        assert len(row["runs"]) == 4 and all(0.0 <= acc <= 1.0 for acc in row["runs"])  # 2 repeats x 2 seeds
+        assert math.isclose(row["ior"], row["mean"] - random_row["mean"], abs_tol=1e-12)
+        assert math.isclose(row["hlr"], record["full"]["mean"] - row["mean"], abs_tol=1e-12)
+        if row["method"] != "random":
+            assert len(row["distill_seconds_each"]) == 2 and all(s >= 0 for s in row["distill_seconds_each"])
+    with Image.open(tmp_path / "images" / "mnist_ipc1.png") as image:  # 10 rows: real, mean matching, NCFM
+        assert image.format == "PNG" and image.height > image.width
+
+    again = tmp_path / "again"
+    reuse = [*argv[:2], str(again), *argv[3:], "--reuse", str(tmp_path / "results" / "mnist.json")]
+    assert mnist_table.main(reuse) == 0
+    second = json.loads((again / "results" / "mnist.json").read_text())
+    assert [row["runs"] for row in second["main"]] == [row["runs"] for row in record["main"]]
+    assert all(cell.get("reused") for cell in second["cells"].values())
+
+
 def test_paper_table_runs_on_fake_data_and_reuses_finished_work(tmp_path):
     paper_table = _load("paper_table")
     store = tmp_path / "store"
@@ -110,27 +142,48 @@ def test_main_table_metrics_are_differences_of_fractions(kit):
     assert cells[-1] == "49.5"
 
 
-def test_nice_ticks_are_round_and_cover_the_range(plots):
-    assert plots._nice_ticks(0.0, 1.0) == [0.0, 0.25, 0.5, 0.75, 1.0]
-    assert plots._nice_ticks(62.3, 97.8) == [70.0, 80.0, 90.0]  # step 10: 35.5 / 4 rounded up
-    assert plots._nice_ticks(0.013, 0.0451) == [0.02, 0.03, 0.04]
-    assert plots._nice_ticks(-3.0, 3.0) == [-2.0, 0.0, 2.0]  # 6 / 4 = 1.5, rounded up to a step of 2
+def _captured_figures(monkeypatch):
+    """Keep each figure ncfm_core.plot saves (still written), to read its axes afterwards."""
+    import ncfm_core.plot as plot_module
+
+    figures, save = [], plot_module._save
+
+    def keep(fig, path, dpi):
+        figures.append(fig)
+        return save(fig, path, dpi)
+
+    monkeypatch.setattr(plot_module, "_save", keep)
+    return figures
 
 
-def test_line_plot_puts_each_point_where_its_value_says(plots, tmp_path):
-    path = plots.line_plot([plots.Series("", [0.0, 1.0], [0.0, 1.0])], tmp_path / "plot.png", title="t",
-                         x_label="x", y_label="y", y_range=(0.0, 1.0), size=(300, 200))
+def test_line_plot_draws_labelled_axes_and_each_point_where_its_value_says(plots, tmp_path, monkeypatch):
+    figures = _captured_figures(monkeypatch)
+    series = [plots.Series("ncfm", [1.0, 2.0, 4.0], [0.2, 0.5, 0.9], err=[0.05, 0.05, 0.05]),
+              plots.Series("random", [1.0, 2.0, 4.0], [0.1, 0.3, 0.4])]
+    path = plots.line_plot(series, tmp_path / "plot.png", title="accuracy", x_label="IPC", y_label="test acc",
+                           log_x=True, y_range=(0.0, 1.0), size=(300, 200))
     image = Image.open(path).convert("RGB")
-    left, right, top, bottom = 70, 20, 36, 56
-    plot_w, plot_h = 300 - left - right, 200 - top - bottom
-    pad = 0.04  # the x axis is padded by 4% of the data range on both sides
-    x_of = lambda v: left + (v + pad) / (1 + 2 * pad) * plot_w  # noqa: E731
-    y_of = lambda v: top + (1 - v) * plot_h  # noqa: E731
-    blue = plots._COLOURS[0]
-    for value in (0.0, 0.5, 1.0):  # both end markers and the line's midpoint
-        x, y = round(x_of(value)), round(y_of(value))
-        assert image.getpixel((x, y)) == blue, (value, image.getpixel((x, y)))
-    assert image.getpixel((round(x_of(0.5)), round(y_of(0.9)))) != blue  # nothing drawn off the line
+    assert image.size == (300, 200)
+    (ax,) = figures[0].axes
+    assert (ax.get_title(), ax.get_xlabel(), ax.get_ylabel()) == ("accuracy", "IPC", "test acc")
+    assert ax.get_xscale() == "log" and [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "4"]
+    assert ax.get_ylim() == (0.0, 1.0)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ncfm", "random"]
+    first = (31, 119, 180)  # matplotlib's first colour, C0
+    for x, y in zip([1.0, 2.0, 4.0], [0.2, 0.5, 0.9]):  # each marker's centre, in pixels (origin bottom left)
+        px, py = ax.transData.transform((x, y))
+        assert image.getpixel((round(px), round(200 - py))) == first, (x, y)
+    px, py = ax.transData.transform((2.0, 0.8))
+    assert image.getpixel((round(px), round(200 - py))) != first  # nothing drawn off the line
+
+
+def test_plots_without_matplotlib_fail_in_one_line_naming_the_extra(plots, tmp_path, monkeypatch):
+    from ncfm_core.errors import NcfmError
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    with pytest.raises(NcfmError, match=r"pip install 'ncfm\[plot\]'"):
+        plots.line_plot([plots.Series("", [0.0], [1.0])], tmp_path / "p.png", title="t", x_label="x", y_label="y")
+    assert not (tmp_path / "p.png").exists()
 
 
 def test_eval_ranks_runs_one_process_and_torchrun_and_writes_its_page(tmp_path):

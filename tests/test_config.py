@@ -16,6 +16,9 @@ EXPECTED_PRESETS = {
     "tinyimagenet": _PAPER,
     **dict.fromkeys(("imagenette", "imagewoof", "imagefruit", "imagemeow", "imagesquawk", "imageyellow"), _PAPER),
     "digits": _DIGITS,
+    # mnist5k is new (sized for a 2-core CPU; tests/test_quality_mnist.py measures it)
+    "mnist5k": dict(factor=2, iterations=100, real_per_class=32, num_freqs=1024, pool_size=2, pool_epochs=2,
+                    pool_batch=128, lr_patience=200, calib_weight=0.0),
     "fake": _FAKE,
     "folder:PATH": {},  # DistillConfig's own defaults, which are the paper's settings
     "folder:/some/where": {},

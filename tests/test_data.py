@@ -136,7 +136,7 @@ def test_check_ipc_names_the_smallest_class():
 
 def test_dataset_names_lists_every_source():
     names = dataset_names()
-    expected = {"digits", "cifar10", "cifar100", "tinyimagenet", "fake", "folder:PATH", *IMAGENET_SUBSETS}
+    expected = {"digits", "mnist5k", "cifar10", "cifar100", "tinyimagenet", "fake", "folder:PATH", *IMAGENET_SUBSETS}
     assert set(names) == expected
     assert names == sorted(names)
 

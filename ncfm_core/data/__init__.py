@@ -10,7 +10,7 @@ package registers them all, each with its train-split shape (`dataset_shape`) an
 from __future__ import annotations
 
 # Importing the source modules fills the registry (each loader carries @register_dataset).
-from ncfm_core.data import cifar, imagenet, sources  # noqa: F401
+from ncfm_core.data import cifar, imagenet, mnist, sources  # noqa: F401
 from ncfm_core.data.imagenet import IMAGENET_SUBSETS, SubsetClass
 from ncfm_core.data.registry import (
     PAPER_PRESET,
