@@ -13,7 +13,10 @@ wall time of every distillation. The distillations of one seed share one feature
 Writes ``<out>/results/mnist.md`` (tables, verdicts, command, machine, settings, date),
 ``<out>/results/mnist.json`` (every repeat's accuracy, every distillation's seconds) and
 ``<out>/images/mnist_ipcN.png`` (real initial images beside the synthetic ones) for the
-``--figure-ipcs``; ``--out`` defaults to ``docs/``.
+``--figure-ipcs``; ``--out`` defaults to ``docs/``. While it runs, ``<out>/results/mnist.partial.json``
+holds every finished cell: after an interruption, ``--reuse`` it (it is removed at the end).
+``--name NAME`` writes ``NAME.md``, ``NAME.json`` and ``NAME_ipcN.png`` instead, for a run with
+other settings beside the main one.
 """
 
 from __future__ import annotations
@@ -36,9 +39,9 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 from digits_table import Runner, load_reusable  # noqa: E402
 
-from ncfm_core.devices import resolve_device  # noqa: E402
 from ncfm_core.config import DistillConfig, make_config  # noqa: E402
 from ncfm_core.data import load_dataset  # noqa: E402
+from ncfm_core.devices import resolve_device  # noqa: E402
 from ncfm_core.distill import Distiller  # noqa: E402
 from ncfm_core.evaluate import EvalConfig, protocol_config  # noqa: E402
 from ncfm_core.export import export_synset  # noqa: E402
@@ -49,8 +52,8 @@ SCRIPT = "benchmarks/mnist_table.py"
 DATASET = "mnist5k"
 DEFAULTS = dict(
     ipcs=[1, 10, 50], seeds=[0, 1], iterations=100, factor=1, real_per_class=32, pool_size=2, pool_epochs=2,
-    width=32, calib_weight=0.0, image_lr=0.01, repeats=5, eval_epochs=200, big_ipc=50, big_iterations=40,
-    big_eval_epochs=40, full_epochs=10, full_repeats=2, figure_ipcs=[1, 10],
+    width=32, calib_weight=0.0, image_lr=0.01, repeats=5, eval_epochs=200, big_ipc=50, big_iterations=100,
+    big_eval_epochs=200, full_epochs=30, full_repeats=2, figure_ipcs=[1, 10],
 )
 QUICK = dict(
     iterations=2, real_per_class=4, pool_size=1, pool_epochs=0, width=8, repeats=2, eval_epochs=1, big_iterations=1,
@@ -67,6 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true",
                         help="tiny settings (a few iterations and epochs, 2 repeats) to check the plumbing")
+    parser.add_argument("--name", default="mnist", help="file names of the page, the record and the figures "
+                        "(default mnist): another name keeps a run with other settings beside the main one")
     parser.add_argument("--reuse", type=Path, help="mnist.json of an earlier run: its cells with identical "
                         "settings are taken instead of recomputed (seeded CPU runs give the same numbers again)")
     options: list[tuple[str, Any, str]] = [
@@ -102,11 +107,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 class FigureRunner(Runner):
     """digits_table's Runner (each cell computed once, ``--reuse``), keeping the stored images of
-    the NCFM runs a figure shows."""
+    the NCFM runs a figure shows, and writing every finished cell to ``partial`` as it goes: a run
+    that is stopped continues with ``--reuse PARTIAL``."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, partial: Path, quick: bool, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.images: dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.partial, self.quick = partial, quick
+        self.used: set[str] = set()  # the cells this run's tables and figures asked for
+
+    def _key(self, *parts: dict[str, Any]) -> str:  # every lookup goes through here
+        key = super()._key(*parts)
+        self.used.add(key)
+        return key
+
+    def cells(self) -> dict[str, dict[str, Any]]:
+        """The cells this run used (a ``--reuse``d record's other cells are dropped)."""
+        return {key: cell for key, cell in super().cells().items() if key in self.used}
+
+    def save_partial(self) -> None:
+        kit.write_json(self.partial, {"quick": self.quick, "cells": self.cells()})
+
+    def random(self, *args: Any) -> kit.RowResult:
+        row = super().random(*args)
+        self.save_partial()
+        return row
+
+    def full(self, *args: Any) -> kit.RowResult:
+        row = super().full(*args)
+        self.save_partial()
+        return row
 
     def distilled(self, method: str, config: DistillConfig, eval_config: EvalConfig) -> kit.RowResult:
         key = self._key(config.to_dict(), eval_config.to_dict())
@@ -120,6 +150,7 @@ class FigureRunner(Runner):
                 f"(distill {row.distill_seconds:.0f} s, eval {row.eval_seconds:.0f} s)")
         self.images[(method, config.ipc, config.seed)] = images, labels
         self.done[key] = row
+        self.save_partial()
         return row
 
     def stored_images(self, method: str, config: DistillConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,6 +205,46 @@ def verdicts(rows: list[kit.RowResult], ipcs: list[int]) -> list[str]:
     return lines
 
 
+def summary(rows: list[kit.RowResult], ipcs: list[int]) -> list[str]:
+    """One plain sentence per IPC: does distillation beat random real images, does any NCFM
+    variant separate from mean matching, does psi matter (judged as :func:`compare` does)."""
+
+    def separated(a: kit.RowResult, b: kit.RowResult) -> bool:
+        return abs(a.mean - b.mean) > max(a.std, b.std)
+
+    def points(a: kit.RowResult, b: kit.RowResult) -> str:
+        return f"{100 * (a.mean - b.mean):+.1f}"
+
+    lines = []
+    for ipc in ipcs:
+        by = {r.method: r for r in rows if r.ipc == ipc}
+        if not {"random", "mmd", "ncfm_no_psi", "ncfm"} <= set(by):
+            continue
+        random, mmd = by["random"], by["mmd"]
+        distilled = [by[m] for m in ("mmd", "ncfm_no_psi", "ncfm")]
+        beat = [r for r in distilled if separated(r, random) and r.mean > random.mean]
+        gains = ", ".join(points(r, random) for r in distilled)
+        if len(beat) == len(distilled):
+            first = f"every distilled set beats random real images ({gains} points)"
+        elif beat:
+            first = (f"{len(beat)} of the 3 distilled sets beat random real images beyond the spread "
+                     f"({gains} points)")
+        else:
+            first = f"no distilled set beats random real images beyond the spread ({gains} points)"
+        ncfm_vs_mmd = [(by[m], label) for m, label in (("ncfm_no_psi", "without psi"), ("ncfm", "with psi"))]
+        apart = [f"NCFM {label} is {'above' if r.mean > mmd.mean else 'below'} mean matching by "
+                 f"{points(r, mmd)} points" for r, label in ncfm_vs_mmd if separated(r, mmd)]
+        second = ("; ".join(apart) if apart else
+                  "NCFM does not separate from mean matching (" +
+                  ", ".join(f"{label} {points(r, mmd)} points" for r, label in ncfm_vs_mmd) +
+                  ", each within the spread of the evaluations)")
+        psi = by["ncfm"], by["ncfm_no_psi"]
+        third = (f"psi {'helps' if psi[0].mean > psi[1].mean else 'hurts'} ({points(*psi)} points)"
+                 if separated(*psi) else f"psi makes no difference ({points(*psi)} points)")
+        lines.append(f"- **IPC {ipc}:** {first}; {second}; {third}.")
+    return lines
+
+
 def seeds_table(rows: list[kit.RowResult], seeds: list[int]) -> list[str]:
     labels = {m.key: m.label for m in kit.METHODS}
     header = "| method | IPC | " + " | ".join(f"seed {s}: acc % / distill s" for s in seeds) + " |"
@@ -207,7 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     device = str(resolve_device(args.device)[0])
     started = time.perf_counter()
     dataset = load_dataset(DATASET)
-    runner = FigureRunner(dataset, device, previous=load_reusable(args.reuse, args.quick))
+    results_dir, images_dir = args.out / "results", args.out / "images"
+    partial = results_dir / f"{args.name}.partial.json"
+    runner = FigureRunner(dataset, device, previous=load_reusable(args.reuse, args.quick), partial=partial,
+                          quick=args.quick)
 
     def settings_at(ipc: int) -> tuple[DistillConfig, EvalConfig]:
         big = ipc >= args.big_ipc
@@ -234,29 +308,29 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(merge_seeds(per_seed))
     distill_seconds = time.perf_counter() - started
 
-    results_dir, images_dir = args.out / "results", args.out / "images"
     pictures = []
     for ipc in args.figure_ipcs:
-        picture = images_dir / f"mnist_ipc{ipc}.png"
+        picture = images_dir / f"{args.name}_ipc{ipc}.png"
         figure(runner, settings_at(ipc)[0], picture)
         pictures.append((ipc, picture))
     total_seconds = time.perf_counter() - started
 
     base, main_eval = settings_at(args.ipcs[0])
     big_ipcs = [ipc for ipc in args.ipcs if ipc >= args.big_ipc]
+    if (args.big_iterations, args.big_eval_epochs) == (args.iterations, args.eval_epochs):
+        big_ipcs = []  # the same settings at every IPC: nothing to say
     big_note = (
-        f"; at IPC {', '.join(map(str, big_ipcs))} only {args.big_iterations} iterations and "
-        f"{args.big_eval_epochs} evaluation epochs (fewer than at the other IPCs, to keep the run near an hour "
-        f"on a shared 2-core CPU)"
+        f"; at IPC {', '.join(map(str, big_ipcs))} {args.big_iterations} iterations and "
+        f"{args.big_eval_epochs} evaluation epochs instead"
         if big_ipcs else ""
     )
-    reused = [row for row in runner.done.values() if row.extra.get("reused")]
+    reused = [row for key, row in runner.done.items() if key in runner.used and row.extra.get("reused")]
     command = kit.command_line(SCRIPT, argv)
     quick_warning = ("\n**`--quick` run: tiny settings for testing the script; these numbers mean nothing.**\n"
                      if args.quick else "")
     labels = {m.key: m.label for m in kit.METHODS}
     lines = [
-        "# MNIST (`mnist5k`): measured results",
+        "# MNIST (`mnist5k`): measured results" + ("" if args.name == "mnist" else f" ({args.name})"),
         "",
         f"Written by `{SCRIPT}`; every figure on this page comes from one run of it on the machine below.",
         quick_warning,
@@ -290,10 +364,18 @@ def main(argv: list[str] | None = None) -> int:
         "- the three distilled rows differ only in the matching term (mean matching: per-class feature means; "
         "NCFM: characteristic functions at Gaussian frequencies, or at frequencies psi learns by ascent)",
         "",
+        "## In short",
+        "",
+        "Judged as below: a gap no larger than the larger std of the two rows is no difference.",
+        "",
+        *summary(rows, args.ipcs),
+        "",
         "## NCFM against its baselines",
         "",
         "IOR = acc(method) - acc(random subset), HLR = acc(whole training set) - acc(method), LRS from both, "
-        "all on fractions (see [evaluation](../evaluation.md)); distill s is the mean over the seeds.",
+        "all on fractions (see [evaluation](../evaluation.md)); distill s is the mean over the seeds of wall "
+        "times on a CPU that other jobs shared at times. The rows were not run side by side, so only large "
+        "ratios between them mean anything (each seed's time is in the last table).",
         "",
         kit.main_table(rows, args.ipcs, random_by_ipc, full.mean),
         "",
@@ -320,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f"![mnist5k IPC {ipc}: real, mean matching, NCFM](../images/{picture.name})",
         ]
-    page = kit.write_page(results_dir / "mnist.md", lines)
+    page = kit.write_page(results_dir / f"{args.name}.md", lines)
 
     record = {
         "command": command,
@@ -335,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         "main": [r.to_dict() | fair_metrics(r.mean, random_by_ipc[r.ipc], full.mean) for r in rows],
         "cells": runner.cells(),  # what --reuse reads
     }
-    written = [page, kit.write_json(results_dir / "mnist.json", record), *(p for _, p in pictures)]
+    written = [page, kit.write_json(results_dir / f"{args.name}.json", record), *(p for _, p in pictures)]
+    partial.unlink(missing_ok=True)  # every cell is in the record now
     kit.log(f"done in {total_seconds / 60:.1f} min: " + ", ".join(str(path) for path in written))
     return 0
 

@@ -98,15 +98,43 @@ def test_mnist_table_quick_writes_the_table_the_figure_and_raw_numbers(tmp_path)
         assert math.isclose(row["hlr"], record["full"]["mean"] - row["mean"], abs_tol=1e-12)
         if row["method"] != "random":
             assert len(row["distill_seconds_each"]) == 2 and all(s >= 0 for s in row["distill_seconds_each"])
+    assert not (tmp_path / "results" / "mnist.partial.json").exists()  # only while it runs
     with Image.open(tmp_path / "images" / "mnist_ipc1.png") as image:  # 10 rows: real, mean matching, NCFM
         assert image.format == "PNG" and image.height > image.width
 
     again = tmp_path / "again"
-    reuse = [*argv[:2], str(again), *argv[3:], "--reuse", str(tmp_path / "results" / "mnist.json")]
+    stale = tmp_path / "with_a_stale_cell.json"  # a cell of other settings: not used, not counted, not kept
+    stale.write_text(json.dumps({**record, "cells": {**record["cells"], "stale": next(iter(record["cells"].values()))}}))
+    reuse = [*argv[:2], str(again), *argv[3:], "--reuse", str(stale), "--name", "variant"]
     assert mnist_table.main(reuse) == 0
-    second = json.loads((again / "results" / "mnist.json").read_text())
+    second = json.loads((again / "results" / "variant.json").read_text())
     assert [row["runs"] for row in second["main"]] == [row["runs"] for row in record["main"]]
+    assert second["cells"].keys() == record["cells"].keys()
     assert all(cell.get("reused") for cell in second["cells"].values())
+    variant_page = (again / "results" / "variant.md").read_text()
+    assert "measured results (variant)" in variant_page
+    assert f"{len(record['cells'])} of the results were taken from" in variant_page
+    assert (again / "images" / "variant_ipc1.png").exists() and not (again / "results" / "mnist.md").exists()
+
+
+def _row(method: str, ipc: int, mean: float, spread: float):
+    kit = _load("kit")
+    return kit.RowResult(method, ipc, [mean - spread, mean + spread])  # std == spread
+
+
+def test_mnist_summary_says_what_separates_and_what_does_not():
+    mnist_table = _load("mnist_table")
+    rows = [_row("random", 1, 0.50, 0.02), _row("mmd", 1, 0.70, 0.02), _row("ncfm_no_psi", 1, 0.71, 0.02),
+            _row("ncfm", 1, 0.75, 0.01),
+            _row("random", 10, 0.90, 0.02), _row("mmd", 10, 0.91, 0.01), _row("ncfm_no_psi", 10, 0.912, 0.01),
+            _row("ncfm", 10, 0.905, 0.005)]
+    ipc1, ipc10 = mnist_table.summary(rows, [1, 10])
+    assert ipc1.startswith("- **IPC 1:** every distilled set beats random real images (+20.0, +21.0, +25.0 points)")
+    assert "NCFM with psi is above mean matching by +5.0 points" in ipc1 and "without psi" not in ipc1
+    assert ipc1.endswith("psi helps (+4.0 points).")
+    assert "no distilled set beats random real images beyond the spread (+1.0, +1.2, +0.5 points)" in ipc10
+    assert "NCFM does not separate from mean matching (without psi +0.2 points, with psi -0.5 points" in ipc10
+    assert ipc10.endswith("psi makes no difference (-0.7 points).")
 
 
 def test_paper_table_runs_on_fake_data_and_reuses_finished_work(tmp_path):
