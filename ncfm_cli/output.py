@@ -313,9 +313,9 @@ class ProgressRenderer:
             if self.progress is not None:
                 self._bar(f"eval:{what}:{model}", subject, repeats, repeat + 1,
                           f"last {format_accuracy(event['accuracy'])}")
-            else:
-                self._log(f"{subject}: network {repeat + 1}/{repeats} accuracy {format_accuracy(event['accuracy'])}",
-                          "debug")
+            elif self.plain:
+                # without a terminal the only sign of life during an evaluation (minutes per network on a CPU)
+                self._log(f"{subject}: network {repeat + 1}/{repeats} accuracy {format_accuracy(event['accuracy'])}")
 
 
 @contextlib.contextmanager

@@ -77,3 +77,22 @@ def test_distill_without_a_terminal_logs_plain_progress_lines(tmp_path):
     assert quiet.stderr == ""
     as_json = invoke("--store", tmp_path, "--json", "distill", "digits", "--ipc", "1", "--iterations", "4", *TINY)
     assert "distill: iteration" not in as_json.stderr and one_json(as_json)["iterations"] == 4
+
+
+def test_without_a_terminal_each_evaluation_network_gets_a_line(capsys):
+    # an evaluation trains its networks for minutes each on a CPU: a log must show it is alive
+    events = [{"stage": "eval", "what": "synthetic", "model": "convnet", "repeat": r, "repeats": 3,
+               "accuracy": 0.9 + r / 100} for r in range(3)]
+    events.append({"stage": "eval", "what": "random", "model": "convnet", "repeat": 0, "repeats": 1, "accuracy": 0.5})
+    for opts, expected in ((GlobalOptions(), 4), (GlobalOptions(quiet=True), 0), (GlobalOptions(json=True), 0)):
+        with ProgressRenderer(opts) as renderer:
+            for event in events:
+                renderer(event)
+        lines = capsys.readouterr().err.splitlines()
+        assert len(lines) == expected
+    with ProgressRenderer(GlobalOptions()) as renderer:
+        renderer(events[1])
+        renderer(events[3])
+    assert capsys.readouterr().err.splitlines() == ["eval convnet: network 2/3 accuracy 91.00%",
+                                                     "random convnet: network 1/1 accuracy 50.00%"]
+
