@@ -12,7 +12,7 @@ wall time of every distillation. The distillations of one seed share one feature
 
 Writes ``<out>/results/mnist.md`` (tables, verdicts, command, machine, settings, date),
 ``<out>/results/mnist.json`` (every repeat's accuracy, every distillation's seconds) and
-``<out>/images/mnist_ipcN.png`` (real initial images beside the synthetic ones) for the
+``<out>/images/mnist_ipcN.png`` (the initial images beside the synthetic ones) for the
 ``--figure-ipcs``; ``--out`` defaults to ``docs/``. While it runs, ``<out>/results/mnist.partial.json``
 holds every finished cell: after an interruption, ``--reuse`` it (it is removed at the end).
 ``--name NAME`` writes ``NAME.md``, ``NAME.json`` and ``NAME_ipcN.png`` instead, for a run with
@@ -52,7 +52,7 @@ SCRIPT = "benchmarks/mnist_table.py"
 DATASET = "mnist5k"
 DEFAULTS = dict(
     ipcs=[1, 10, 50], seeds=[0, 1], iterations=100, factor=1, real_per_class=32, pool_size=2, pool_epochs=2,
-    width=32, calib_weight=0.0, image_lr=0.01, repeats=5, eval_epochs=200, big_ipc=50, big_iterations=100,
+    width=32, calib_weight=0.0, image_lr=0.01, init="mix", repeats=5, eval_epochs=200, big_ipc=50, big_iterations=100,
     big_eval_epochs=200, full_epochs=30, full_repeats=2, figure_ipcs=[1, 10],
 )
 QUICK = dict(
@@ -91,6 +91,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ("width", int, "ConvNet width of the pool and of the evaluation networks"),
         ("calib_weight", float, "calibration (cross-entropy) weight; 0: off"),
         ("image_lr", float, "learning rate of the synthetic pixels"),
+        ("init", str, "initial synthetic images: mix (real images of the class), real, or noise"),
         ("repeats", int, "evaluation networks per distilled set (and per random subset)"),
         ("eval_epochs", int, "epochs per evaluation network"),
         ("big_ipc", int, "from this IPC on, --big-iterations and --big-eval-epochs apply"),
@@ -258,8 +259,8 @@ def seeds_table(rows: list[kit.RowResult], seeds: list[int]) -> list[str]:
 
 
 def figure(runner: FigureRunner, config: DistillConfig, path: Path) -> None:
-    """One row per class: the real initial images (factor 1: the random subset of this seed),
-    then mean matching's, then NCFM with psi's stored images."""
+    """One row per class: the initial images (real ones: with factor 1 the random subset of this
+    seed), then mean matching's, then NCFM with psi's stored images."""
     methods = [m for m in kit.METHODS if m.key in ("mmd", "ncfm")]
     initial = runner.stored_images("init", config.replace(iterations=0))
     blocks = [initial] + [runner.stored_images(m.key, config.replace(**m.overrides)) for m in methods]
@@ -288,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         config = make_config(
             DATASET, ipc, factor=args.factor, iterations=args.big_iterations if big else args.iterations,
             real_per_class=args.real_per_class, pool_size=args.pool_size, pool_epochs=args.pool_epochs,
-            width=args.width, calib_weight=args.calib_weight, image_lr=args.image_lr, seed=args.seeds[0],
+            width=args.width, calib_weight=args.calib_weight, image_lr=args.image_lr, init=args.init,
+            seed=args.seeds[0],
         )
         epochs = args.big_eval_epochs if big else args.eval_epochs
         return config, protocol_config("ncfm", epochs=epochs, repeats=args.repeats, width=args.width, seed=0)
@@ -397,10 +399,11 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f"## Images, IPC {ipc}",
             "",
-            f"One row per class: the {ipc} real initial image(s) (seed {args.seeds[0]}: the random subset of "
-            f"that seed), then {labels['mmd']}, then {labels['ncfm']}.",
+            f"One row per class: the {ipc} initial image(s) of seed {args.seeds[0]} ("
+            + ("uniform noise" if args.init == "noise" else "real: with factor 1 the random subset of that seed")
+            + f"), then {labels['mmd']}, then {labels['ncfm']}.",
             "",
-            f"![mnist5k IPC {ipc}: real, mean matching, NCFM](../images/{picture.name})",
+            f"![mnist5k IPC {ipc}: initial, mean matching, NCFM](../images/{picture.name})",
         ]
     page = kit.write_page(results_dir / f"{args.name}.md", lines)
 

@@ -85,8 +85,8 @@ def mnist5k_split(labels: Tensor, seed: int = MNIST5K_SPLIT_SEED) -> tuple[Tenso
 # (700 CPU-seconds; 5.6 s per iteration with factor 2).
 # Calibration is off: under a briefly trained pool its cross-entropy step pulled IPC 10 accuracy
 # below that of the initial real images (ConvNet-3 width 128, factor 2, pool 2 x 3 epochs, 100
-# iterations; 5 evaluation networks x 300 epochs, once, in fp32 on a GPU: 91.3 % with it, 94.7 %
-# without, 95.0 % for the initial images). For the paper's settings on a GPU pass
+# iterations; 5 evaluation networks x 300 epochs, once, on the same 2-core CPU: 91.3 % with it,
+# 94.7 % without, 95.0 % for the initial images). For the paper's settings on a GPU pass
 # --iterations 20000 --real-per-class 1024 --pool-size 20 --pool-epochs 60 --calib-weight 1.
 MNIST5K_PRESET = dict(factor=2, iterations=100, real_per_class=32, num_freqs=1024, pool_size=2, pool_epochs=2,
                       pool_batch=128, lr_patience=200, calib_weight=0.0)
