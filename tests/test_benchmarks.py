@@ -117,6 +117,18 @@ def test_mnist_table_quick_writes_the_table_the_figure_and_raw_numbers(tmp_path)
     assert (again / "images" / "variant_ipc1.png").exists() and not (again / "results" / "mnist.md").exists()
 
 
+def test_mnist_table_init_noise_reaches_the_runs_and_the_picture_says_so(tmp_path):
+    mnist_table = _load("mnist_table")
+    argv = ["--quick", "--out", str(tmp_path), "--ipcs", "1", "--seeds", "0", "--figure-ipcs", "1", "--init", "noise"]
+    assert mnist_table.main(argv) == 0
+    record = json.loads((tmp_path / "results" / "mnist.json").read_text())
+    assert record["settings"]["config"]["init"] == "noise"
+    distilled = [json.loads(key)[0] for key in record["cells"] if "init" in json.loads(key)[0]]
+    assert len(distilled) == 3 and all(config["init"] == "noise" for config in distilled)
+    page = (tmp_path / "results" / "mnist.md").read_text()
+    assert "init noise" in page and "(uniform noise)" in page
+
+
 def _row(method: str, ipc: int, mean: float, spread: float):
     kit = _load("kit")
     return kit.RowResult(method, ipc, [mean - spread, mean + spread])  # std == spread
