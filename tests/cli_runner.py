@@ -11,6 +11,10 @@ from typer.testing import CliRunner
 
 from ncfm_cli.main import app
 
+# the smallest real run: one untrained extractor, 16 frequencies, 4 real images a class, width 8
+TINY = ["--pool-size", "1", "--pool-epochs", "0", "--freqs", "16", "--real-per-class", "4", "--width", "8"]
+EVAL_TINY = ["--epochs", "1", "--repeats", "1"]  # one network, one epoch
+
 
 @contextlib.contextmanager
 def one_thread() -> Iterator[None]:

@@ -1,6 +1,7 @@
 """Shared test settings: small, deterministic, CPU-only unless a test says otherwise."""
 
 import os
+import shutil
 
 # Idle OpenMP threads should sleep, not spin: several test processes may share 2 cores.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -29,3 +30,12 @@ def single_thread():
 
     with one_thread():
         yield
+
+
+@pytest.fixture
+def store_copy(made, tmp_path):
+    """A private copy of the module's shared store (its ``made`` fixture), for tests that damage
+    or extend it."""
+    target = tmp_path / "store"
+    shutil.copytree(made["store"], target)
+    return target

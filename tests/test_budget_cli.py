@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_runner import error_line, invoke, one_json
+from cli_runner import TINY, error_line, invoke, one_json
 from typer.testing import CliRunner
 
 from ncfm_cli.main import app
@@ -23,9 +23,6 @@ from ncfm_core.jobs import common as job_common
 from ncfm_core.memory_model import Plan, estimate_iteration_flops
 from ncfm_core.planner import plan_path, plan_run
 from ncfm_core.store import Store
-
-TINY = ["--pool-size", "1", "--pool-epochs", "0", "--freqs", "16", "--real-per-class", "4", "--width", "8"]
-
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from cli_runner import error_line, invoke, one_json, one_thread
+from cli_runner import EVAL_TINY, TINY, error_line, invoke, one_json, one_thread
 from typer.testing import CliRunner
 
 from ncfm_cli import distill as distill_module
@@ -28,8 +27,6 @@ from ncfm_core.errors import (
 from ncfm_core.store import Store, load_tensors
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--pool-size", "1", "--pool-epochs", "0", "--freqs", "16", "--real-per-class", "4", "--width", "8"]
-EVAL_TINY = ["--epochs", "1", "--repeats", "1"]
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -45,13 +42,6 @@ def made(tmp_path_factory):
         evaluated = one_json(invoke("--store", store, "eval", "digits-ipc1", *EVAL_TINY, "--json"))
     return {"store": store, "distill": distilled, "eval": evaluated}
 
-
-@pytest.fixture
-def store_copy(made, tmp_path):
-    """A private copy of the shared store, for tests that damage or extend it."""
-    target = tmp_path / "store"
-    shutil.copytree(made["store"], target)
-    return target
 
 
 # ----------------------------------------------------------------------------- JSON a CI script reads

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -35,12 +34,6 @@ def made(tmp_path_factory):
         first = one_json(invoke("--store", store, *EVAL, *BOTH, "--json"))
     return {"store": store, "first": first}
 
-
-@pytest.fixture
-def store_copy(made, tmp_path):
-    target = tmp_path / "store"
-    shutil.copytree(made["store"], target)
-    return target
 
 
 def _fraction(value) -> bool:

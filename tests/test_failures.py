@@ -15,13 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_runner import error_line, invoke, one_json, one_thread
+from cli_runner import EVAL_TINY, TINY, error_line, invoke, one_json, one_thread
 
 from ncfm_core.distill import Distiller
 from ncfm_core.store import Store, load_state, save_state
-
-TINY = ["--pool-size", "1", "--pool-epochs", "0", "--freqs", "16", "--real-per-class", "4", "--width", "8"]
-EVAL_TINY = ["--epochs", "1", "--repeats", "1"]
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -35,12 +32,6 @@ def made(tmp_path_factory):
                                     "--iterations", "4", "--checkpoint-every", "2", *TINY))
     return {"store": store, "distill": distilled}
 
-
-@pytest.fixture
-def store_copy(made, tmp_path):
-    target = tmp_path / "store"
-    shutil.copytree(made["store"], target)
-    return target
 
 
 def _data_offset(path: Path) -> int:
@@ -271,7 +262,7 @@ def test_json_ctrl_c_names_the_resume_command(tmp_path, monkeypatch):
     monkeypatch.setattr(run_module, "_pause", lambda stop_requested: (_ for _ in ()).throw(KeyboardInterrupt()))
     result = invoke("--store", tmp_path, "--json", "distill", "digits", "--ipc", "1", "--iterations", "4",
                     "--checkpoint-every", "2", *TINY, expect=130)
-    error = _json_error(result, 130, f"resume digits-ipc1@v1")
+    error = _json_error(result, 130, "resume digits-ipc1@v1")
     assert "checkpoint saved at iteration 2" in error["message"]
 
 
@@ -331,7 +322,6 @@ def test_an_export_killed_midway_leaves_nothing_under_the_target(tmp_path, monke
     from PIL import Image
 
     import ncfm_core.export as export_module
-    import ncfm_core.store.files as files_module
 
     images = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
@@ -341,7 +331,7 @@ def test_an_export_killed_midway_leaves_nothing_under_the_target(tmp_path, monke
     before = {p.relative_to(previous): p.read_bytes() for p in previous.rglob("*") if p.is_file()}
 
     calls = {"n": 0}
-    png_save, atomic = Image.Image.save, files_module.atomic_write_bytes
+    png_save = Image.Image.save
 
     def dying_png(self, fp, *args, **kwargs):
         calls["n"] += 1

@@ -10,15 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cli_runner import error_line, invoke, one_json, one_thread
+from cli_runner import TINY, error_line, invoke, one_json, one_thread
 from PIL import Image
 
 from ncfm_core.config import make_config
-from ncfm_core.data import DatasetShape, dataset_names, dataset_preset, dataset_shape, load_dataset
-from ncfm_core.data import mnist
+from ncfm_core.data import DatasetShape, dataset_names, dataset_preset, dataset_shape, load_dataset, mnist
 from ncfm_core.errors import ConfigError, NotFoundError
-
-TINY = ["--pool-size", "1", "--pool-epochs", "0", "--freqs", "16", "--real-per-class", "4", "--width", "8"]
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,10 @@ from __future__ import annotations
 import re
 
 import pytest
-from cli_runner import invoke, one_json
+from cli_runner import TINY, invoke, one_json
 
 from ncfm_cli.output import GlobalOptions, ProgressRenderer
 
-TINY = ["--pool-size", "1", "--pool-epochs", "0", "--freqs", "16", "--real-per-class", "4", "--width", "8"]
 LINE = re.compile(r"^distill: iteration (\d+)/(\d+) \((\d+)%\) loss \S+, [\d.]+ s/it, ETA .+$")
 
 pytestmark = pytest.mark.usefixtures("single_thread")
