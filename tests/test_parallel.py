@@ -348,7 +348,6 @@ def test_torchrun_eval_spreads_repeats_and_equals_one_process(tmp_path):
     assert stderr.count("error: no artifact named 'nope'") == 1, stderr
 
 
-@pytest.mark.xfail(strict=True, reason="ncfm_core.api resolves the device before the job boundary, without LOCAL_RANK")
 def test_torchrun_api_calls_resolve_each_ranks_own_gpu(tmp_path):
     """``ncfm_core.distill(...)`` and ``ncfm_core.evaluate(images in memory)`` under torchrun on a
     simulated machine of two GPUs: the device is resolved at the job boundary, with LOCAL_RANK, so

@@ -51,11 +51,11 @@ def _resolve_any_status(store: Store, ref: str) -> ArtifactVersion:
     return store.resolve(ref)
 
 
-def _started_on(store: Store, arguments: dict[str, Any]) -> str | None:
+def _started_on(arguments: dict[str, Any]) -> str | None:
     """The device the version ``resume_job`` is asked for was run on (its manifest's), which
     ``--device auto`` prefers; None when it cannot be read (the job then reports why)."""
     try:
-        return str(_resolve_any_status(store, arguments["ref"]).manifest().get("device") or "cpu")
+        return str(_resolve_any_status(arguments["store"], arguments["ref"]).manifest().get("device") or "cpu")
     except NcfmError:
         return None
 
