@@ -150,14 +150,13 @@ class JobDevice:
     @classmethod
     def resolve(
         cls,
-        requested: str | torch.device | JobDevice = "auto",
+        requested: str | torch.device = "auto",
         *,
         local_rank: int | None = None,
         prefer: str | None = None,
     ) -> JobDevice:
-        """:func:`resolve_device` as a value; a ``JobDevice`` is returned as it is."""
-        if isinstance(requested, JobDevice):
-            return requested
+        """:func:`resolve_device` as a value. Called by the job boundary
+        (``ncfm_core.parallel.ranked_job``), which alone knows this process's LOCAL_RANK."""
         return cls(*resolve_device(requested, local_rank=local_rank, prefer=prefer))
 
     def __str__(self) -> str:
@@ -336,8 +335,8 @@ def resolve_precision(precision: str, device: torch.device | str, world_size: in
 def decided_precisions(config: DistillConfig, where: str) -> tuple[str, str]:
     """``(precision, cf_precision)`` of ``config`` as the plan decided them, for ``where`` (the
     layer that computes with them, named in the error). A value still ``"auto"`` is a
-    ``ConfigError``: the rules live in ``ncfm_core.jobs.plan.decide_precisions`` alone, and no
-    layer below the plan decides them again (it would not know the world size)."""
+    ``ConfigError``: ``"auto"`` is decided in ``ncfm_core.jobs.plan.decide_precisions`` alone,
+    and no layer below the plan decides it again (it would not know the world size)."""
     undecided = [name for name in ("precision", "cf_precision") if getattr(config, name) == "auto"]
     if undecided:
         raise ConfigError(

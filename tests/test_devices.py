@@ -114,10 +114,18 @@ def test_planning_without_a_gpu_plans_for_an_indexed_cuda_device(no_accelerator)
     assert planning_device("auto", None)[0] == torch.device("cpu")
 
 
-def test_job_device_is_resolved_once_and_kept(simulated_cuda):
+def test_job_device_is_resolved_once_at_the_job_boundary(simulated_cuda):
     device = JobDevice.resolve("cuda")
     assert device.device == torch.device("cuda", 0) and str(device) == "cuda:0"
-    assert JobDevice.resolve(device) is device
+
+    @parallel.ranked_job
+    def job(store, device="auto"):
+        return device
+
+    assert job(None, "cuda:1").device == torch.device("cuda", 1)
+    # A device resolved before the boundary would miss LOCAL_RANK under torchrun: refused.
+    with pytest.raises(TypeError, match="takes the device as asked"):
+        job(None, device)
 
 
 # -- the simulated CUDA API itself -------------------------------------------------------------

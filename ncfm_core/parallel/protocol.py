@@ -159,6 +159,9 @@ def ranked_job(job: JobFunction | None = None, *, prefer_device: DevicePreferenc
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         bound = signature.bind(*args, **kwargs)
         requested = bound.arguments.get("device", "auto")
+        if isinstance(requested, JobDevice):  # resolved before the boundary: without LOCAL_RANK
+            raise TypeError(f"{job.__name__} takes the device as asked ('auto', 'cuda', 'cuda:1', ...), not a "
+                            f"JobDevice: the job boundary resolves it, with LOCAL_RANK under torchrun")
         local_rank = env_local_rank()
         leads = local_rank is None or _env_int("RANK", 0) == 0
         prefer = prefer_device(bound.arguments) if prefer_device is not None and leads else None
