@@ -39,6 +39,7 @@ from ncfm_core.data import DatasetShape  # noqa: E402
 from ncfm_core.config import DistillConfig, make_config  # noqa: E402
 from ncfm_core.data import load_dataset  # noqa: E402
 from ncfm_core.distill import Distiller  # noqa: E402
+from ncfm_core.jobs.plan import decide_precisions  # noqa: E402
 from ncfm_core.pool import Pool, PoolSpec  # noqa: E402
 
 SCRIPT = "benchmarks/distill_speed.py"
@@ -77,9 +78,9 @@ def ablation_distiller(spec: dict[str, Any], name: str, dataset, shape: DatasetS
     frugal = variant.pop("_cuda_frugal_plan", False)
     config = paper_config(spec["classes"], spec["ipc"], spec["real_per_class"] * factor, spec["freqs"], True,
                           **variant)
-    plan = planner.plan_run(config, shape, device, limit)
+    plan = planner.plan_run(decide_precisions(config, device), shape, device, limit)
     if frugal:
-        cuda_plan = planner.plan_run(config, shape, "cuda:0", None, free_bytes=140 * 2**30)
+        cuda_plan = planner.plan_run(decide_precisions(config, "cuda:0"), shape, "cuda:0", None, free_bytes=140 * 2**30)
         plan = dataclasses.replace(plan, real_chunk=cuda_plan.real_chunk, class_chunk=cuda_plan.class_chunk)
     config = plan.apply(config)
     distiller = Distiller(config, dataset, untrained_pool(config, dataset), device)
@@ -136,7 +137,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     overrides = dict(spec["overrides"])
     config = paper_config(spec["classes"], spec["ipc"], spec["real_per_class"], spec["freqs"], spec["psi"],
                           **overrides)
-    plan = planner.plan_run(config, shape, device, limit)
+    plan = planner.plan_run(decide_precisions(config, device), shape, device, limit)
     if limit is not None:
         devices.cap_device_memory(device, limit)
     config = plan.apply(config)
@@ -355,7 +356,7 @@ def projection_table(
         shape = DatasetShape(classes, 3, 32, TRAIN_IMAGES)
         for ipc in (1, 10, 50):
             for psi in (True, False):
-                config = paper_config(classes, ipc, 1024, freqs, psi)
+                config = decide_precisions(paper_config(classes, ipc, 1024, freqs, psi), device)
                 cells = []
                 for limit in (None, devices.parse_memory("2.5G")):
                     try:

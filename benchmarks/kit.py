@@ -440,10 +440,11 @@ def distill_and_evaluate(
     ``eval_config``; returns the row and the stored images (M, C, H, W) and labels (M,)."""
     from ncfm_core.distill import Distiller
     from ncfm_core.evaluate import evaluate_synset
+    from ncfm_core.jobs.plan import decide_precisions
 
     pool = pools.get(config)
     started = time.perf_counter()
-    distiller = Distiller(config, dataset, pool, device)
+    distiller = Distiller(decide_precisions(config, device), dataset, pool, device)
     distiller.run(config.iterations)
     distill_seconds = time.perf_counter() - started
     images, labels = distiller.synthetic_set()

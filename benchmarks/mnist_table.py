@@ -45,6 +45,7 @@ from ncfm_core.devices import resolve_device  # noqa: E402
 from ncfm_core.distill import Distiller  # noqa: E402
 from ncfm_core.evaluate import EvalConfig, protocol_config  # noqa: E402
 from ncfm_core.export import export_synset  # noqa: E402
+from ncfm_core.jobs.plan import decide_precisions  # noqa: E402
 from ncfm_core.metrics import fair_metrics  # noqa: E402
 from ncfm_core.models import default_depth  # noqa: E402
 
@@ -159,7 +160,8 @@ class FigureRunner(Runner):
         initial images) is distilled again without evaluation: same seed, same pixels on CPU."""
         found = self.images.get((method, config.ipc, config.seed))
         if found is None:
-            distiller = Distiller(config, self.dataset, self.pools.get(config), self.device)
+            distiller = Distiller(decide_precisions(config, self.device), self.dataset, self.pools.get(config),
+                                  self.device)
             distiller.run(config.iterations)
             found = distiller.synthetic_set()
         return found

@@ -29,11 +29,11 @@ from torch.utils.data import Dataset
 from ncfm_core.config import DistillConfig, make_config
 from ncfm_core.data import ImageDataset, dataset_names, dataset_preset, load_dataset
 from ncfm_core.data.registry import make_dataset, tensor_fingerprint
-from ncfm_core.devices import JobDevice
 from ncfm_core.errors import ConfigError
-from ncfm_core.evaluate import EvalResult, evaluate_synset, protocol_config
+from ncfm_core.evaluate import EvalResult, protocol_config
 from ncfm_core.jobs import distill_job, eval_job
 from ncfm_core.jobs.common import open_complete_synset
+from ncfm_core.jobs.eval import eval_images_job
 from ncfm_core.store import Store
 from ncfm_core.synset import decode_synset
 
@@ -252,7 +252,8 @@ def distill(
     ``store``: a store directory to keep the result in, as version ``name@vN`` (default name
     ``<dataset>-ipc<IPC>``), where ``ncfm inspect``/``ncfm export`` read it; ``None``: nothing is
     kept (the run works in a temporary directory, removed before this returns). ``device`` and
-    ``gpu_mem`` as on the command line; ``callback`` receives the progress events.
+    ``gpu_mem`` as on the command line (the job resolves the device: under torchrun each rank
+    takes ``cuda:LOCAL_RANK``); ``callback`` receives the progress events.
     """
     dataset, dataset_name = _dataset_and_name(data, labels, test, class_names, data_dir, options.get("image_size"))
     if preset is not None:
@@ -260,11 +261,11 @@ def distill(
             raise ConfigError(f"unknown preset {preset!r}; use a registered dataset name: {', '.join(dataset_names())}")
         options = {**dataset_preset(preset), **options}
     config = make_config(dataset_name, ipc, data_dir=None if data_dir is None else str(data_dir), **options)
-    job_device = JobDevice.resolve(device)
 
     def run(root: Path) -> tuple[str, dict[str, Any], Any]:
         target = Store(root)
-        version = distill_job(target, config, name=name, device=job_device, callback=callback, gpu_mem=gpu_mem,
+        # The job's boundary resolves the device (under torchrun with this rank's LOCAL_RANK).
+        version = distill_job(target, config, name=name, device=device, callback=callback, gpu_mem=gpu_mem,
                               dataset=dataset)
         opened_version, manifest, synset = open_complete_synset(target, version.ref)
         return opened_version.ref, manifest, synset
@@ -324,11 +325,10 @@ def evaluate(
     ``repeats``, ``lr``, ``model``, ``width``, ...).
     """
     config = protocol_config(protocol, **settings)
-    job_device = JobDevice.resolve(device)
     if isinstance(dataset, str):
         dataset = load_dataset(dataset, data_dir)
-    if isinstance(synthetic, str):
-        record = eval_job(Store(store), synthetic, config, device=job_device, callback=callback,
+    if isinstance(synthetic, str):  # the jobs resolve the device at their boundary, as for distill
+        record = eval_job(Store(store), synthetic, config, device=device, callback=callback,
                           data_dir=None if data_dir is None else str(data_dir), dataset=dataset)
         return EvalResult(runs=list(record["accuracy"]["runs"]), seconds=float(record["seconds"]),
                           protocol=dict(record["protocol"]), seeds=list(record["seeds"]),
@@ -348,7 +348,4 @@ def evaluate(
                           "or an ImageDataset")
     if dataset.test_images.shape[0] == 0:
         raise ConfigError(f"dataset '{dataset.name}' has no test split; build it with test=(images, labels)")
-    on_repeat = None if callback is None else (
-        lambda repeat, acc: callback({"stage": "eval", "what": "synthetic", "model": config.model, "repeat": repeat,
-                                      "repeats": config.repeats, "accuracy": float(acc)}))
-    return evaluate_synset(images, labels, factor, dataset, config, job_device.device, on_repeat)
+    return eval_images_job(images, labels, dataset, config, factor=factor, device=device, callback=callback)

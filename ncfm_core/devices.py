@@ -21,12 +21,15 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ncfm_core.config import PRECISIONS
 from ncfm_core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ncfm_core.config import DistillConfig
 
 __all__ = [
     "DEVICE_CHOICES",
@@ -35,6 +38,7 @@ __all__ = [
     "PeakMemory",
     "cap_device_memory",
     "ceil_mib_spec",
+    "decided_precisions",
     "detect_memory",
     "device_total_bytes",
     "format_bytes",
@@ -146,14 +150,13 @@ class JobDevice:
     @classmethod
     def resolve(
         cls,
-        requested: str | torch.device | JobDevice = "auto",
+        requested: str | torch.device = "auto",
         *,
         local_rank: int | None = None,
         prefer: str | None = None,
     ) -> JobDevice:
-        """:func:`resolve_device` as a value; a ``JobDevice`` is returned as it is."""
-        if isinstance(requested, JobDevice):
-            return requested
+        """:func:`resolve_device` as a value. Called by the job boundary
+        (``ncfm_core.parallel.ranked_job``), which alone knows this process's LOCAL_RANK."""
         return cls(*resolve_device(requested, local_rank=local_rank, prefer=prefer))
 
     def __str__(self) -> str:
@@ -312,7 +315,9 @@ def resolve_precision(precision: str, device: torch.device | str, world_size: in
     elsewhere (CPU, MPS). Planning for CUDA on a machine without one assumes bf16. With
     ``world_size`` > 1 (several processes under torchrun) auto never picks fp16, whose per-rank
     loss scalers would skip different steps: bf16 where supported, else fp32.
-    Explicit ``fp32``/``bf16``/``fp16`` are returned as they are."""
+    Explicit ``fp32``/``bf16``/``fp16`` are returned as they are.
+
+    The rule; a run applies it once, in its plan (``ncfm_core.jobs.plan.decide_precisions``)."""
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision != "auto":
@@ -325,6 +330,20 @@ def resolve_precision(precision: str, device: torch.device | str, world_size: in
     if torch.cuda.is_bf16_supported():
         return "bf16"
     return "fp16" if world_size <= 1 else "fp32"
+
+
+def decided_precisions(config: DistillConfig, where: str) -> tuple[str, str]:
+    """``(precision, cf_precision)`` of ``config`` as the plan decided them, for ``where`` (the
+    layer that computes with them, named in the error). A value still ``"auto"`` is a
+    ``ConfigError``: ``"auto"`` is decided in ``ncfm_core.jobs.plan.decide_precisions`` alone,
+    and no layer below the plan decides it again (it would not know the world size)."""
+    undecided = [name for name in ("precision", "cf_precision") if getattr(config, name) == "auto"]
+    if undecided:
+        raise ConfigError(
+            f"{where} was given {' and '.join(undecided)} 'auto'; decide it first with "
+            f"ncfm_core.jobs.plan.decide_precisions(config, device), as every job does in its plan"
+        )
+    return config.precision, config.cf_precision
 
 
 def cap_device_memory(device: torch.device | str, budget_bytes: int) -> float | None:

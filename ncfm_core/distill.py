@@ -49,7 +49,7 @@ from torch.utils.checkpoint import checkpoint
 from ncfm_core import augment, cf
 from ncfm_core.config import DistillConfig
 from ncfm_core.data import ImageDataset
-from ncfm_core.devices import resolve_precision
+from ncfm_core.devices import decided_precisions
 from ncfm_core.errors import ConfigError, CorruptArtifactError
 from ncfm_core.models import ConvNet
 from ncfm_core.pool import Pool
@@ -191,8 +191,7 @@ class Distiller:
             self.image_optimizer, mode="min", factor=0.5, patience=config.lr_patience
         )
 
-        self.precision = resolve_precision(config.precision, self.device)
-        self.cf_precision = cf.resolve_cf_precision(config.cf_precision, self.device)  # fp32 off CUDA
+        self.precision, self.cf_precision = decided_precisions(config, "Distiller")  # the plan decided them
         # The real side's autograd mode: inference mode (no version counters, no view tracking);
         # torch.no_grad gives the same bits (tests/test_distill.py) and is what ran before.
         self._real_side_mode: Callable[[], contextlib.AbstractContextManager] = torch.inference_mode

@@ -18,14 +18,13 @@ import dataclasses
 
 import torch
 
-from ncfm_core.cf import resolve_cf_precision
 from ncfm_core.config import DistillConfig
 from ncfm_core.data import DatasetShape
 from ncfm_core.devices import (
     ceil_mib_spec,
+    decided_precisions,
     detect_memory,
     format_bytes,
-    resolve_precision,
 )
 from ncfm_core.errors import BudgetInfeasibleError, ConfigError
 from ncfm_core.memory_model import (
@@ -53,9 +52,9 @@ FREE_MARGIN_MIN_BYTES = 256 * 2**20  # ...and at least this much
 FRUGAL_TOLERANCE = 0.10  # without a budget: the smallest plan at most this much slower than the fastest
 
 
-def _make_plan(config, shape, device, precision, real, classes, checkpointing, budget, source) -> Plan:
-    draft = Plan(real, classes, precision, checkpointing, budget, 0, str(device), source,
-                 cf_precision=resolve_cf_precision(config.cf_precision, device))
+def _make_plan(config, shape, device, precisions, real, classes, checkpointing, budget, source) -> Plan:
+    precision, cf_precision = precisions
+    draft = Plan(real, classes, precision, checkpointing, budget, 0, str(device), source, cf_precision=cf_precision)
     estimate = estimate_memory(config, shape, draft)
     seconds = estimate_iteration_seconds(config, shape, draft)
     return dataclasses.replace(
@@ -74,15 +73,16 @@ def plan_path(
     """Every plan the planner may choose, fastest first, each with a strictly smaller estimate.
 
     Starts from everything at once (``min(n_real, MAX_REAL_CHUNK)`` real images per chunk, all
-    classes in one synthetic pass, no recomputation, the device's best precision); at each step
+    classes in one synthetic pass, no recomputation, ``config``'s precisions, which the plan has
+    decided: ``ncfm_core.jobs.plan.decide_precisions``; ``"auto"`` is refused); at each step
     takes the first of these moves that lowers the estimate: halve the real chunk (not below
     ``MIN_REAL_CHUNK``), halve the class group (down to 1), turn on checkpointing; when no single
     move helps (a tie between two phases), both chunk moves at once. Options fixed in ``config``
-    (``real_chunk``, ``class_chunk``, ``activation_checkpointing=True``, an explicit precision)
+    (``real_chunk``, ``class_chunk``, ``activation_checkpointing=True``, the precisions)
     are never changed. The path is the same for every budget, so a smaller budget can only
     select a later plan: never larger chunks, never a larger estimate.
     """
-    precision = resolve_precision(config.precision, device)
+    precisions = decided_precisions(config, "the planner")
     c = shape.num_classes
     n_real = c * real_per_class_drawn(config, shape)
     real = min(config.real_chunk, n_real) if config.real_chunk else min(n_real, MAX_REAL_CHUNK)
@@ -90,7 +90,7 @@ def plan_path(
     checkpointing = bool(config.activation_checkpointing)
 
     def make(r: int, g: int, ckpt: bool) -> Plan:
-        return _make_plan(config, shape, device, precision, r, g, ckpt, budget_bytes, budget_source)
+        return _make_plan(config, shape, device, precisions, r, g, ckpt, budget_bytes, budget_source)
 
     def smaller_real(plan: Plan) -> int | None:
         if config.real_chunk or plan.real_chunk <= MIN_REAL_CHUNK:

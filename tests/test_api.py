@@ -123,6 +123,39 @@ def test_evaluate_a_reference_records_it_like_ncfm_eval(stored, tmp_path):
     assert len(Store(root).resolve("digits-ipc1").manifest()["evals"]) == 1  # only references are recorded
 
 
+def test_the_api_passes_the_device_as_asked_and_the_job_boundary_alone_resolves_it(stored, monkeypatch):
+    """Each API call resolves its device once, at the job boundary (parallel.ranked_job, which
+    under torchrun adds LOCAL_RANK: tests/test_parallel.py), never before it; a set in memory
+    is evaluated through a job too, with the same progress events."""
+    import sys
+
+    from ncfm_core import devices
+
+    resolved = []  # (what was asked, the module that resolved it)
+    real_resolve = devices.JobDevice.resolve.__func__
+
+    def spy(cls, requested="auto", *, local_rank=None, prefer=None):
+        resolved.append((str(requested), sys._getframe(1).f_globals["__name__"]))
+        return real_resolve(cls, requested, local_rank=local_rank, prefer=prefer)
+
+    monkeypatch.setattr(devices.JobDevice, "resolve", classmethod(spy))
+    synthetic = ncfm_core.open_synthetic("digits-ipc1", store=stored[0])
+    events = []
+    result = ncfm_core.evaluate((synthetic.images, synthetic.labels), "digits", device="cpu", callback=events.append,
+                                **EVAL_TINY)
+    ncfm_core.distill("digits", 1, device="cpu", **TINY)
+    assert resolved == [("cpu", "ncfm_core.parallel.protocol")] * 2  # as the user gave it, once per call
+    assert [e for e in events if e["stage"] == "eval"] == [
+        {"stage": "eval", "what": "synthetic", "model": "convnet", "repeat": 0, "repeats": 1,
+         "accuracy": result.runs[0]},
+    ]
+    with pytest.raises(ConfigError, match="unknown device 'gpu'; choose one of auto, cpu, cuda, cuda:N, mps"):
+        ncfm_core.distill("digits", 1, device="gpu", **TINY)
+    with pytest.raises(ConfigError, match="unknown device 'gpu'"):
+        ncfm_core.evaluate((synthetic.images, synthetic.labels), "digits", device="gpu", **EVAL_TINY)
+    assert resolved[2:] == [("gpu", "ncfm_core.parallel.protocol")] * 2  # refused where it is resolved
+
+
 def test_normalisation_is_in_the_manifest_the_synset_file_and_inspect(stored):
     root, _ = stored
     version = Store(root).resolve("digits-ipc1")

@@ -20,6 +20,7 @@ from ncfm_core.devices import parse_memory
 from ncfm_core.distill import Distiller
 from ncfm_core.errors import BudgetInfeasibleError
 from ncfm_core.jobs import common as job_common
+from ncfm_core.jobs.plan import decide_precisions
 from ncfm_core.memory_model import Plan, estimate_iteration_flops
 from ncfm_core.planner import plan_path, plan_run
 from ncfm_core.store import Store
@@ -48,7 +49,7 @@ def mib_spec(size: int) -> str:
 
 
 def test_dry_run_fake_ipc50_1g_is_what_the_planner_says(tmp_path, no_gpu):
-    config = make_config("fake", 50)
+    config = decide_precisions(make_config("fake", 50), "cuda:0")
     shape = dataset_shape("fake")
     assert shape == DatasetShape(10, 3, 32, 640)  # fake without options is CIFAR-10-shaped
     args = ["--store", tmp_path / "store", "distill", "fake", "--ipc", "50", "--dry-run", "--gpu-mem", "1G", "--json"]
@@ -95,7 +96,7 @@ def test_dry_run_default_cuda_plan_is_frugal_and_gpu_mem_all_is_the_fastest(tmp_
     whose estimated time is within 10% of the fastest (it says why), --gpu-mem all the fastest
     that fits the free memory (the old default)."""
     monkeypatch.setattr("ncfm_core.planner.detect_memory", lambda device: (140 * 2**30, 141 * 2**30))
-    config, shape = make_config("cifar100", 50), dataset_shape("cifar100")
+    config, shape = decide_precisions(make_config("cifar100", 50), "cuda:0"), dataset_shape("cifar100")
     base = ["--store", tmp_path / "store", "--json", "distill", "cifar100", "--ipc", "50", "--dry-run"]
     frugal = one_json(invoke(*base, "--device", "cuda"))["plan"]
     fastest = one_json(invoke(*base, "--gpu-mem", "all"))["plan"]
@@ -112,14 +113,15 @@ def test_dry_run_default_cuda_plan_is_frugal_and_gpu_mem_all_is_the_fastest(tmp_
 
 def test_tiny_budget_exits_4_with_the_minimum_and_writes_nothing(tmp_path, no_gpu):
     store = tmp_path / "store"
-    config = make_config("fake", 50)
+    config = decide_precisions(make_config("fake", 50), "cuda")
     minimum = plan_path(config, dataset_shape("fake"), "cuda")[-1].estimated_peak_bytes
     result = invoke("--store", store, "distill", "fake", "--ipc", "50", "--dry-run", "--gpu-mem", "10M", expect=4)
     line = error_line(result)
     assert f"needs at least {mib_spec(minimum)}" in line and f"--gpu-mem to at least {mib_spec(minimum)}" in line
 
     # A real run (planned for this CPU) refuses before it creates anything.
-    cpu_config = make_config("fake", 2, pool_size=1, pool_epochs=0, num_freqs=16, real_per_class=4, width=8)
+    cpu_config = decide_precisions(make_config("fake", 2, pool_size=1, pool_epochs=0, num_freqs=16, real_per_class=4,
+                                               width=8), "cpu")
     cpu_minimum = plan_path(cpu_config, dataset_shape("fake"), "cpu")[-1].estimated_peak_bytes
     result = invoke("--store", store, "distill", "fake", "--ipc", "2", *TINY, "--gpu-mem", "1M", expect=4)
     assert f"needs at least {mib_spec(cpu_minimum)}" in error_line(result)
@@ -155,7 +157,7 @@ def test_fraction_without_a_known_device_size_is_a_clear_usage_error(tmp_path, n
 
 
 def test_no_checkpointing_refuses_a_plan_that_needs_it(tmp_path, no_gpu):
-    config = make_config("fake", 50)
+    config = decide_precisions(make_config("fake", 50), "cuda")
     needing = next(p for p in plan_path(config, dataset_shape("fake"), "cuda") if p.activation_checkpointing)
     budget = str(needing.estimated_peak_bytes)  # a whole number is bytes
     out = one_json(invoke("--store", tmp_path, "--json", "distill", "fake", "--ipc", "50", "--dry-run",

@@ -1,4 +1,5 @@
-"""Device resolution, on this machine and on a simulated CUDA machine.
+"""Device resolution and the precision decision, on this machine and on a simulated CUDA
+machine (``tests/simulated_cuda.py``).
 
 The simulation keeps the contract of the CUDA API where it matters to us: like
 ``torch.cuda.set_per_process_memory_fraction``, the capping call refuses a device without an
@@ -10,9 +11,8 @@ device without an index fails the suite anywhere.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
+import simulated_cuda as simulation
 import torch
 from cli_runner import invoke, one_json
 
@@ -30,43 +30,15 @@ from ncfm_core.store import Store
 
 pytestmark = pytest.mark.cuda  # the GPU check runs these too, next to the real CUDA tests
 
-GiB = 2**30
-SIMULATED_TOTAL = 80 * GiB
-
-
-class SimulatedCuda:
-    """What the tests saw the CUDA API asked: the memory caps, as (fraction, index)."""
-
-    def __init__(self, count: int, current: int = 0):
-        self.count = count
-        self.current = current
-        self.caps: list[tuple[float, int]] = []
-
-    def set_per_process_memory_fraction(self, fraction, device=None) -> None:
-        # torch's own argument checks: an index is required (None means the current device).
-        index = self.current if device is None else torch.cuda._utils._get_device_index(device)
-        if not isinstance(fraction, float) or not 0 <= fraction <= 1:
-            raise ValueError(f"Invalid fraction value: {fraction}. Allowed range: 0~1")
-        if not 0 <= index < self.count:
-            raise RuntimeError(f"invalid device index {index}")
-        self.caps.append((fraction, index))
+GiB = simulation.GiB
 
 
 @pytest.fixture
-def simulated_cuda(monkeypatch) -> SimulatedCuda:
-    """A machine with two 80 GiB CUDA devices (bf16-capable), as far as ncfm's resolution,
-    planning and capping can tell; no kernel ever runs on it."""
-    machine = SimulatedCuda(count=2)
-    props = SimpleNamespace(name="Simulated GPU", total_memory=SIMULATED_TOTAL)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: machine.count)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: machine.current)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: props.name)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (SIMULATED_TOTAL - GiB, SIMULATED_TOTAL))
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
-    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", machine.set_per_process_memory_fraction)
-    return machine
+def simulated_cuda(monkeypatch) -> simulation.SimulatedCuda:
+    """A machine with two 80 GiB CUDA devices (bf16-capable unless ``simulated_cuda.bf16`` is
+    set False), as far as ncfm's resolution, planning and capping can tell; no kernel ever runs
+    on it."""
+    return simulation.install(monkeypatch.setattr, count=2)
 
 
 @pytest.fixture
@@ -142,10 +114,18 @@ def test_planning_without_a_gpu_plans_for_an_indexed_cuda_device(no_accelerator)
     assert planning_device("auto", None)[0] == torch.device("cpu")
 
 
-def test_job_device_is_resolved_once_and_kept(simulated_cuda):
+def test_job_device_is_resolved_once_at_the_job_boundary(simulated_cuda):
     device = JobDevice.resolve("cuda")
     assert device.device == torch.device("cuda", 0) and str(device) == "cuda:0"
-    assert JobDevice.resolve(device) is device
+
+    @parallel.ranked_job
+    def job(store, device="auto"):
+        return device
+
+    assert job(None, "cuda:1").device == torch.device("cuda", 1)
+    # A device resolved before the boundary would miss LOCAL_RANK under torchrun: refused.
+    with pytest.raises(TypeError, match="takes the device as asked"):
+        job(None, device)
 
 
 # -- the simulated CUDA API itself -------------------------------------------------------------
@@ -170,7 +150,7 @@ def stop_before_the_loop(monkeypatch):
     reached = {}
 
     def stop(store, version, config, dataset, spec, device, **kwargs):
-        reached.update(device=device, version=version)
+        reached.update(device=device, version=version, config=config)
         raise _StopBeforeTheLoop
 
     # distill_job calls the run through its own module's name for it
@@ -245,7 +225,7 @@ def test_cli_dry_run_under_a_gpu_budget_plans_for_cuda_0(tmp_path, simulated_cud
     assert out["plan"]["estimated_peak_bytes"] <= out["plan"]["budget_bytes"]
 
 
-# -- precision under several processes -------------------------------------------------------
+# -- precision: decided once, in the plan ----------------------------------------------------
 
 
 @pytest.mark.parametrize(("bf16", "world_size", "expected"), [
@@ -253,24 +233,21 @@ def test_cli_dry_run_under_a_gpu_budget_plans_for_cuda_0(tmp_path, simulated_cud
     (False, 1, "fp16"),  # one process: fp16 with its loss scaler
     (False, 2, "fp32"),  # several: per-rank loss scalers would disagree, so never fp16
 ])
-def test_auto_precision_never_picks_fp16_for_several_processes(simulated_cuda, monkeypatch, bf16, world_size,
-                                                                 expected):
+def test_auto_precision_never_picks_fp16_for_several_processes(simulated_cuda, bf16, world_size, expected):
     from ncfm_core.devices import resolve_precision
 
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    simulated_cuda.bf16 = bf16
     assert resolve_precision("auto", "cuda:0", world_size) == expected
     assert resolve_precision("fp16", "cuda:0", world_size) == "fp16"  # what the user asked stays theirs
 
 
 def test_a_torchrun_job_on_a_gpu_without_bf16_plans_fp32_not_an_fp16_it_then_refuses(simulated_cuda,
                                                                                     monkeypatch):
-    from ncfm_core import parallel
-    from ncfm_core.config import make_config
     from ncfm_core.data import dataset_shape
     from ncfm_core.devices import MemoryBudget
     from ncfm_core.jobs import make_plan
 
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    simulated_cuda.bf16 = False
     config = make_config("cifar10", 10)
     device = torch.device("cuda", 0)
     budget = MemoryBudget.resolve("20G", device)
@@ -280,3 +257,38 @@ def test_a_torchrun_job_on_a_gpu_without_bf16_plans_fp32_not_an_fp16_it_then_ref
     several, record = make_plan(config, dataset_shape("cifar10"), device, budget)
     assert several.precision == "fp32" and record["plan"]["precision"] == "fp32"
     assert several.apply(config).precision == "fp32"  # what the ranks' ShardedDistiller then accepts
+
+
+@pytest.mark.parametrize(("bf16", "world_size", "expected"), [
+    (True, 1, "bf16"), (True, 2, "bf16"), (False, 1, "fp16"), (False, 2, "fp32"),
+])
+def test_the_distill_job_decides_both_precisions_in_its_plan_and_hands_the_values_down(
+    tmp_path, simulated_cuda, stop_before_the_loop, monkeypatch, bf16, world_size, expected
+):
+    """The real job path on a simulated GPU (bf16-capable or not) in a world of 1 or 2: the plan
+    decides "auto" once, for the machine and the world size; the loop, the manifest's config and
+    its plan all get the decided values, never "auto"."""
+    simulated_cuda.bf16 = bf16
+    if world_size > 1:  # rank 0's view under torchrun, which the plan asks for the world size
+        monkeypatch.setattr(parallel.context, "_context", parallel.DistContext(rank=0, world_size=world_size))
+    config = make_config("fake", 1, iterations=2, pool_size=1, pool_epochs=0)
+    assert (config.precision, config.cf_precision) == ("auto", "auto")
+    with pytest.raises(_StopBeforeTheLoop):
+        jobs.distill_job(Store(tmp_path / "store"), config, gpu_mem="2.5G")
+    handed_down = stop_before_the_loop["config"]
+    assert (handed_down.precision, handed_down.cf_precision) == (expected, "tf32")
+    manifest = stop_before_the_loop["version"].manifest()
+    assert (manifest["config"]["precision"], manifest["config"]["cf_precision"]) == (expected, "tf32")
+    assert (manifest["plan"]["precision"], manifest["plan"]["cf_precision"]) == (expected, "tf32")
+    dry_run = jobs.plan_job(config, gpu_mem="2.5G")  # --dry-run shows the same decision
+    assert (dry_run["config"]["precision"], dry_run["plan"]["precision"]) == (expected, expected)
+
+
+def test_explicit_precisions_are_kept_and_cpu_projections_are_fp32(simulated_cuda):
+    from ncfm_core.jobs.plan import decide_precisions
+
+    simulated_cuda.bf16 = False
+    asked = make_config("fake", 1, precision="bf16", cf_precision="fp32")
+    assert decide_precisions(asked, "cuda:0", world_size=2) == asked  # the user's choice stays theirs
+    on_cpu = decide_precisions(make_config("fake", 1, cf_precision="tf32"), "cpu", world_size=2)
+    assert (on_cpu.precision, on_cpu.cf_precision) == ("fp32", "fp32")  # no autocast, no TF32 off CUDA

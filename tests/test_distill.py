@@ -6,6 +6,7 @@ from ncfm_core.config import make_config
 from ncfm_core.data import load_dataset
 from ncfm_core.distill import Distiller, LoopHooks, checkpoint_due
 from ncfm_core.errors import CorruptArtifactError
+from ncfm_core.jobs.plan import decide_precisions
 from ncfm_core.pool import PoolSpec, train_pool
 from ncfm_core.sampler import reverse_gradient
 from ncfm_core.synset import decode_synset
@@ -14,10 +15,10 @@ from ncfm_core.synset import decode_synset
 @pytest.fixture(scope="module")
 def tiny():
     dataset = load_dataset("fake", num_classes=3, channels=1, image_size=8, train_per_class=12, test_per_class=4)
-    base = make_config(
+    base = decide_precisions(make_config(  # as a job's plan decides them: fp32 on the CPU
         "fake", 2, factor=2, width=8, pool_size=2, pool_epochs=1, pool_batch=16, real_per_class=10, num_freqs=32,
         iterations=6, seed=5,
-    )
+    ), "cpu")
     pool = train_pool(PoolSpec.from_config(base, dataset), dataset, "cpu")
     return dataset, base, pool
 
@@ -328,9 +329,11 @@ def test_tf32_cf_precision_changes_nothing_on_cpu(tiny):
     """cf_precision tf32 is a CUDA lever: on CPU the run is the fp32 run, bit for bit."""
     dataset, base, pool = tiny
     runs = []
-    for cf_precision in ("fp32", "tf32", "auto"):
+    for cf_precision in ("fp32", "tf32"):  # tf32 handed to the loop as it is: CPU tensors project in fp32
         d = Distiller(base.replace(cf_precision=cf_precision), dataset, pool, "cpu")
-        assert d.cf_precision == "fp32"
+        assert d.cf_precision == cf_precision
         d.run(3)
         runs.append(d.images.detach())
-    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+    assert torch.equal(runs[0], runs[1])
+    for asked in ("tf32", "auto"):  # what a job's plan hands the loop on the CPU
+        assert decide_precisions(base.replace(cf_precision=asked), "cpu").cf_precision == "fp32"

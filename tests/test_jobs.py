@@ -230,6 +230,25 @@ def test_resume_without_checkpoint_starts_over(tmp_path):
     assert torch.equal(synset_images(version), synset_images(reference))
 
 
+def test_resume_decides_the_precisions_of_a_run_recorded_undecided(tmp_path):
+    """A manifest from before cf_precision existed has no such field (the config then reads its
+    default, "auto"): resume decides it through the plan's one function, so the loop never gets
+    "auto", and records the decided values; the run is the run it always was."""
+    store = Store(tmp_path)
+    reference = distill_job(Store(tmp_path / "reference"), tiny_config(iterations=5))
+    version = distill_job(store, tiny_config(iterations=5))
+    recorded = version.manifest()["config"]
+    assert (recorded["precision"], recorded["cf_precision"]) == ("fp32", "fp32")  # decided by the plan
+    older = {key: value for key, value in recorded.items() if key != "cf_precision"} | {"precision": "auto"}
+    version.checkpoint_path.unlink()
+    store.update_manifest(version, config=older, status="failed", iterations_done=3)
+    resume_job(store, version.ref)
+    manifest = version.manifest()
+    assert manifest["status"] == "complete"
+    assert (manifest["config"]["precision"], manifest["config"]["cf_precision"]) == ("fp32", "fp32")
+    assert torch.equal(synset_images(version), synset_images(reference))
+
+
 def test_resume_complete_extends_into_a_child_version(tmp_path):
     store = Store(tmp_path)
     longer = distill_job(Store(tmp_path / "reference"), tiny_config(iterations=7))

@@ -7,6 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ncfm_core import memory_model
 from ncfm_core.config import make_config
 from ncfm_core.data import DatasetShape
+from ncfm_core.jobs.plan import decide_precisions
 from ncfm_core.memory_model import Plan, estimate_iteration_flops, estimate_memory
 from ncfm_core.models import create_network
 from ncfm_core.planner import plan_path
@@ -56,7 +57,7 @@ def test_flop_model_matches_the_flop_counter():
         net(torch.rand(3, 3, 16, 16))
     sizes = memory_model._convnet_sizes(config, shape, "fp32")
     assert 3 * (sizes.forward_flops + sizes.classifier_flops) == counter.get_total_flops()
-    plan = plan_path(config, shape, "cpu")[0]
+    plan = plan_path(decide_precisions(config, "cpu"), shape, "cpu")[0]
     flops = estimate_iteration_flops(config, shape, plan)
     assert flops["total"] == sum(v for k, v in flops.items() if k != "total")
     # 10 train images per class here: the draw is capped at the class (issue 14), not the 64 asked
@@ -67,7 +68,7 @@ def test_planning_uses_the_capped_real_draw():
     """Asking more real images per class than the classes hold plans exactly like asking the
     class size (the distiller never draws a duplicate): same peak, same FLOPs, same plan path."""
     shape = DatasetShape(100, 3, 32, 50_000)  # CIFAR-100: 500 per class
-    over, exact = make_config("fake", 50, real_per_class=1024), make_config("fake", 50, real_per_class=500)
+    over, exact = (decide_precisions(make_config("fake", 50, real_per_class=n), "cuda:0") for n in (1024, 500))
     assert memory_model.real_per_class_drawn(over, shape) == 500
     path_over, path_exact = plan_path(over, shape, "cuda:0"), plan_path(exact, shape, "cuda:0")
     assert [p.to_dict() for p in path_over] == [p.to_dict() for p in path_exact]
@@ -95,7 +96,7 @@ def test_time_model_reproduces_the_h200_measurements_it_was_calibrated_on():
 def test_traced_model_covers_other_networks():
     config = make_config("fake", 1, network="alexnet")
     shape = DatasetShape(10, 3, 32, 640)
-    plan = plan_path(config, shape, "cpu")[0]
+    plan = plan_path(decide_precisions(config, "cpu"), shape, "cpu")[0]
     estimate = estimate_memory(config, shape, plan)
     assert estimate.peak_bytes > 0 and estimate.phase in ("real", "synthetic", "real-backward")
     assert estimate_iteration_flops(config, shape, plan)["synthetic forward"] > 0

@@ -28,7 +28,9 @@ from ncfm_core.config import make_config
 from ncfm_core.data import load_dataset
 from ncfm_core.distill import Distiller, _owned_rows_of_state
 from ncfm_core.errors import ConfigError
-from ncfm_core.parallel import merge_shard_states, repeats_of_rank, shard_classes
+from ncfm_core.jobs.plan import decide_precisions
+from ncfm_core.parallel import DistContext, ShardedDistiller, merge_shard_states, repeats_of_rank, shard_classes
+from ncfm_core.pool import PoolSpec, train_pool
 from ncfm_core.store import load_state, load_synset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -102,6 +104,23 @@ def test_cut_then_merge_of_a_state_is_the_identity():
         assert torch.equal(merged["image_optimizer"]["state"][0][name], state["image_optimizer"]["state"][0][name])
 
 
+def test_a_rank_computes_with_the_plans_precision_and_refuses_fp16_and_auto():
+    """ShardedDistiller takes the precision rank 0's plan decided (sent in its order): it checks
+    (no fp16 under several processes: per-rank loss scalers would skip different steps) and
+    never decides "auto" itself. Both refusals come before any collective."""
+    dataset, config = _tiny_setup()
+    config = config.replace(pool_epochs=0)
+    pool = train_pool(PoolSpec.from_config(config, dataset), dataset, "cpu")
+    ctx = DistContext(rank=1, world_size=2, backend="gloo")  # no group: nothing here may communicate
+    decided = decide_precisions(config, "cpu", world_size=2)
+    with pytest.raises(ConfigError, match="fp16 is not supported with several processes"):
+        ShardedDistiller(decided.replace(precision="fp16"), dataset, pool, torch.device("cpu"), ctx, checkpoint_every=2)
+    with pytest.raises(ConfigError, match=r"Distiller was given precision 'auto'; .*decide_precisions"):
+        ShardedDistiller(decided.replace(precision="auto"), dataset, pool, torch.device("cpu"), ctx, checkpoint_every=2)
+    rank_one = ShardedDistiller(decided, dataset, pool, torch.device("cpu"), ctx, checkpoint_every=2)
+    assert (rank_one.precision, rank_one.cf_precision) == ("fp32", "fp32") and rank_one.classes == range(2, 4)
+
+
 # ----------------------------------------------------------------------------- 2 gloo processes
 
 
@@ -120,12 +139,12 @@ def _two_rank_worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     from ncfm_core import parallel
     from ncfm_core.evaluate import evaluate_images, protocol_config
-    from ncfm_core.pool import PoolSpec, train_pool
 
     device = torch.device("cpu")
     ctx = parallel.init_from_env(device)
     assert (ctx.rank, ctx.world_size, ctx.backend) == (rank, 2, "gloo")
     dataset, config = _tiny_setup()
+    config = decide_precisions(config, device)  # as rank 0's plan does, for this world of 2
     spec = PoolSpec.from_config(config, dataset)
     pool, cached = parallel.distributed_load_or_train_pool(spec, dataset, device,
                                                               cache_dir=Path(out_dir) / "pool")
@@ -327,3 +346,24 @@ def test_torchrun_eval_spreads_repeats_and_equals_one_process(tmp_path):
     _, stderr = missing.communicate(timeout=POLL_LIMIT_S)
     assert missing.returncode != 0
     assert stderr.count("error: no artifact named 'nope'") == 1, stderr
+
+
+def test_torchrun_api_calls_resolve_each_ranks_own_gpu(tmp_path):
+    """``ncfm_core.distill(...)`` and ``ncfm_core.evaluate(images in memory)`` under torchrun on a
+    simulated machine of two GPUs: the device is resolved at the job boundary, with LOCAL_RANK, so
+    rank 1 computes on cuda:1 (the API once resolved it itself, before the boundary, and put every
+    rank on cuda:0). See tests/torchrun_api_rank.py for what each rank records."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               str(REPO_ROOT / "tests" / "torchrun_api_rank.py"), str(tmp_path)]
+    run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=POLL_LIMIT_S)
+    assert run.returncode == 0, run.stderr
+    rank0, rank1 = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1))
+    for rank in (rank0, rank1):  # each call really reached the point where the work starts
+        assert set(rank["ended"]) == {"distill", "evaluate"}
+        assert all("stopped where the work would start" in how for how in rank["ended"].values()), rank["ended"]
+    assert rank0["joined"] == ["cuda:0", "cuda:0"] and rank0["computed"] == {"distill": "cuda:0",
+                                                                             "evaluate": "cuda:0"}
+    assert rank1["joined"] == ["cuda:1", "cuda:1"]
+    assert rank1["computed"] == {}  # a follower runs rank 0's orders, never the job itself

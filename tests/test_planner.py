@@ -18,7 +18,8 @@ from ncfm_core.devices import (
     resolve_device,
 )
 from ncfm_core.distill import Distiller
-from ncfm_core.errors import BudgetInfeasibleError
+from ncfm_core.errors import BudgetInfeasibleError, ConfigError
+from ncfm_core.jobs.plan import decide_precisions
 from ncfm_core.memory_model import estimate_peak_bytes
 from ncfm_core.planner import plan_path, plan_run
 from ncfm_core.pool import PoolSpec, train_pool
@@ -31,12 +32,27 @@ CIFAR100 = DatasetShape(100, 3, 32, 50_000)
 # -- the planner ------------------------------------------------------------------------------
 
 
+def cuda_config(dataset, ipc, **options):
+    """A config planned for CUDA: its precisions decided as a job's plan decides them (bf16 and
+    TF32 projections where, as here, there is no GPU to ask); the planner refuses "auto"."""
+    return decide_precisions(make_config(dataset, ipc, **options), "cuda")
+
+
 def _configs():
     return [
-        ("cifar100 ipc50 psi", make_config("cifar100", 50), CIFAR100),
-        ("cifar10 ipc10 gaussian", make_config("cifar10", 10, sampler=False), CIFAR10),
-        ("cifar10 ipc1 mmd", make_config("cifar10", 1, matching="mmd", calib_weight=0.0), CIFAR10),
+        ("cifar100 ipc50 psi", cuda_config("cifar100", 50), CIFAR100),
+        ("cifar10 ipc10 gaussian", cuda_config("cifar10", 10, sampler=False), CIFAR10),
+        ("cifar10 ipc1 mmd", cuda_config("cifar10", 1, matching="mmd", calib_weight=0.0), CIFAR10),
     ]
+
+
+def test_the_planner_refuses_undecided_precisions_and_names_where_they_are_decided():
+    for undecided in (dict(precision="auto"), dict(cf_precision="auto")):
+        config = cuda_config("cifar10", 10).replace(**undecided)
+        with pytest.raises(ConfigError, match=r"the planner was given .*'auto'.*jobs\.plan\.decide_precisions"):
+            plan_path(config, CIFAR10, "cuda")
+        with pytest.raises(ConfigError, match="decide_precisions"):
+            plan_run(config, CIFAR10, "cuda", parse_memory("4G"))
 
 
 @pytest.mark.parametrize("name, config, shape", _configs(), ids=[c[0] for c in _configs()])
@@ -77,7 +93,7 @@ def test_planner_is_monotonic_in_the_budget(name, config, shape):
 
 
 def test_infeasible_budget_states_the_minimum_that_works():
-    config = make_config("cifar100", 50)
+    config = cuda_config("cifar100", 50)
     with pytest.raises(BudgetInfeasibleError) as caught:
         plan_run(config, CIFAR100, "cuda", parse_memory("100M"))
     err = caught.value
@@ -94,7 +110,7 @@ def test_infeasible_budget_states_the_minimum_that_works():
 
 
 def test_without_a_budget_the_plan_uses_free_memory_minus_a_margin():
-    config = make_config("cifar10", 10)
+    config = decide_precisions(make_config("cifar10", 10), "cpu")
     free = 8 * GiB
     plan = plan_run(config, CIFAR10, "cpu", None, free_bytes=free)
     assert plan.budget_bytes == free - int(free * planner.FREE_MARGIN_FRACTION)
@@ -128,7 +144,7 @@ def _frugal_path_check(config, shape, free):
 
 
 def test_default_cuda_plan_is_the_smallest_within_ten_percent_of_the_fastest():
-    config = make_config("cifar100", 50)
+    config = cuda_config("cifar100", 50)
     chosen, fastest = _frugal_path_check(config, CIFAR100, 140 * GiB)
     assert (fastest.real_chunk, fastest.class_chunk) == (4096, 100) and fastest.estimated_peak_bytes > 80 * GiB
     assert "--gpu-mem all" in fastest.chosen_because and "fastest" in fastest.chosen_because
@@ -136,7 +152,8 @@ def test_default_cuda_plan_is_the_smallest_within_ten_percent_of_the_fastest():
     assert "smallest plan within 10%" in chosen.chosen_because
     budgeted = plan_run(config, CIFAR100, "cuda", parse_memory("2.5G"))
     assert budgeted.chosen_because == "the fastest plan that fits the budget"
-    cpu = plan_run(config, CIFAR100, "cpu", None, free_bytes=140 * GiB)  # no time model: the fastest
+    cpu_config = decide_precisions(make_config("cifar100", 50), "cpu")
+    cpu = plan_run(cpu_config, CIFAR100, "cpu", None, free_bytes=140 * GiB)  # no time model: the fastest
     assert cpu.estimated_seconds is None and "no time model" in cpu.chosen_because
     assert (cpu.real_chunk, cpu.class_chunk) == (fastest.real_chunk, fastest.class_chunk)
 
@@ -168,7 +185,7 @@ def test_frugal_choice_never_switches_checkpointing_on(monkeypatch):
     from ncfm_core import memory_model
 
     monkeypatch.setattr(memory_model, "CUDA_TIME_MODEL", memory_model.TimeModel(1e30, 1e-9, "test"))
-    config = make_config("cifar10", 10, sampler=False)
+    config = cuda_config("cifar10", 10, sampler=False)
     plan = plan_run(config, CIFAR10, "cuda", None, free_bytes=256 * GiB)
     assert not plan.activation_checkpointing
     assert plan.estimated_peak_bytes == min(
@@ -181,7 +198,7 @@ def test_frugal_choice_follows_the_time_model(monkeypatch):
     recomputation's extra FLOPs; a huge per-pass cost: every pass counts, so the fastest."""
     from ncfm_core import memory_model
 
-    config = make_config("cifar100", 50)
+    config = cuda_config("cifar100", 50)
     path = plan_path(config, CIFAR100, "cuda")
     cheap = memory_model.TimeModel(28.8e12, 1e-9, "test")
     monkeypatch.setattr(memory_model, "CUDA_TIME_MODEL", cheap)
@@ -193,25 +210,27 @@ def test_frugal_choice_follows_the_time_model(monkeypatch):
 
 
 def test_plan_records_the_cf_precision():
-    """CF projections in TF32 on CUDA (issue 14), fp32 elsewhere or when asked; the plan records
-    it and applies it to the config, so the manifest says how the projections ran."""
+    """CF projections in TF32 on CUDA (issue 14), fp32 elsewhere or when asked; the plan decides
+    it, records it and applies it to the config, so the manifest says how the projections ran."""
     config = make_config("cifar10", 10)
-    cuda = plan_run(config, CIFAR10, "cuda", parse_memory("4G"))
+    cuda = plan_run(decide_precisions(config, "cuda"), CIFAR10, "cuda", parse_memory("4G"))
     assert cuda.cf_precision == "tf32" == cuda.apply(config).cf_precision
-    assert plan_run(config, CIFAR10, "cpu", None, free_bytes=8 * GiB).apply(config).cf_precision == "fp32"
-    fp32 = config.replace(cf_precision="fp32")
+    for asked in ("auto", "tf32"):  # no TF32 off CUDA: asking for it changes nothing there
+        cpu_config = decide_precisions(config.replace(cf_precision=asked), "cpu")
+        assert plan_run(cpu_config, CIFAR10, "cpu", None, free_bytes=8 * GiB).apply(config).cf_precision == "fp32"
+    fp32 = decide_precisions(config.replace(cf_precision="fp32"), "cuda")
     assert plan_run(fp32, CIFAR10, "cuda", parse_memory("4G")).cf_precision == "fp32"
 
 
 def test_options_fixed_in_the_config_are_kept():
-    config = make_config("cifar100", 10, real_chunk=100, class_chunk=30, precision="fp32")
+    config = cuda_config("cifar100", 10, real_chunk=100, class_chunk=30, precision="fp32")
     path = plan_path(config, CIFAR100, "cuda")
     assert {(p.real_chunk, p.class_chunk, p.precision) for p in path} == {(100, 30, "fp32")}
     assert [p.activation_checkpointing for p in path] == [False, True]
 
 
 def test_plan_applies_to_the_config_and_serialises():
-    config = make_config("cifar10", 10)
+    config = cuda_config("cifar10", 10)
     plan = plan_run(config, CIFAR10, "cuda", parse_memory("1G"))
     applied = plan.apply(config)
     assert (applied.real_chunk, applied.class_chunk, applied.precision, applied.activation_checkpointing) == (
@@ -244,15 +263,26 @@ def tiny():
 
 
 def _one_step(config, dataset, pool):
-    d = Distiller(config, dataset, pool, "cpu")
+    d = Distiller(decide_precisions(config, "cpu"), dataset, pool, "cpu")
     return d.step(), d
+
+
+def test_a_distiller_refuses_undecided_precisions(tiny):
+    """The loop computes with the plan's precisions and never decides "auto" itself (it would
+    not know the world size): the error names the one function that decides."""
+    dataset, base, pool = tiny
+    assert (base.precision, base.cf_precision) == ("auto", "auto")
+    for undecided in (dict(precision="auto"), dict(cf_precision="auto")):
+        config = decide_precisions(base, "cpu").replace(**undecided)
+        with pytest.raises(ConfigError, match=r"Distiller was given \w+ 'auto'; .*jobs\.plan\.decide_precisions"):
+            Distiller(config, dataset, pool, "cpu")
 
 
 @pytest.mark.parametrize("sampler", [True, False])
 def test_the_smallest_plan_gives_the_same_step_as_none(tiny, sampler):
     dataset, base, pool = tiny
     config = base.replace(sampler=sampler)
-    smallest = plan_path(config.replace(real_chunk=4), DatasetShape.of(dataset), "cpu")[-1]
+    smallest = plan_path(decide_precisions(config.replace(real_chunk=4), "cpu"), DatasetShape.of(dataset), "cpu")[-1]
     assert smallest.class_chunk == 1 and smallest.activation_checkpointing and smallest.real_chunk == 4
     m1, whole = _one_step(config, dataset, pool)
     m2, planned = _one_step(smallest.apply(config), dataset, pool)
@@ -329,7 +359,7 @@ def test_capped_cuda_run_stays_under_its_budget(tiny):
     config = base.replace(real_per_class=12)
     limit = parse_memory("256M")
     device, _ = resolve_device("cuda")  # cuda:N: the allocator cap needs the index
-    plan = plan_run(config, DatasetShape.of(dataset), device, limit)
+    plan = plan_run(decide_precisions(config, device), DatasetShape.of(dataset), device, limit)
     reset_peak(device)
     cap_device_memory(device, limit)
     try:
@@ -348,7 +378,7 @@ def test_cuda_low_precision_step_is_close_to_fp32_and_losses_are_read_lazily(tin
     dataset, base, pool = tiny
 
     def first_loss(config):
-        d = Distiller(config, dataset, pool, "cuda")
+        d = Distiller(decide_precisions(config, "cuda"), dataset, pool, "cuda")
         metrics = d.step()
         assert metrics["loss_iteration"] == 0  # not read back yet: no host sync in the step
         d._read_pending()

@@ -12,6 +12,7 @@ from ncfm_core.config import make_config
 from ncfm_core.data import load_dataset
 from ncfm_core.distill import Distiller
 from ncfm_core.evaluate import EvalConfig, evaluate_images, evaluate_synset, random_real_subset
+from ncfm_core.jobs.plan import decide_precisions
 from ncfm_core.pool import PoolSpec, train_pool
 
 pytestmark = pytest.mark.slow
@@ -26,7 +27,7 @@ def digits():
 
 
 def test_distilled_digits_beat_random_real_images_by_a_wide_margin(digits):
-    config = make_config("digits", 1, **FAST_DIGITS)
+    config = decide_precisions(make_config("digits", 1, **FAST_DIGITS), "cpu")
     pool = train_pool(PoolSpec.from_config(config, digits), digits, "cpu")
     distiller = Distiller(config, digits, pool, "cpu")
     distiller.run(config.iterations)

@@ -21,6 +21,7 @@ from ncfm_core.config import make_config
 from ncfm_core.data import load_dataset
 from ncfm_core.distill import Distiller
 from ncfm_core.evaluate import EvalConfig, EvalResult, evaluate_images, evaluate_synset, random_real_subset
+from ncfm_core.jobs.plan import decide_precisions
 from ncfm_core.pool import PoolSpec, train_pool
 
 pytestmark = pytest.mark.slow
@@ -64,7 +65,7 @@ def random_results(mnist5k):
 
 
 def distill(dataset, pool, ipc: int, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
-    config = make_config("mnist5k", ipc, **{**GATE, **PER_IPC[ipc], "iterations": iterations})
+    config = decide_precisions(make_config("mnist5k", ipc, **{**GATE, **PER_IPC[ipc], "iterations": iterations}), "cpu")
     distiller = Distiller(config, dataset, pool, "cpu")
     distiller.run(config.iterations)
     return distiller.synthetic_set()

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ncfm_core import parallel
 from ncfm_core import store as store_lib
@@ -27,6 +27,7 @@ from ncfm_core.evaluate import (
     evaluate_full_baseline,
     evaluate_models,
     evaluate_random_baseline,
+    evaluate_synset,
     teacher_from_pool,
 )
 from ncfm_core.jobs.common import (
@@ -228,6 +229,28 @@ def _model_entry(
         found["full"]["accuracy"]["mean"] if "full" in found else None,
     )
     return entry
+
+
+@parallel.ranked_job
+def eval_images_job(
+    images: Tensor,
+    labels: Tensor,
+    dataset: ImageDataset,
+    eval_config: EvalConfig,
+    *,
+    factor: int = 1,
+    device: str | JobDevice = "auto",
+    callback: JobCallback | None = None,
+) -> EvalResult:
+    """Train ``eval_config.repeats`` fresh networks on a synthetic set held in memory and test
+    them on ``dataset``'s test split, recording nothing: ``ncfm_core.evaluate`` of a set that is
+    not a stored result. ``images`` (N, C, H, W) in [0, 1] hold ``factor x factor`` tiles each
+    (1: already decoded), ``labels`` (N,). A job like :func:`eval_job`: ``device`` is resolved
+    at its boundary (under torchrun, each rank's ``cuda:LOCAL_RANK``) and the repeats are spread
+    over the ranks, each of which returns rank 0's result."""
+    on_repeat = None if callback is None else _repeat_reporter(emitter(callback), "synthetic", eval_config)
+    return evaluate_synset(images, labels, factor, dataset, eval_config, device.device, on_repeat,
+                           evaluator=parallel.job_evaluator())
 
 
 @parallel.ranked_job

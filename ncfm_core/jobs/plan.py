@@ -1,4 +1,5 @@
-"""``ncfm distill --dry-run``: the memory plan of a run, without data or a GPU."""
+"""A run's plan: its precisions, decided once (:func:`decide_precisions`), and its memory plan
+(:func:`make_plan`); ``ncfm distill --dry-run`` shows it without data or a GPU (:func:`plan_job`)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from typing import Any
 
 import torch
 
+from ncfm_core import parallel
+from ncfm_core.cf import resolve_cf_precision
 from ncfm_core.config import DistillConfig
 from ncfm_core.data import DatasetShape, dataset_shape
-from ncfm_core import parallel
 from ncfm_core.devices import MemoryBudget, format_bytes, planning_device, resolve_precision
 from ncfm_core.errors import BudgetInfeasibleError
 from ncfm_core.jobs.common import (
@@ -17,6 +19,20 @@ from ncfm_core.jobs.common import (
 )
 from ncfm_core.memory_model import Plan, estimate_iteration_flops
 from ncfm_core.planner import plan_run
+
+
+def decide_precisions(config: DistillConfig, device: torch.device | str,
+                      world_size: int | None = None) -> DistillConfig:
+    """``config`` with its network ``precision`` and its ``cf_precision`` decided for ``device``
+    and ``world_size`` processes (default: this job's, ``parallel.current()``): the one place
+    where ``"auto"`` becomes a value (the rules: :func:`~ncfm_core.devices.resolve_precision`,
+    :func:`~ncfm_core.cf.resolve_cf_precision`). :func:`make_plan` calls it, so the plan, the
+    manifest's config and every layer below hold the decided values; the planner,
+    ``Distiller`` and ``ShardedDistiller`` refuse ``"auto"``. Code that builds a ``Distiller``
+    itself (tests, benchmarks) decides through here too."""
+    world = parallel.current().world_size if world_size is None else world_size
+    return config.replace(precision=resolve_precision(config.precision, device, world),
+                          cf_precision=resolve_cf_precision(config.cf_precision, device))
 
 
 def make_plan(
@@ -31,12 +47,13 @@ def make_plan(
 
     ``budget`` is the job's resolved budget (no bytes: plan for the free memory minus a
     margin). ``allow_checkpointing=False`` (``--no-checkpointing``) refuses plans that
-    recompute activations. Returns ``(plan, {"plan": plan.to_dict(), "flops_per_iteration": int,
+    recompute activations. The precisions are decided here, once (:func:`decide_precisions`,
+    with this job's world size: several processes never get fp16), and ``plan.apply`` carries
+    them into the config. Returns ``(plan, {"plan": plan.to_dict(), "flops_per_iteration": int,
     "gpu_mem": the budget as the user wrote it})``. :class:`BudgetInfeasibleError` (exit 4)
     naming the minimum when nothing fits.
     """
-    if config.precision == "auto":  # several processes never get fp16 (see resolve_precision)
-        config = config.replace(precision=resolve_precision("auto", device, parallel.current().world_size))
+    config = decide_precisions(config, device)
     plan = plan_run(config, shape, device, budget.bytes, fastest=budget.spec == "all")  # --gpu-mem all: the fastest
     if plan.activation_checkpointing and not config.activation_checkpointing and not allow_checkpointing:
         raise BudgetInfeasibleError(

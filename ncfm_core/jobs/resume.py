@@ -29,6 +29,7 @@ from ncfm_core.jobs.common import (
     load_job_dataset,
 )
 from ncfm_core.jobs.events import JobCallback, emitter, log
+from ncfm_core.jobs.plan import decide_precisions
 from ncfm_core.jobs.run import (
     DEFAULT_CHECKPOINT_EVERY,
     check_checkpoint_every,
@@ -50,11 +51,11 @@ def _resolve_any_status(store: Store, ref: str) -> ArtifactVersion:
     return store.resolve(ref)
 
 
-def _started_on(store: Store, arguments: dict[str, Any]) -> str | None:
+def _started_on(arguments: dict[str, Any]) -> str | None:
     """The device the version ``resume_job`` is asked for was run on (its manifest's), which
     ``--device auto`` prefers; None when it cannot be read (the job then reports why)."""
     try:
-        return str(_resolve_any_status(store, arguments["ref"]).manifest().get("device") or "cpu")
+        return str(_resolve_any_status(arguments["store"], arguments["ref"]).manifest().get("device") or "cpu")
     except NcfmError:
         return None
 
@@ -152,6 +153,9 @@ def resume_job(
     dataset = load_job_dataset(config, data_dir)
     check_fingerprint(version, manifest, dataset)
     torch_device = device.device
+    # A recorded plan holds decided precisions; a run recorded before cf_precision existed holds
+    # "auto" there, decided here by the same rule for the device it continues on.
+    config = decide_precisions(config, torch_device)
     checkpoint_every = check_checkpoint_every(int(manifest.get("checkpoint_every") or DEFAULT_CHECKPOINT_EVERY))
     recorded_device = str(manifest.get("device") or "cpu")
     if version.checkpoint_path.exists() and torch.device(recorded_device).type != torch_device.type:

@@ -131,34 +131,40 @@ def _follow(ctx: DistContext, kind: str, order: dict[str, Any], device: torch.de
     follow(ctx, order, device)
 
 
-DevicePreference = Callable[[Any, dict[str, Any]], "str | None"]
+DevicePreference = Callable[[dict[str, Any]], "str | None"]
 
 
 def ranked_job(job: JobFunction | None = None, *, prefer_device: DevicePreference | None = None) -> Any:
-    """The boundary of a job (distill, resume, eval): resolve its ``device`` argument once into
-    a :class:`~ncfm_core.devices.JobDevice` (``cuda:N``, under torchrun ``cuda:LOCAL_RANK``) and
-    call ``job`` with it, so nothing below the job re-resolves a device string.
+    """The boundary of a job (distill, resume, eval, the API's evaluation of a set in memory):
+    resolve its ``device`` argument once into a :class:`~ncfm_core.devices.JobDevice`
+    (``cuda:N``, under torchrun ``cuda:LOCAL_RANK``) and call ``job`` with it, so nothing below
+    the job re-resolves a device string. This is the only place a job's device is resolved:
+    callers (the CLI, ``ncfm_core.api``) pass what the user asked for, as a string.
 
-    ``prefer_device(store, arguments)``, if given, names the device a run started on (resume:
-    the manifest's); ``auto`` takes it when this machine has one of its type. It is asked on
-    rank 0 only: the other ranks follow rank 0's device type through its orders.
+    ``prefer_device(arguments)``, if given, names the device a run started on (resume: the
+    manifest's) from the job's bound arguments; ``auto`` takes it when this machine has one of
+    its type. It is asked on rank 0 only: the other ranks follow rank 0's device type through its
+    orders.
 
     Under torchrun rank 0 runs ``job``, sending orders for the work it spreads; the other ranks
     carry out the orders (with the registered :func:`follower` of each order's kind), then
-    return rank 0's result or raise its error. ``job`` takes ``store`` first and a ``device``
-    argument. One process: ``job`` itself, with the resolved device.
+    return rank 0's result or raise its error. ``job`` takes a ``device`` argument. One
+    process: ``job`` itself, with the resolved device.
     """
     if job is None:
         return functools.partial(ranked_job, prefer_device=prefer_device)
     signature = inspect.signature(job)
 
     @functools.wraps(job)
-    def wrapper(store: Any, *args: Any, **kwargs: Any) -> Any:
-        bound = signature.bind(store, *args, **kwargs)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
         requested = bound.arguments.get("device", "auto")
+        if isinstance(requested, JobDevice):  # resolved before the boundary: without LOCAL_RANK
+            raise TypeError(f"{job.__name__} takes the device as asked ('auto', 'cuda', 'cuda:1', ...), not a "
+                            f"JobDevice: the job boundary resolves it, with LOCAL_RANK under torchrun")
         local_rank = env_local_rank()
         leads = local_rank is None or _env_int("RANK", 0) == 0
-        prefer = prefer_device(store, bound.arguments) if prefer_device is not None and leads else None
+        prefer = prefer_device(bound.arguments) if prefer_device is not None and leads else None
         device = JobDevice.resolve(requested, local_rank=local_rank, prefer=prefer)
         bound.arguments["device"] = device
         if local_rank is None:

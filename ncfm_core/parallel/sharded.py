@@ -12,7 +12,6 @@ from torch import Tensor
 
 from ncfm_core.config import DistillConfig
 from ncfm_core.data import ImageDataset
-from ncfm_core.devices import resolve_precision
 from ncfm_core.distill import Distiller, LoopHooks, checkpoint_due
 from ncfm_core.errors import ConfigError
 from ncfm_core.parallel import spread
@@ -67,9 +66,7 @@ class ShardedDistiller(Distiller):
 
     def __init__(self, config: DistillConfig, dataset: ImageDataset, pool: Pool, device: torch.device,
                  ctx: DistContext, *, checkpoint_every: int) -> None:
-        if config.precision == "auto":
-            config = config.replace(precision=resolve_precision("auto", device, ctx.world_size))
-        if config.precision == "fp16":
+        if config.precision == "fp16":  # a check, not a decision: the plan decided the precision
             raise ConfigError("--precision fp16 is not supported with several processes (each rank's loss scaler "
                               "would skip different steps); use bf16 or fp32")
         classes = shard_classes(dataset.num_classes, ctx.world_size, ctx.rank)
