@@ -1,28 +1,28 @@
-"""The NCFM minmax loop, fused over classes, with an exact, resumable state.
+"""The distillation loop, fused over classes, with an exact, resumable state.
 
-One iteration (DESIGN.md, "Data flow"):
+One iteration (:meth:`Distiller.step`); what is matched is the config's registered matching loss
+(``ncfm_core.matching``: ``ncfm``, the characteristic-function discrepancy with psi or Gaussian
+frequencies; ``mmd``, mean matching; ...), which owns its sampler, statistics and terms:
 
-1. pick a pool member and ``beta ~ U(0, 1)``; blend its weights into the extractor in place;
-2. draw ``real_per_class`` real images of every class (capped at the smallest class: never a
-   duplicate; one vectorised op), one DSA draw per
-   class (shared by the real and the synthetic images of that class) and the frequencies;
-3. real side, no grad, chunk by chunk: features, then per-class sums of cos/sin accumulated in
-   float64 (memory bounded by the chunk); with psi the features are kept (or, with
-   checkpointing, recomputed later) for psi's gradient;
-4. synthetic side, ``class_chunk`` classes at a time: decode the multi-formation images, augment,
-   one forward, per-class CFs, per-class NCFD (plus the calibration cross-entropy), and a backward
-   that accumulates the images' gradient and the frequencies' gradient. The loss is a sum over
-   classes and the real CF does not depend on the synthetic side, so the groups' gradients add
-   up to the gradient of the whole loss;
-5. psi's gradient through the real CF (closed form, chunked), added to the frequencies' gradient,
-   then ONE backward through the sampler with the sign reversed: psi ascends what the images
-   descend; one optimiser step each; clamp pixels to [0, 1].
+1. ``_draw``: a pool member and ``beta ~ U(0, 1)`` blended into the extractor in place;
+   ``real_per_class`` real images of every class (capped at the smallest class: never a
+   duplicate; one vectorised op); one DSA draw per class (shared by the real and the synthetic
+   images of that class); then the loss's own random numbers (the frequencies);
+2. ``_real_side``: real features, no grad, chunk by chunk (memory bounded by the chunk), from
+   which the loss accumulates its per-class statistics in float64;
+3. ``_synthetic_groups``: ``class_chunk`` classes at a time, decode the multi-formation images,
+   augment, one forward, the loss per class (plus the calibration cross-entropy) and a backward.
+   The loss is a sum over classes and the real statistics do not depend on the synthetic side,
+   so the groups' gradients add up to the gradient of the whole loss;
+4. ``_sampler_backward``: a learned sampler's gradient (psi: through the real CF in closed
+   form, then ONE backward with the sign reversed: psi ascends what the images descend);
+5. ``_optimizer_step``: one step of each optimiser; clamp pixels to [0, 1].
 
 Every random number comes from one generator whose state is part of :meth:`state_dict`, so a run
 continued from a saved state ends with exactly the images of an uninterrupted run (on CPU).
 
 Precision: with bf16/fp16 only the network forwards run under autocast. Features are cast to
-float32 before the CF maths, which always run in float32: ``<t, f>`` reaches tens of radians
+float32 before the matching maths, which always run in float32: ``<t, f>`` reaches tens of radians
 once psi scales the frequencies up (scales up to 20), and bf16 keeps 8 bits of mantissa, so at
 |x| ~ 32 neighbouring bf16 values are 0.25 rad apart and cos/sin of such an argument is noise.
 On CUDA the projections ``<t, f>`` run on TF32 tensor cores by default (``cf_precision``, fp32
@@ -51,9 +51,9 @@ from ncfm_core.config import DistillConfig
 from ncfm_core.data import ImageDataset
 from ncfm_core.devices import resolve_precision
 from ncfm_core.errors import ConfigError, CorruptArtifactError
+from ncfm_core.matching import MatchingLoss, RealSide, matching_class
 from ncfm_core.models import ConvNet
 from ncfm_core.pool import Pool
-from ncfm_core.sampler import GaussianSampler, MixtureSampler, reverse_gradient
 from ncfm_core.synset import check_factor, decode_synset, init_synset
 
 ProgressCallback = Callable[[dict[str, Any]], None]
@@ -214,21 +214,10 @@ class Distiller:
             id(net): self._block_functions(net, config.compile) for net in (self.extractor, self.teacher)
         }
 
-        self.learned_sampler = config.sampler and config.matching == "ncfm"
-        if self.learned_sampler:
-            self.sampler = MixtureSampler(
-                feature_dim,
-                config.num_freqs,
-                num_components=config.num_components,
-                init_scale=config.sampler_init_scale,
-            ).to(self.device)
-            self.sampler_optimizer: torch.optim.Optimizer | None = torch.optim.Adam(
-                self.sampler.parameters(), lr=config.sampler_lr
-            )
-        else:
-            self.sampler = GaussianSampler(feature_dim, config.num_freqs, scale=config.sampler_init_scale)
-            self.sampler_optimizer = None
-
+        # The loss owns its sampler (learned psi, Gaussian or none) and that sampler's optimiser.
+        self.matching: MatchingLoss = matching_class(config.matching)(
+            config, feature_dim=feature_dim, device=self.device, cf_precision=self.cf_precision
+        )
         self.real_chunk = config.real_chunk or DEFAULT_REAL_CHUNK
         owned = len(self.classes)
         self.class_chunk = min(config.class_chunk or owned, owned)
@@ -329,64 +318,7 @@ class Distiller:
             x = augment.apply_params(x, self._real_labels[start:end], params)
             return self._embed(self._raw_features(self.extractor, x, grad=False))
 
-    @torch.no_grad()
-    def _real_statistics(
-        self, index: Tensor, params: dict[str, Tensor], freqs: Tensor | None, keep_features: bool
-    ) -> tuple[Tensor, Tensor | None, list[Tensor]]:
-        """Stream the real side chunk by chunk.
-
-        NCFM: per-class CF (re, im), each (C, F) float32 (sums kept in float64). MMD: per-class
-        feature means (C, d) and None. Also the chunks' features when ``keep_features``.
-        """
-        b = self.real_per_class
-        width = freqs.shape[0] if freqs is not None else self.extractor.feature_dim
-        sums_a = torch.zeros(len(self.classes), width, dtype=torch.float64, device=self.device)
-        sums_b = torch.zeros_like(sums_a) if freqs is not None else None
-        kept = []
-        for start, end in self._real_bounds:
-            features = self._real_chunk_features(index, start, end, params)
-            if keep_features:
-                kept.append(features)
-            if freqs is None:
-                first, sums = cf.class_row_sums(features, start, b)
-                sums_a[first : first + sums.shape[0]] += sums.double()
-            else:
-                first, cos_sums, sin_sums = cf.cf_chunk_sums(features, freqs, start, b, self.cf_precision)
-                sums_a[first : first + cos_sums.shape[0]] += cos_sums.double()
-                sums_b[first : first + sin_sums.shape[0]] += sin_sums.double()
-        first_stat = (sums_a / b).float()
-        return first_stat, None if sums_b is None else (sums_b / b).float(), kept
-
-    def _real_freq_grad(
-        self,
-        index: Tensor,
-        params: dict[str, Tensor],
-        freqs: Tensor,
-        kept: list[Tensor],
-        grad_re: Tensor,
-        grad_im: Tensor,
-    ) -> Tensor:
-        """Gradient (F, d) of the loss w.r.t. the frequencies through the real CF, chunk by chunk,
-        from the kept features or (checkpointing) features recomputed with the same weights and
-        augmentation."""
-        total = torch.zeros_like(freqs)
-        with torch.no_grad():
-            for i, (start, end) in enumerate(self._real_bounds):
-                features = kept[i] if kept else self._real_chunk_features(index, start, end, params)
-                total += cf.cf_chunk_freq_grad(
-                    features, freqs, start, self.real_per_class, grad_re, grad_im, self.cf_precision
-                )
-        return total
-
-    def _group_loss(
-        self,
-        images: Tensor,
-        first_class: int,
-        params: dict[str, Tensor],
-        freqs: Tensor | None,
-        real_a: Tensor,
-        real_b: Tensor | None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    def _group_loss(self, images: Tensor, first_class: int, params: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """(loss, match, calibration) of one group of classes; ``images`` are its stored images."""
         config = self.config
         k = images.shape[0] // config.ipc
@@ -395,13 +327,7 @@ class Distiller:
         syn_input = augment.apply_params(decoded, syn_labels, params)
         raw = self._raw_features(self.extractor, syn_input, grad=True)
         features = self._embed(raw)  # (k * Q, d), class-major, Q = ipc * factor^2 per class
-        per_class_rows = config.ipc * config.factor**2
-        rows = slice(first_class, first_class + k)
-        if freqs is None:
-            per_class = cf.mmd(real_a[rows], cf.class_means(features, per_class_rows))
-        else:
-            syn_re, syn_im = cf.cf_class_major(features, freqs, per_class_rows, self.cf_precision)  # (k, F) each
-            per_class = cf.ncfd(real_a[rows], real_b[rows], syn_re, syn_im, alpha=config.alpha)
+        per_class = self.matching.group_loss(features, slice(first_class, first_class + k), config.ipc * config.factor**2)
         match = config.loss_scale * per_class.sum()
         calib = torch.zeros((), device=self.device)
         if config.calib_weight > 0:
@@ -415,6 +341,69 @@ class Distiller:
     def _backward(self, loss: Tensor) -> None:
         (loss if self.grad_scaler is None else self.grad_scaler.scale(loss)).backward()
 
+    def _draw(self) -> tuple[Tensor, dict[str, Tensor]]:
+        """The iteration's random choices, in the run's fixed order: pool member and blend weight
+        (blended into the extractor), real images, one augmentation per class, then the loss's own
+        (its frequencies). Returns the real indices and the augmentation parameters."""
+        config, host = self.config, self._host_generator
+        member = int(torch.randint(len(self.pool), (1,), generator=host, device=host.device))
+        beta = float(torch.rand((), generator=host, device=host.device))
+        self.pool.blend_into(self.extractor, member, beta)
+        if config.calib_weight > 0:
+            self.pool.load_trained_into(self.teacher, member)
+        real_index, _ = self.sample_real()
+        params = augment.sample_params(
+            config.dsa_strategy, self.num_classes, self.image_size, self.generator, allow_flip=self.allow_flip
+        )
+        self.matching.begin(self.generator)
+        return real_index, {k: v.to(self.device) for k, v in params.items()}
+
+    def _real_side(self, index: Tensor, params: dict[str, Tensor]) -> RealSide:
+        """Real side: the loss's per-class statistics of the real features, chunk by chunk, no grad.
+        The returned :class:`RealSide` serves a second pass (psi's gradient) kept or recomputed."""
+        real = RealSide(self._real_bounds, self.real_per_class, len(self.classes),
+                        lambda start, end: self._real_chunk_features(index, start, end, params),
+                        keep=not self.checkpointing)
+        self.matching.real_statistics(real)
+        return real
+
+    def _synthetic_groups(self, params: dict[str, Tensor]) -> Tensor:
+        """Synthetic side, ``class_chunk`` classes at a time: each group's loss and backward, its
+        images' gradient written into ``images.grad``. Returns (loss, match, calib) summed, (3,)."""
+        for optimizer in self._optimizers():
+            optimizer.zero_grad(set_to_none=True)
+        image_grad = torch.empty_like(self.images)
+        totals = torch.zeros(3, device=self.device)
+        ipc = self.config.ipc
+        for first in range(0, len(self.classes), self.class_chunk):
+            rows = slice(first * ipc, min(first + self.class_chunk, len(self.classes)) * ipc)
+            group_images = self.images.detach()[rows].requires_grad_(True)  # a leaf per group
+            loss, match, calib = self._group_loss(group_images, first, params)
+            self._backward(loss)
+            image_grad[rows] = group_images.grad
+            totals += torch.stack([loss.detach(), match.detach(), calib.detach()])
+        self.images.grad = image_grad
+        return totals
+
+    def _sampler_backward(self, real: RealSide) -> None:
+        """The loss's sampler (if it learns one) gets its gradient, reduced over processes."""
+        self.matching.sampler_backward(real, self._all_reduce)
+
+    def _optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.image_optimizer, *self.matching.optimizers()]
+
+    def _optimizer_step(self) -> None:
+        """One step of every optimiser (through the fp16 loss scaler if any); pixels to [0, 1]."""
+        if self.grad_scaler is None:
+            for optimizer in self._optimizers():
+                optimizer.step()
+        else:
+            for optimizer in self._optimizers():
+                self.grad_scaler.step(optimizer)
+            self.grad_scaler.update()
+        with torch.no_grad():
+            self.images.clamp_(0.0, 1.0)
+
     def step(self) -> dict[str, Any]:
         """Run one iteration; returns its metrics.
 
@@ -426,68 +415,11 @@ class Distiller:
         be working; averages over ``LOSS_LOG_EVERY`` iterations are exact).
         """
         start_time = time.perf_counter()
-        config, gen = self.config, self.generator
-        host = self._host_generator
-        member = int(torch.randint(len(self.pool), (1,), generator=host, device=host.device))
-        beta = float(torch.rand((), generator=host, device=host.device))
-        self.pool.blend_into(self.extractor, member, beta)
-        if config.calib_weight > 0:
-            self.pool.load_trained_into(self.teacher, member)
-
-        real_index, _ = self.sample_real()
-        params = augment.sample_params(
-            config.dsa_strategy, self.num_classes, self.image_size, gen, allow_flip=self.allow_flip
-        )
-        params = {k: v.to(self.device) for k, v in params.items()}
-
-        freqs_source = freqs = None
-        if config.matching == "ncfm":
-            # psi's graph ends here; everything after uses a detached leaf, so the class groups'
-            # backwards only accumulate its .grad and the sampler sees ONE backward at the end.
-            freqs_source = self.sampler.sample(gen, device=self.device, dtype=torch.float32)
-            freqs = freqs_source.detach().requires_grad_(self.learned_sampler)
-        keep = self.learned_sampler and not self.checkpointing
-        fixed_freqs = freqs.detach() if freqs is not None else None
-        real_a, real_b, kept = self._real_statistics(real_index, params, fixed_freqs, keep)
-        if self.learned_sampler:
-            real_a.requires_grad_(True)
-            real_b.requires_grad_(True)
-
-        self.image_optimizer.zero_grad(set_to_none=True)
-        if self.sampler_optimizer is not None:
-            self.sampler_optimizer.zero_grad(set_to_none=True)
-        image_grad = torch.empty_like(self.images)
-        totals = torch.zeros(3, device=self.device)
-        stored_per_class = config.ipc
-        for first in range(0, len(self.classes), self.class_chunk):
-            last = min(first + self.class_chunk, len(self.classes))
-            rows = slice(first * stored_per_class, last * stored_per_class)
-            group_images = self.images.detach()[rows].requires_grad_(True)  # a leaf per group
-            loss, match, calib = self._group_loss(group_images, first, params, freqs, real_a, real_b)
-            self._backward(loss)
-            image_grad[rows] = group_images.grad
-            totals += torch.stack([loss.detach(), match.detach(), calib.detach()])
-        self.images.grad = image_grad
-
-        if self.learned_sampler:
-            freq_grad = freqs.grad + self._real_freq_grad(
-                real_index, params, freqs.detach(), kept, real_a.grad, real_b.grad
-            )
-            del kept
-            if self._all_reduce is not None:
-                self._all_reduce(freq_grad)  # every process's classes: one psi, identical everywhere
-            reverse_gradient(freqs_source).backward(freq_grad)  # psi ascends what the images descend
-
-        optimizers = [opt for opt in (self.image_optimizer, self.sampler_optimizer) if opt is not None]
-        if self.grad_scaler is None:
-            for optimizer in optimizers:
-                optimizer.step()
-        else:
-            for optimizer in optimizers:
-                self.grad_scaler.step(optimizer)
-            self.grad_scaler.update()
-        with torch.no_grad():
-            self.images.clamp_(0.0, 1.0)
+        real_index, params = self._draw()
+        real = self._real_side(real_index, params)
+        totals = self._synthetic_groups(params)
+        self._sampler_backward(real)
+        self._optimizer_step()
 
         self.iteration += 1
         if self._all_reduce is not None:
@@ -575,10 +507,10 @@ class Distiller:
             state["host_generator"] = self._host_generator.get_state()
         if self.grad_scaler is not None:
             state["grad_scaler"] = self.grad_scaler.state_dict()
-        if self.learned_sampler:
-            state["sampler"] = {k: v.detach().cpu().clone() for k, v in self.sampler.state_dict().items()}
-            state["sampler_optimizer"] = self.sampler_optimizer.state_dict()
-        return state
+        own = self.matching.state_dict()
+        if own.keys() & state.keys():
+            raise ValueError(f"matching loss {self.matching.name!r} state reuses the loop's keys {sorted(own.keys() & state.keys())}")
+        return {**state, **own}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("format") != STATE_FORMAT:
@@ -600,11 +532,7 @@ class Distiller:
             self._host_generator.set_state(state["host_generator"].cpu())
         if self.grad_scaler is not None and "grad_scaler" in state:
             self.grad_scaler.load_state_dict(state["grad_scaler"])
-        if self.learned_sampler:
-            if "sampler" not in state:
-                raise CorruptArtifactError("checkpoint has no sampler state but the run uses psi")
-            self.sampler.load_state_dict(state["sampler"])
-            self.sampler_optimizer.load_state_dict(state["sampler_optimizer"])
+        self.matching.load_state_dict(state)
         self.iteration = int(state["iteration"])
         self.loss_curve = [list(p) for p in state.get("loss_curve", [])]
         self._loss_window = list(state.get("loss_window", []))
@@ -612,7 +540,5 @@ class Distiller:
         self._pending = [] if pending is None else list(pending.to(self.device, torch.float32).unbind(0))
 
     def sampler_tensors(self) -> dict[str, Tensor]:
-        """psi's weights for ``sampler.safetensors`` (empty with the Gaussian sampler)."""
-        if not self.learned_sampler:
-            return {}
-        return {k: v.detach().cpu().contiguous() for k, v in self.sampler.state_dict().items()}
+        """A learned sampler's weights for ``sampler.safetensors`` (empty: none learned)."""
+        return self.matching.sampler_tensors()

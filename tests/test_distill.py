@@ -39,8 +39,9 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tiny, tmp_path, sa
     second.run(6)
     assert torch.equal(second.images, straight.images)
     if sampler:
-        for (name, a), b in zip(straight.sampler.state_dict().items(), second.sampler.state_dict().values()):
-            assert torch.equal(a, b), name
+        psi_straight, psi_second = straight.matching.sampler.state_dict(), second.matching.sampler.state_dict()
+        for name, a in psi_straight.items():
+            assert torch.equal(a, psi_second[name]), name
     # and a fresh run from scratch with the same seed is the same too
     assert torch.equal(Distiller(config, dataset, pool, "cpu").images, Distiller(config, dataset, pool, "cpu").images)
 
@@ -64,7 +65,9 @@ def test_real_chunking_does_not_change_the_step(tiny, sampler):
     if sampler:
         # log_scales only: on the first step every component is identical, so the mixture
         # logits' gradient is zero up to rounding, and Adam turns rounding into a full step.
-        torch.testing.assert_close(whole.sampler.log_scales, chunked.sampler.log_scales, atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            whole.matching.sampler.log_scales, chunked.matching.sampler.log_scales, atol=1e-6, rtol=0
+        )
 
 
 def test_real_batches_are_per_class_and_distinct(tiny):
@@ -146,10 +149,10 @@ def test_psi_moves_images_move_and_pixels_stay_in_range(tiny):
     dataset, base, pool = tiny
     d = Distiller(base, dataset, pool, "cpu")
     images0 = d.images.detach().clone()
-    psi0 = [p.detach().clone() for p in d.sampler.parameters()]
+    psi0 = [p.detach().clone() for p in d.matching.sampler.parameters()]
     d.run(4)
     assert not torch.equal(d.images, images0)
-    assert any(not torch.equal(a, b) for a, b in zip(psi0, d.sampler.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(psi0, d.matching.sampler.parameters()))
     assert d.images.min() >= 0 and d.images.max() <= 1
     images, labels = d.synthetic_set()
     assert images.shape == (6, 1, 8, 8) and labels.tolist() == [0, 0, 1, 1, 2, 2]
@@ -158,8 +161,12 @@ def test_psi_moves_images_move_and_pixels_stay_in_range(tiny):
 def test_mmd_matching_mode_runs_without_a_sampler(tiny):
     dataset, base, pool = tiny
     d = Distiller(base.replace(matching="mmd"), dataset, pool, "cpu")
+    state = d.generator.get_state()
+    d.matching.begin(d.generator)
+    assert torch.equal(d.generator.get_state(), state)  # mean matching draws nothing
     m = d.step()
-    assert m["match_loss"] >= 0 and not d.learned_sampler and d.sampler_tensors() == {}
+    assert m["match_loss"] >= 0 and d.matching.optimizers() == [] and d.sampler_tensors() == {}
+    assert not hasattr(d.matching, "sampler") and "sampler" not in d.state_dict()
 
 
 def test_progress_and_checkpoint_hooks(tiny):
@@ -213,8 +220,8 @@ def _reference_step_grads(d: Distiller) -> tuple[float, torch.Tensor, dict[str, 
     d.pool.load_trained_into(d.teacher, member)
     index, labels = d.sample_real()
     params = augment.sample_params(config.dsa_strategy, d.num_classes, d.image_size, gen, allow_flip=d.allow_flip)
-    freqs = d.sampler.sample(gen)
-    if d.learned_sampler:
+    freqs = d.matching.sampler.sample(gen)
+    if d.matching.learned:
         freqs = reverse_gradient(freqs)
     with torch.no_grad():
         x = augment.apply_params(d.real_images[index].float() / 255, labels, params)
@@ -231,7 +238,7 @@ def _reference_step_grads(d: Distiller) -> tuple[float, torch.Tensor, dict[str, 
         d.teacher(syn_input), syn_labels
     )
     loss.backward()
-    sampler_grads = {n: p.grad.clone() for n, p in d.sampler.named_parameters()}
+    sampler_grads = {n: p.grad.clone() for n, p in d.matching.sampler.named_parameters()}
     return float(loss.detach()), d.images.grad.clone(), sampler_grads
 
 
@@ -255,7 +262,7 @@ def test_step_gradients_equal_a_single_graph_reference(tiny, sampler, plan):
     # On the first step psi's mixture logits get a zero gradient up to rounding (all components
     # start equal), so the sampler's tolerance is set by its largest gradient overall.
     scale = max((float(g.abs().max()) for g in ref_sampler_grads.values()), default=0.0)
-    for name, param in engine.sampler.named_parameters():
+    for name, param in engine.matching.sampler.named_parameters():
         torch.testing.assert_close(param.grad, ref_sampler_grads[name], atol=1e-4 * scale, rtol=0, msg=name)
     if sampler:  # psi really gets the reversed gradient of its scales
         assert ref_sampler_grads["log_scales"].abs().sum() > 0
@@ -321,7 +328,8 @@ def test_inference_mode_real_side_is_bit_identical_to_no_grad(tiny, plan):
     plain._real_side_mode = torch.no_grad  # what ran before issue 14
     plain.run(3)
     assert torch.equal(lever.images, plain.images)
-    assert all(torch.equal(a, b) for a, b in zip(lever.sampler.parameters(), plain.sampler.parameters()))
+    psi_lever, psi_plain = lever.matching.sampler.parameters(), plain.matching.sampler.parameters()
+    assert all(torch.equal(a, b) for a, b in zip(psi_lever, psi_plain))
 
 
 def test_tf32_cf_precision_changes_nothing_on_cpu(tiny):
