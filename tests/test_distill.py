@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -342,3 +344,32 @@ def test_tf32_cf_precision_changes_nothing_on_cpu(tiny):
         d.run(3)
         runs.append(d.images.detach())
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+
+
+# -- checkpoints of earlier versions ----------------------------------------------------------
+
+OLD_CHECKPOINT = Path(__file__).parent / "data" / "distill_state_aa11a6b_psi.safetensors"
+
+
+def test_a_checkpoint_written_before_the_losses_were_strategies_resumes(tiny):
+    """The checkpoint of the ``tiny`` run with psi after 3 of 6 iterations, as commit aa11a6b
+    (before issue 21 made the matching losses strategies) wrote it: ``tools/compare_runs.py REF
+    --steps 6 --keep DIR`` with REF at aa11a6b, DIR/reference/0.middle.safetensors. It loads into
+    today's Distiller with nothing lost (saving it again gives every tensor back, bit for bit)
+    and continues. That the continuation equals aa11a6b's own run bit for bit is what
+    compare_runs shows (its "resumed" column); here the pool is retrained on this machine."""
+    dataset, base, pool = tiny
+    state = store.load_state(OLD_CHECKPOINT)
+    assert state["iteration"] == 3 and {"sampler", "sampler_optimizer"} <= state.keys()
+    d = Distiller(base, dataset, pool, "cpu")
+    d.load_state_dict(state)
+    old_tensors, old_tree = store.flatten_state(state)
+    new_tensors, new_tree = store.flatten_state(d.state_dict())
+    assert new_tree == old_tree  # every key, number and string where it was
+    assert new_tensors.keys() == old_tensors.keys() and len(old_tensors) == 13
+    for key, tensor in old_tensors.items():
+        assert torch.equal(new_tensors[key], tensor), key
+    psi = d.matching.sampler.log_scales.detach().clone()
+    d.run(6)
+    assert d.iteration == 6 and torch.isfinite(d.images).all()
+    assert not torch.equal(d.matching.sampler.log_scales, psi)  # psi kept learning from its loaded state
