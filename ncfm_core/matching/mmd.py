@@ -14,7 +14,7 @@ from ncfm_core.matching.registry import register_matching
 
 @register_matching("mmd")
 class MeanMatching(MatchingLoss):
-    description = "DM-style mean matching: squared distance between per-class feature means, no sampler"
+    description = "DM-style mean matching of per-class features, no sampler"
 
     _real_means: Tensor | None = None  # (C, d) of the current iteration
 

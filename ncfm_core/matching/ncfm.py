@@ -28,10 +28,7 @@ PSI_CHUNK_UNITS = 0.5  # launch units of one chunk of psi's real-side gradient: 
 
 @register_matching("ncfm")
 class CharacteristicFunctionMatching(MatchingLoss):
-    description = (
-        "characteristic-function discrepancy at frequencies from the learned sampler psi "
-        "(default), or Gaussian ones without it"
-    )
+    description = "characteristic functions at frequencies from the learned sampler psi, or Gaussian with the sampler off"
 
     def __init__(self, config: DistillConfig, *, feature_dim: int, device: torch.device, cf_precision: str) -> None:
         super().__init__(config, feature_dim=feature_dim, device=device, cf_precision=cf_precision)
