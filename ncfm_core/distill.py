@@ -36,24 +36,23 @@ from __future__ import annotations
 
 import contextlib
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from torch import Tensor
 
 from ncfm_core import augment, cf
 from ncfm_core.config import DistillConfig
 from ncfm_core.data import ImageDataset
 from ncfm_core.devices import resolve_precision
 from ncfm_core.errors import ConfigError, CorruptArtifactError
+from ncfm_core.forward import LoopForward
 from ncfm_core.matching import MatchingLoss, RealSide, matching_class
-from ncfm_core.models import ConvNet
 from ncfm_core.pool import Pool
+from ncfm_core.real_batches import RealBatches
 from ncfm_core.synset import check_factor, decode_synset, init_synset
 
 ProgressCallback = Callable[[dict[str, Any]], None]
@@ -61,25 +60,6 @@ ProgressCallback = Callable[[dict[str, Any]], None]
 STATE_FORMAT = 1
 DEFAULT_REAL_CHUNK = 2048
 LOSS_LOG_EVERY = 10  # iterations per point of the stored loss curve
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class _CompiledOrEager:
-    """``torch.compile(module)`` that falls back to the eager module, for good, the first time
-    compiling or running the compiled code raises (no compiler, an unsupported op)."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-        self.compiled: Callable[[Tensor], Tensor] | None = torch.compile(module, dynamic=False)
-
-    def __call__(self, x: Tensor) -> Tensor:
-        if self.compiled is not None:
-            try:
-                return self.compiled(x)
-            except Exception as err:  # noqa: BLE001 - any failure of the compiler means: run eagerly
-                warnings.warn(f"torch.compile failed, running eagerly: {type(err).__name__}: {err}", stacklevel=2)
-                self.compiled = None
-        return self.module(x)
 
 
 def _owned_rows_of_state(state: dict[str, Any], rows: slice, total_rows: int) -> dict[str, Any]:
@@ -117,7 +97,8 @@ class LoopHooks:
 
 
 class Distiller:
-    """Holds the synthetic images, psi, both optimisers and the run's generator.
+    """Holds the synthetic images and their optimiser, the matching loss (``self.matching``, with
+    its sampler and that sampler's optimiser, if any) and the run's generator.
 
     ``dataset`` is moved to ``device`` once; nothing is read from disk inside :meth:`step`.
     Memory/speed options come from the config: ``real_chunk``, ``class_chunk``, ``precision``,
@@ -128,8 +109,8 @@ class Distiller:
     classes (so generator states stay identical) and keeps only its block's rows: ``images``,
     ``labels`` and the image optimiser cover the block, the real side reads only its classes.
     ``all_reduce(t)`` sums ``t`` in place over the processes; it is applied to the loss totals
-    and to the frequencies' gradient, so psi, the scheduler and the loss curve stay identical
-    everywhere. :meth:`load_state_dict` accepts a whole-set state and keeps the block's rows.
+    and (by the loss) to a learned sampler's gradient, so psi, the scheduler and the loss curve
+    stay identical everywhere. :meth:`load_state_dict` accepts a whole-set state and keeps the block's rows.
     """
 
     def __init__(self, config: DistillConfig, dataset: ImageDataset, pool: Pool, device: torch.device | str,
@@ -144,24 +125,13 @@ class Distiller:
 
         self.real_images = dataset.train_images.to(self.device)  # uint8 (N, C, H, W)
         class_indices = dataset.class_indices()
-        counts = [len(idx) for idx in class_indices]
-        empty = [dataset.class_names[c] for c, n in enumerate(counts) if n == 0]
-        if empty:
-            raise ConfigError(f"class {empty[0]!r} has no training images; every class needs some to distill")
-        # One DSA draw serves a whole class, so a second copy of an image in the same iteration
-        # is an identical feature: it carries no information and only re-weights the class mean.
-        # Never draw more per class than the smallest class holds (one cap for every class keeps
-        # the class-major layout rectangular: reshape sums, no atomics, equal chunks).
-        self.real_per_class = min(config.real_per_class, min(counts))
-        self.notes: list[str] = []  # one-line facts about this run, for the job layer to log once
-        if self.real_per_class < config.real_per_class:
-            smallest = dataset.class_names[counts.index(min(counts))]
-            self.notes.append(
-                f"real images per class capped at {self.real_per_class} (asked {config.real_per_class}): the "
-                f"smallest class, {smallest!r}, holds {min(counts)} train images, and a repeated image under the "
-                f"class's one augmentation draw adds no information"
-            )
-        self._init_real_sampler(class_indices)
+        self.classes = range(self.num_classes) if classes is None else classes
+        if self.classes.step != 1 or not 0 <= self.classes.start < self.classes.stop <= self.num_classes:
+            raise ConfigError(f"classes {self.classes} is not a non-empty block of 0..{self.num_classes - 1}")
+        self.real_batches = RealBatches(class_indices, dataset.class_names, config.real_per_class, self.classes,
+                                        self.device)
+        self.real_per_class = self.real_batches.per_class  # capped at the smallest class
+        self.notes = list(self.real_batches.notes)  # one-line facts about this run, for the job layer to log once
 
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         # Member and blend weight drive Python-side choices (which weights to blend): drawing them
@@ -170,17 +140,8 @@ class Distiller:
         self._host_generator = (
             self.generator if self.device.type == "cpu" else torch.Generator().manual_seed(config.seed + 7919)
         )
-        images, self.labels = init_synset(
-            self.real_images,
-            [idx.to(self.device) for idx in class_indices],
-            config.ipc,
-            config.factor,
-            config.init,
-            self.generator,
-        )
-        self.classes = range(self.num_classes) if classes is None else classes
-        if self.classes.step != 1 or not 0 <= self.classes.start < self.classes.stop <= self.num_classes:
-            raise ConfigError(f"classes {self.classes} is not a non-empty block of 0..{self.num_classes - 1}")
+        images, self.labels = init_synset(self.real_images, [idx.to(self.device) for idx in class_indices],
+                                          config.ipc, config.factor, config.init, self.generator)
         self._all_reduce = all_reduce
         owned_rows = slice(self.classes.start * config.ipc, self.classes.stop * config.ipc)
         images, self.labels = images[owned_rows], self.labels[owned_rows]
@@ -210,9 +171,11 @@ class Distiller:
         # fp16 gradients through the network underflow without loss scaling; bf16 has fp32's range.
         self.grad_scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.checkpointing = bool(config.activation_checkpointing)
-        self._block_fns = {
-            id(net): self._block_functions(net, config.compile) for net in (self.extractor, self.teacher)
-        }
+        self.forward = LoopForward(
+            (self.extractor, self.teacher), device_type=self.device.type, precision=self.precision,
+            checkpointing=self.checkpointing, channels_last=self.channels_last, compile_blocks=config.compile,
+            normalize=config.normalize_features,
+        )
 
         # The loss owns its sampler (learned psi, Gaussian or none) and that sampler's optimiser.
         self.matching: MatchingLoss = matching_class(config.matching)(
@@ -222,9 +185,6 @@ class Distiller:
         owned = len(self.classes)
         self.class_chunk = min(config.class_chunk or owned, owned)
         self._real_bounds = cf.chunk_bounds(owned, self.real_per_class, self.real_chunk)
-        self._real_labels = torch.arange(
-            self.classes.start, self.classes.stop, device=self.device
-        ).repeat_interleave(self.real_per_class)
         self.iteration = 0
         self.mid_step = False  # True while run() is inside step(): the state is then not one to keep
         self.loss_curve: list[list[float]] = []  # [iteration, mean loss over the last LOSS_LOG_EVERY]
@@ -238,75 +198,11 @@ class Distiller:
             "loss": None, "match_loss": None, "calib_loss": None, "loss_iteration": 0,
         }
 
-    # -- set-up helpers ----------------------------------------------------------------------
-    def _init_real_sampler(self, class_indices: list[Tensor]) -> None:
-        """Tables for :meth:`sample_real`: a (C, n_max) table of each class's train indices
-        (padded), the padding mask, and for every batch slot the rank it reads (cycling through
-        a class smaller than the batch)."""
-        counts = torch.tensor([len(idx) for idx in class_indices])
-        n_max = int(counts.max())
-        table = torch.zeros(len(class_indices), n_max, dtype=torch.int64)
-        for c, idx in enumerate(class_indices):
-            table[c, : len(idx)] = idx
-        self._class_table = table.to(self.device)
-        self._padding = (torch.arange(n_max)[None, :] >= counts[:, None]).to(self.device)
-        self._ranks_needed = min(self.real_per_class, n_max)
-        slots = torch.arange(self.real_per_class)[None, :] % counts.clamp(max=self.real_per_class)[:, None]
-        self._slot_rank = slots.to(self.device)  # (C, B)
-
-    def _block_functions(self, net: nn.Module, compile_blocks: bool) -> list[Callable[[Tensor], Tensor]]:
-        """The callables a ConvNet's blocks run through (compiled if asked); [] for other nets.
-        With checkpointing the blocks run eagerly: recomputation re-enters them under autograd
-        hooks, which compiled graphs are not worth the risk for."""
-        if not isinstance(net, ConvNet):
-            return []
-        if compile_blocks and not self.checkpointing:
-            return [_CompiledOrEager(block) for block in net.blocks]
-        return list(net.blocks)
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        dtype = _AUTOCAST_DTYPES.get(self.precision)
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
-
     # -- one iteration ---------------------------------------------------------------------
     def sample_real(self) -> tuple[Tensor, Tensor]:
-        """``self.real_per_class`` (``config.real_per_class`` capped at the smallest class)
-        distinct indices of every class.
-
-        Every train image gets a uniform key; a per-class ``topk`` of the smallest keys is a
-        uniformly random ordered subset of the class, in O(N) rather than the O(N log N) of
-        sorting the whole set. The keys are drawn for the whole (C, n_max) table whatever the
-        batch, so a run asking more than the smallest class draws the same images as one asking
-        exactly that. Returns indices (C*B,) class-major and labels (C*B,), C the owned classes.
-        """
-        keys = torch.rand(
-            self._class_table.shape, generator=self.generator, device=self.device, dtype=torch.float64
-        ).masked_fill_(self._padding, 2.0)  # padding sorts after every real key in [0, 1)
-        ranked = torch.topk(keys, self._ranks_needed, dim=1, largest=False, sorted=True).indices  # (C, k)
-        columns = ranked.gather(1, self._slot_rank)  # (C, B)
-        # Keys are drawn for every class (identical generator streams in every process); only
-        # the owned block's rows are kept.
-        owned = slice(self.classes.start, self.classes.stop)
-        return self._class_table[owned].gather(1, columns[owned]).reshape(-1), self._real_labels
-
-    def _raw_features(self, net: nn.Module, images: Tensor, *, grad: bool) -> Tensor:
-        """The network's flattened last feature map (B, d), under autocast if asked, with
-        per-block checkpointing when ``grad`` and checkpointing are on."""
-        x = images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
-        blocks = self._block_fns[id(net)]
-        with self._autocast():
-            if not blocks:
-                return net.features(x)
-            h = net.normalize(x)
-            for block in blocks:
-                h = checkpoint(block, h, use_reentrant=False) if grad and self.checkpointing else block(h)
-            return h.flatten(1)
-
-    def _embed(self, raw: Tensor) -> Tensor:
-        features = raw.float()  # the CF maths run in float32 (see the module docstring)
-        return cf.normalize_features(features) if self.config.normalize_features else features
+        """``self.real_per_class`` distinct indices of every owned class and their labels, each
+        (C*B,) class-major (:meth:`RealBatches.draw`)."""
+        return self.real_batches.draw(self.generator), self.real_batches.labels
 
     def _real_chunk_features(self, index: Tensor, start: int, end: int, params: dict[str, Tensor]) -> Tensor:
         """Normalised features (end - start, d) of real rows [start, end), computed in inference
@@ -315,8 +211,8 @@ class Distiller:
         gradient), never saved for a backward."""
         with self._real_side_mode():
             x = self.real_images[index[start:end]].float().div_(255.0)
-            x = augment.apply_params(x, self._real_labels[start:end], params)
-            return self._embed(self._raw_features(self.extractor, x, grad=False))
+            x = augment.apply_params(x, self.real_batches.labels[start:end], params)
+            return self.forward.embed(self.forward.raw_features(self.extractor, x, grad=False))
 
     def _group_loss(self, images: Tensor, first_class: int, params: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """(loss, match, calibration) of one group of classes; ``images`` are its stored images."""
@@ -325,16 +221,16 @@ class Distiller:
         labels = self.labels[first_class * config.ipc : (first_class + k) * config.ipc]
         decoded, syn_labels = decode_synset(images, labels, config.factor)
         syn_input = augment.apply_params(decoded, syn_labels, params)
-        raw = self._raw_features(self.extractor, syn_input, grad=True)
-        features = self._embed(raw)  # (k * Q, d), class-major, Q = ipc * factor^2 per class
-        per_class = self.matching.group_loss(features, slice(first_class, first_class + k), config.ipc * config.factor**2)
+        features = self.forward.embed(self.forward.raw_features(self.extractor, syn_input, grad=True))
+        rows_per_class = config.ipc * config.factor**2  # (k * rows_per_class, d) features, class-major
+        per_class = self.matching.group_loss(features, slice(first_class, first_class + k), rows_per_class)
         match = config.loss_scale * per_class.sum()
         calib = torch.zeros((), device=self.device)
         if config.calib_weight > 0:
-            with self._autocast():
-                logits = self.teacher.classifier(self._raw_features(self.teacher, syn_input, grad=True))
+            with self.forward.autocast():
+                logits = self.teacher.classifier(self.forward.raw_features(self.teacher, syn_input, grad=True))
             # a sum over the group / all synthetic images (of every process): the groups add up to the full mean
-            total = self.num_classes * config.ipc * config.factor**2
+            total = self.num_classes * rows_per_class
             calib = config.calib_weight * F.cross_entropy(logits.float(), syn_labels, reduction="sum") / total
         return match + calib, match, calib
 
@@ -490,7 +386,8 @@ class Distiller:
         return self.images.detach().cpu().clone(), self.labels.cpu().clone()
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly: images, optimisers, psi, RNG, iteration."""
+        """Everything needed to continue exactly: images, optimisers, RNG, iteration, and the
+        matching loss's own entries (``ncfm`` with psi: ``sampler``, ``sampler_optimizer``)."""
         state: dict[str, Any] = {
             "format": STATE_FORMAT,
             "iteration": self.iteration,
@@ -509,7 +406,8 @@ class Distiller:
             state["grad_scaler"] = self.grad_scaler.state_dict()
         own = self.matching.state_dict()
         if own.keys() & state.keys():
-            raise ValueError(f"matching loss {self.matching.name!r} state reuses the loop's keys {sorted(own.keys() & state.keys())}")
+            reused = sorted(own.keys() & state.keys())
+            raise ValueError(f"matching loss {self.matching.name!r} state reuses the loop's keys {reused}")
         return {**state, **own}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
