@@ -129,6 +129,30 @@ def test_the_registry_holds_the_builtin_losses_and_refuses_bad_registrations(mon
     assert set(matching_names()) == {"ncfm", "mmd"}
 
 
+@pytest.mark.parametrize("keep", [True, False])
+def test_the_real_side_serves_a_second_pass_kept_or_recomputed(keep):
+    """A first pass that announces a second one keeps its chunks (released as the second pass
+    reads them) unless the plan recomputes (activation checkpointing); either way the second pass
+    sees the same rows in the same order. A pass that announces none keeps nothing."""
+    rows = torch.arange(30.0).reshape(10, 3)
+    computed = []
+
+    def features_of(start, end):
+        computed.append((start, end))
+        return rows[start:end].clone()
+
+    bounds = [(0, 4), (4, 8), (8, 10)]
+    real = RealSide(bounds, per_class=5, num_classes=2, features_of=features_of, keep=keep)
+    first = [(start, f) for start, f in real.chunks(again=True)]
+    second = list(real.again())
+    assert [s for s, _ in first] == [s for s, _ in second] == [0, 4, 8]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(first, second))
+    assert computed == bounds * (1 if keep else 2) and len(real._kept) == 0
+    once = RealSide(bounds, per_class=5, num_classes=2, features_of=features_of, keep=True)
+    list(once.chunks())
+    assert len(once._kept) == 0
+
+
 @pytest.fixture(scope="module")
 def tiny():
     dataset = load_dataset("fake", num_classes=3, channels=1, image_size=8, train_per_class=12, test_per_class=4)
