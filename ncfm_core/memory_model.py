@@ -349,11 +349,11 @@ def estimate_iteration_flops(config: DistillConfig, shape: DatasetShape, plan: P
 
     Counted: convolutions and linear layers (forward; a backward that needs only input
     gradients costs one forward again, since the extractor's weights are frozen), the
-    recomputations that checkpointing adds, and the matching loss's own (its ``costs``: for
-    ``ncfm`` the CF projections ``(n, d) @ (d, F)``, their gradients and psi's real-side gradient). Not counted: norms, ReLU, pooling, cos/sin and the
-    augmentation (elementwise work, memory-bound rather than compute-bound).
+    recomputations that checkpointing adds, and the matching loss's own (its ``costs``; for
+    ``ncfm`` the CF projections ``(n, d) @ (d, F)``, their gradients and psi's real-side
+    gradient). Not counted: norms, ReLU, pooling, cos/sin and the augmentation (elementwise
+    work, memory-bound rather than compute-bound).
     """
-    c = shape.num_classes
     net = _network_sizes(config, shape, plan.precision)
     it = _iteration_shape(config, shape, plan, net)
     n_real, n_syn = it.real_rows, it.synthetic_rows
@@ -368,7 +368,7 @@ def estimate_iteration_flops(config: DistillConfig, shape: DatasetShape, plan: P
     if config.calib_weight > 0:
         teacher = net.forward_flops + net.classifier_flops
         flops["teacher forward + backward"] = n_syn * teacher * (3 if recompute else 2)
-    flops.update(matching_class(config.matching).costs(config, it).flops)
+    flops = _with_own(flops, matching_class(config.matching).costs(config, it).flops, config.matching)
     flops["total"] = sum(flops.values())
     return flops
 
@@ -430,8 +430,10 @@ def iteration_passes(config: DistillConfig, shape: DatasetShape, plan: Plan) -> 
     units = it.real_chunks + SYNTHETIC_PASS_UNITS * groups
     for count, units_each in extra.values():
         units += units_each * count
-    return {"real chunks": it.real_chunks, "synthetic groups": groups, **{k: n for k, (n, _) in extra.items()},
-            "launch units": units}
+    counts = _with_own({"real chunks": it.real_chunks, "synthetic groups": groups},
+                       {name: count for name, (count, _) in extra.items()}, config.matching)
+    return {**counts, "launch units": units}
+
 
 def estimate_iteration_seconds(
     config: DistillConfig, shape: DatasetShape, plan: Plan, model: TimeModel | None = None
