@@ -36,8 +36,10 @@ from ncfm_cli.output import (
     print_pairs,
     print_plan,
 )
-from ncfm_core.config import make_config
+from ncfm_core.config import DistillConfig, make_config
 from ncfm_core.devices import format_bytes
+from ncfm_core.matching import matching_descriptions
+from ncfm_core.matching.registry import RESERVED_NAME
 from ncfm_core.jobs import (
     DEFAULT_CHECKPOINT_EVERY,
     artifact_summary,
@@ -63,6 +65,28 @@ _MATCH = "Matching"
 _POOL = "Feature-extractor pool"
 _EVAL = "Evaluation (--eval)"
 _MEMORY = "Memory and speed"
+
+
+def _matching_help() -> str:
+    """--matching's help, from the registry of matching losses (ncfm_core.matching)."""
+    losses = "; ".join(f"{name}: {description}" for name, description in matching_descriptions())
+    return (f"Matching loss (default {DistillConfig.matching}). {losses}. "
+            f"`--matching {RESERVED_NAME}` prints the registered losses and exits.")
+
+
+def _list_matching(ctx: typer.Context, value: Optional[str]) -> Optional[str]:
+    """``--matching list``: print every registered loss with its description and exit 0. Eager,
+    like --help, so DATASET and --ipc may be left out; any other value passes through to the
+    config, which refuses an unknown name (exit 2, naming the valid ones)."""
+    if value != RESERVED_NAME:
+        return value
+    losses = matching_descriptions()
+    if global_options(ctx).json:
+        print_json({"matching": [{"name": name, "description": text} for name, text in losses],
+                    "default": DistillConfig.matching})
+    else:
+        print_pairs(losses)
+    raise typer.Exit()
 
 
 def summary_pairs(summary: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -150,8 +174,8 @@ def distill_command(
     lr: Annotated[Optional[float], typer.Option("--lr", rich_help_panel=_SET, show_default=False,
                                                 help="Learning rate of the synthetic pixels.")] = None,
     matching: Annotated[Optional[str], typer.Option(
-        "--matching", rich_help_panel=_MATCH, show_default=False,
-        help="ncfm (characteristic functions) or mmd (mean embeddings).")] = None,
+        "--matching", rich_help_panel=_MATCH, show_default=False, is_eager=True, callback=_list_matching,
+        help=_matching_help())] = None,
     sampler: Annotated[Optional[bool], typer.Option(
         "--sampler/--no-sampler", rich_help_panel=_MATCH, show_default=False,
         help="Learn the frequency distribution psi adversarially (default on).")] = None,

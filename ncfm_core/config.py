@@ -18,7 +18,6 @@ from typing import Any
 from ncfm_core.data.registry import MAX_IMAGE_SIZE, dataset_preset, image_size_message
 from ncfm_core.errors import ConfigError
 
-MATCHING_MODES = ("ncfm", "mmd")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CF_PRECISIONS = ("auto", "fp32", "tf32")  # the same as ncfm_core.cf.CF_PRECISIONS (config imports no torch)
 
@@ -42,7 +41,7 @@ class DistillConfig:
     image_lr: float = 0.01  # AdamW on the stored pixels
     lr_patience: int = 500  # ReduceLROnPlateau patience, in iterations
     # matching
-    matching: str = "ncfm"  # ncfm (characteristic functions) | mmd (DM-style mean matching)
+    matching: str = "ncfm"  # a registered matching loss (ncfm_core.matching): ncfm, mmd, ...
     iterations: int = 20000
     real_per_class: int = 1024  # real images drawn per class per iteration
     num_freqs: int = 1024  # F, frequencies per iteration
@@ -141,6 +140,10 @@ def _finite(value: float) -> bool:
 
 def validate(config: DistillConfig) -> DistillConfig:
     """Range checks with messages that name the option; returns the config unchanged."""
+    # Imported here, not at the top: the losses' modules import this one (DistillConfig), and
+    # importing ncfm_core.matching registers them; by the first validate() both are loaded.
+    from ncfm_core.matching import matching_names, unknown_matching_message
+
     for option, value in (("--lr", config.image_lr), ("--alpha", config.alpha), ("--calib-weight", config.calib_weight),
                           ("sampler_lr", config.sampler_lr), ("sampler_init_scale", config.sampler_init_scale),
                           ("loss_scale", config.loss_scale), ("pool_lr", config.pool_lr),
@@ -161,7 +164,7 @@ def validate(config: DistillConfig) -> DistillConfig:
         (config.pool_size >= 1, "--pool-size must be >= 1"),
         (config.pool_epochs >= 0, "--pool-epochs must be >= 0"),
         (config.image_lr > 0, "--lr must be > 0"),
-        (config.matching in MATCHING_MODES, f"--matching must be one of {', '.join(MATCHING_MODES)}"),
+        (config.matching in matching_names(), unknown_matching_message(config.matching)),
         (config.real_chunk is None or config.real_chunk >= 1, "--real-chunk must be >= 1"),
         (config.num_components is None or config.num_components >= 1, "--components must be >= 1"),
         (config.class_chunk is None or config.class_chunk >= 1, "--class-chunk must be >= 1"),

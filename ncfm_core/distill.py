@@ -1,28 +1,28 @@
-"""The NCFM minmax loop, fused over classes, with an exact, resumable state.
+"""The distillation loop, fused over classes, with an exact, resumable state.
 
-One iteration (DESIGN.md, "Data flow"):
+One iteration (:meth:`Distiller.step`); what is matched is the config's registered matching loss
+(``ncfm_core.matching``: ``ncfm``, the characteristic-function discrepancy with psi or Gaussian
+frequencies; ``mmd``, mean matching; ...), which owns its sampler, statistics and terms:
 
-1. pick a pool member and ``beta ~ U(0, 1)``; blend its weights into the extractor in place;
-2. draw ``real_per_class`` real images of every class (capped at the smallest class: never a
-   duplicate; one vectorised op), one DSA draw per
-   class (shared by the real and the synthetic images of that class) and the frequencies;
-3. real side, no grad, chunk by chunk: features, then per-class sums of cos/sin accumulated in
-   float64 (memory bounded by the chunk); with psi the features are kept (or, with
-   checkpointing, recomputed later) for psi's gradient;
-4. synthetic side, ``class_chunk`` classes at a time: decode the multi-formation images, augment,
-   one forward, per-class CFs, per-class NCFD (plus the calibration cross-entropy), and a backward
-   that accumulates the images' gradient and the frequencies' gradient. The loss is a sum over
-   classes and the real CF does not depend on the synthetic side, so the groups' gradients add
-   up to the gradient of the whole loss;
-5. psi's gradient through the real CF (closed form, chunked), added to the frequencies' gradient,
-   then ONE backward through the sampler with the sign reversed: psi ascends what the images
-   descend; one optimiser step each; clamp pixels to [0, 1].
+1. ``_draw``: a pool member and ``beta ~ U(0, 1)`` blended into the extractor in place;
+   ``real_per_class`` real images of every class (capped at the smallest class: never a
+   duplicate; one vectorised op); one DSA draw per class (shared by the real and the synthetic
+   images of that class); then the loss's own random numbers (the frequencies);
+2. ``_real_side``: real features, no grad, chunk by chunk (memory bounded by the chunk), from
+   which the loss accumulates its per-class statistics in float64;
+3. ``_synthetic_groups``: ``class_chunk`` classes at a time, decode the multi-formation images,
+   augment, one forward, the loss per class (plus the calibration cross-entropy) and a backward.
+   The loss is a sum over classes and the real statistics do not depend on the synthetic side,
+   so the groups' gradients add up to the gradient of the whole loss;
+4. ``_sampler_backward``: a learned sampler's gradient (psi: through the real CF in closed
+   form, then ONE backward with the sign reversed: psi ascends what the images descend);
+5. ``_optimizer_step``: one step of each optimiser; clamp pixels to [0, 1].
 
 Every random number comes from one generator whose state is part of :meth:`state_dict`, so a run
 continued from a saved state ends with exactly the images of an uninterrupted run (on CPU).
 
 Precision: with bf16/fp16 only the network forwards run under autocast. Features are cast to
-float32 before the CF maths, which always run in float32: ``<t, f>`` reaches tens of radians
+float32 before the matching maths, which always run in float32: ``<t, f>`` reaches tens of radians
 once psi scales the frequencies up (scales up to 20), and bf16 keeps 8 bits of mantissa, so at
 |x| ~ 32 neighbouring bf16 values are 0.25 rad apart and cos/sin of such an argument is noise.
 On CUDA the projections ``<t, f>`` run on TF32 tensor cores by default (``cf_precision``, fp32
@@ -36,24 +36,23 @@ from __future__ import annotations
 
 import contextlib
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from torch import Tensor
 
 from ncfm_core import augment, cf
 from ncfm_core.config import DistillConfig
 from ncfm_core.data import ImageDataset
 from ncfm_core.devices import decided_precisions
 from ncfm_core.errors import ConfigError, CorruptArtifactError
-from ncfm_core.models import ConvNet
+from ncfm_core.forward import LoopForward
+from ncfm_core.matching import MatchingLoss, RealSide, matching_class
 from ncfm_core.pool import Pool
-from ncfm_core.sampler import GaussianSampler, MixtureSampler, reverse_gradient
+from ncfm_core.real_batches import RealBatches
 from ncfm_core.synset import check_factor, decode_synset, init_synset
 
 ProgressCallback = Callable[[dict[str, Any]], None]
@@ -61,25 +60,6 @@ ProgressCallback = Callable[[dict[str, Any]], None]
 STATE_FORMAT = 1
 DEFAULT_REAL_CHUNK = 2048
 LOSS_LOG_EVERY = 10  # iterations per point of the stored loss curve
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class _CompiledOrEager:
-    """``torch.compile(module)`` that falls back to the eager module, for good, the first time
-    compiling or running the compiled code raises (no compiler, an unsupported op)."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-        self.compiled: Callable[[Tensor], Tensor] | None = torch.compile(module, dynamic=False)
-
-    def __call__(self, x: Tensor) -> Tensor:
-        if self.compiled is not None:
-            try:
-                return self.compiled(x)
-            except Exception as err:  # noqa: BLE001 - any failure of the compiler means: run eagerly
-                warnings.warn(f"torch.compile failed, running eagerly: {type(err).__name__}: {err}", stacklevel=2)
-                self.compiled = None
-        return self.module(x)
 
 
 def _owned_rows_of_state(state: dict[str, Any], rows: slice, total_rows: int) -> dict[str, Any]:
@@ -117,7 +97,8 @@ class LoopHooks:
 
 
 class Distiller:
-    """Holds the synthetic images, psi, both optimisers and the run's generator.
+    """Holds the synthetic images and their optimiser, the matching loss (``self.matching``, with
+    its sampler and that sampler's optimiser, if any) and the run's generator.
 
     ``dataset`` is moved to ``device`` once; nothing is read from disk inside :meth:`step`.
     Memory/speed options come from the config: ``real_chunk``, ``class_chunk``, ``precision``,
@@ -128,8 +109,8 @@ class Distiller:
     classes (so generator states stay identical) and keeps only its block's rows: ``images``,
     ``labels`` and the image optimiser cover the block, the real side reads only its classes.
     ``all_reduce(t)`` sums ``t`` in place over the processes; it is applied to the loss totals
-    and to the frequencies' gradient, so psi, the scheduler and the loss curve stay identical
-    everywhere. :meth:`load_state_dict` accepts a whole-set state and keeps the block's rows.
+    and (by the loss) to a learned sampler's gradient, so psi, the scheduler and the loss curve
+    stay identical everywhere. :meth:`load_state_dict` accepts a whole-set state and keeps the block's rows.
     """
 
     def __init__(self, config: DistillConfig, dataset: ImageDataset, pool: Pool, device: torch.device | str,
@@ -144,24 +125,13 @@ class Distiller:
 
         self.real_images = dataset.train_images.to(self.device)  # uint8 (N, C, H, W)
         class_indices = dataset.class_indices()
-        counts = [len(idx) for idx in class_indices]
-        empty = [dataset.class_names[c] for c, n in enumerate(counts) if n == 0]
-        if empty:
-            raise ConfigError(f"class {empty[0]!r} has no training images; every class needs some to distill")
-        # One DSA draw serves a whole class, so a second copy of an image in the same iteration
-        # is an identical feature: it carries no information and only re-weights the class mean.
-        # Never draw more per class than the smallest class holds (one cap for every class keeps
-        # the class-major layout rectangular: reshape sums, no atomics, equal chunks).
-        self.real_per_class = min(config.real_per_class, min(counts))
-        self.notes: list[str] = []  # one-line facts about this run, for the job layer to log once
-        if self.real_per_class < config.real_per_class:
-            smallest = dataset.class_names[counts.index(min(counts))]
-            self.notes.append(
-                f"real images per class capped at {self.real_per_class} (asked {config.real_per_class}): the "
-                f"smallest class, {smallest!r}, holds {min(counts)} train images, and a repeated image under the "
-                f"class's one augmentation draw adds no information"
-            )
-        self._init_real_sampler(class_indices)
+        self.classes = range(self.num_classes) if classes is None else classes
+        if self.classes.step != 1 or not 0 <= self.classes.start < self.classes.stop <= self.num_classes:
+            raise ConfigError(f"classes {self.classes} is not a non-empty block of 0..{self.num_classes - 1}")
+        self.real_batches = RealBatches(class_indices, dataset.class_names, config.real_per_class, self.classes,
+                                        self.device)
+        self.real_per_class = self.real_batches.per_class  # capped at the smallest class
+        self.notes = list(self.real_batches.notes)  # one-line facts about this run, for the job layer to log once
 
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         # Member and blend weight drive Python-side choices (which weights to blend): drawing them
@@ -170,17 +140,8 @@ class Distiller:
         self._host_generator = (
             self.generator if self.device.type == "cpu" else torch.Generator().manual_seed(config.seed + 7919)
         )
-        images, self.labels = init_synset(
-            self.real_images,
-            [idx.to(self.device) for idx in class_indices],
-            config.ipc,
-            config.factor,
-            config.init,
-            self.generator,
-        )
-        self.classes = range(self.num_classes) if classes is None else classes
-        if self.classes.step != 1 or not 0 <= self.classes.start < self.classes.stop <= self.num_classes:
-            raise ConfigError(f"classes {self.classes} is not a non-empty block of 0..{self.num_classes - 1}")
+        images, self.labels = init_synset(self.real_images, [idx.to(self.device) for idx in class_indices],
+                                          config.ipc, config.factor, config.init, self.generator)
         self._all_reduce = all_reduce
         owned_rows = slice(self.classes.start * config.ipc, self.classes.stop * config.ipc)
         images, self.labels = images[owned_rows], self.labels[owned_rows]
@@ -209,32 +170,20 @@ class Distiller:
         # fp16 gradients through the network underflow without loss scaling; bf16 has fp32's range.
         self.grad_scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.checkpointing = bool(config.activation_checkpointing)
-        self._block_fns = {
-            id(net): self._block_functions(net, config.compile) for net in (self.extractor, self.teacher)
-        }
+        self.forward = LoopForward(
+            (self.extractor, self.teacher), device_type=self.device.type, precision=self.precision,
+            checkpointing=self.checkpointing, channels_last=self.channels_last, compile_blocks=config.compile,
+            normalize=config.normalize_features,
+        )
 
-        self.learned_sampler = config.sampler and config.matching == "ncfm"
-        if self.learned_sampler:
-            self.sampler = MixtureSampler(
-                feature_dim,
-                config.num_freqs,
-                num_components=config.num_components,
-                init_scale=config.sampler_init_scale,
-            ).to(self.device)
-            self.sampler_optimizer: torch.optim.Optimizer | None = torch.optim.Adam(
-                self.sampler.parameters(), lr=config.sampler_lr
-            )
-        else:
-            self.sampler = GaussianSampler(feature_dim, config.num_freqs, scale=config.sampler_init_scale)
-            self.sampler_optimizer = None
-
+        # The loss owns its sampler (learned psi, Gaussian or none) and that sampler's optimiser.
+        self.matching: MatchingLoss = matching_class(config.matching)(
+            config, feature_dim=feature_dim, device=self.device, cf_precision=self.cf_precision
+        )
         self.real_chunk = config.real_chunk or DEFAULT_REAL_CHUNK
         owned = len(self.classes)
         self.class_chunk = min(config.class_chunk or owned, owned)
         self._real_bounds = cf.chunk_bounds(owned, self.real_per_class, self.real_chunk)
-        self._real_labels = torch.arange(
-            self.classes.start, self.classes.stop, device=self.device
-        ).repeat_interleave(self.real_per_class)
         self.iteration = 0
         self.mid_step = False  # True while run() is inside step(): the state is then not one to keep
         self.loss_curve: list[list[float]] = []  # [iteration, mean loss over the last LOSS_LOG_EVERY]
@@ -248,75 +197,11 @@ class Distiller:
             "loss": None, "match_loss": None, "calib_loss": None, "loss_iteration": 0,
         }
 
-    # -- set-up helpers ----------------------------------------------------------------------
-    def _init_real_sampler(self, class_indices: list[Tensor]) -> None:
-        """Tables for :meth:`sample_real`: a (C, n_max) table of each class's train indices
-        (padded), the padding mask, and for every batch slot the rank it reads (cycling through
-        a class smaller than the batch)."""
-        counts = torch.tensor([len(idx) for idx in class_indices])
-        n_max = int(counts.max())
-        table = torch.zeros(len(class_indices), n_max, dtype=torch.int64)
-        for c, idx in enumerate(class_indices):
-            table[c, : len(idx)] = idx
-        self._class_table = table.to(self.device)
-        self._padding = (torch.arange(n_max)[None, :] >= counts[:, None]).to(self.device)
-        self._ranks_needed = min(self.real_per_class, n_max)
-        slots = torch.arange(self.real_per_class)[None, :] % counts.clamp(max=self.real_per_class)[:, None]
-        self._slot_rank = slots.to(self.device)  # (C, B)
-
-    def _block_functions(self, net: nn.Module, compile_blocks: bool) -> list[Callable[[Tensor], Tensor]]:
-        """The callables a ConvNet's blocks run through (compiled if asked); [] for other nets.
-        With checkpointing the blocks run eagerly: recomputation re-enters them under autograd
-        hooks, which compiled graphs are not worth the risk for."""
-        if not isinstance(net, ConvNet):
-            return []
-        if compile_blocks and not self.checkpointing:
-            return [_CompiledOrEager(block) for block in net.blocks]
-        return list(net.blocks)
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        dtype = _AUTOCAST_DTYPES.get(self.precision)
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
-
     # -- one iteration ---------------------------------------------------------------------
     def sample_real(self) -> tuple[Tensor, Tensor]:
-        """``self.real_per_class`` (``config.real_per_class`` capped at the smallest class)
-        distinct indices of every class.
-
-        Every train image gets a uniform key; a per-class ``topk`` of the smallest keys is a
-        uniformly random ordered subset of the class, in O(N) rather than the O(N log N) of
-        sorting the whole set. The keys are drawn for the whole (C, n_max) table whatever the
-        batch, so a run asking more than the smallest class draws the same images as one asking
-        exactly that. Returns indices (C*B,) class-major and labels (C*B,), C the owned classes.
-        """
-        keys = torch.rand(
-            self._class_table.shape, generator=self.generator, device=self.device, dtype=torch.float64
-        ).masked_fill_(self._padding, 2.0)  # padding sorts after every real key in [0, 1)
-        ranked = torch.topk(keys, self._ranks_needed, dim=1, largest=False, sorted=True).indices  # (C, k)
-        columns = ranked.gather(1, self._slot_rank)  # (C, B)
-        # Keys are drawn for every class (identical generator streams in every process); only
-        # the owned block's rows are kept.
-        owned = slice(self.classes.start, self.classes.stop)
-        return self._class_table[owned].gather(1, columns[owned]).reshape(-1), self._real_labels
-
-    def _raw_features(self, net: nn.Module, images: Tensor, *, grad: bool) -> Tensor:
-        """The network's flattened last feature map (B, d), under autocast if asked, with
-        per-block checkpointing when ``grad`` and checkpointing are on."""
-        x = images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
-        blocks = self._block_fns[id(net)]
-        with self._autocast():
-            if not blocks:
-                return net.features(x)
-            h = net.normalize(x)
-            for block in blocks:
-                h = checkpoint(block, h, use_reentrant=False) if grad and self.checkpointing else block(h)
-            return h.flatten(1)
-
-    def _embed(self, raw: Tensor) -> Tensor:
-        features = raw.float()  # the CF maths run in float32 (see the module docstring)
-        return cf.normalize_features(features) if self.config.normalize_features else features
+        """``self.real_per_class`` distinct indices of every owned class and their labels, each
+        (C*B,) class-major (:meth:`RealBatches.draw`)."""
+        return self.real_batches.draw(self.generator), self.real_batches.labels
 
     def _real_chunk_features(self, index: Tensor, start: int, end: int, params: dict[str, Tensor]) -> Tensor:
         """Normalised features (end - start, d) of real rows [start, end), computed in inference
@@ -325,94 +210,94 @@ class Distiller:
         gradient), never saved for a backward."""
         with self._real_side_mode():
             x = self.real_images[index[start:end]].float().div_(255.0)
-            x = augment.apply_params(x, self._real_labels[start:end], params)
-            return self._embed(self._raw_features(self.extractor, x, grad=False))
+            x = augment.apply_params(x, self.real_batches.labels[start:end], params)
+            return self.forward.embed(self.forward.raw_features(self.extractor, x, grad=False))
 
-    @torch.no_grad()
-    def _real_statistics(
-        self, index: Tensor, params: dict[str, Tensor], freqs: Tensor | None, keep_features: bool
-    ) -> tuple[Tensor, Tensor | None, list[Tensor]]:
-        """Stream the real side chunk by chunk.
-
-        NCFM: per-class CF (re, im), each (C, F) float32 (sums kept in float64). MMD: per-class
-        feature means (C, d) and None. Also the chunks' features when ``keep_features``.
-        """
-        b = self.real_per_class
-        width = freqs.shape[0] if freqs is not None else self.extractor.feature_dim
-        sums_a = torch.zeros(len(self.classes), width, dtype=torch.float64, device=self.device)
-        sums_b = torch.zeros_like(sums_a) if freqs is not None else None
-        kept = []
-        for start, end in self._real_bounds:
-            features = self._real_chunk_features(index, start, end, params)
-            if keep_features:
-                kept.append(features)
-            if freqs is None:
-                first, sums = cf.class_row_sums(features, start, b)
-                sums_a[first : first + sums.shape[0]] += sums.double()
-            else:
-                first, cos_sums, sin_sums = cf.cf_chunk_sums(features, freqs, start, b, self.cf_precision)
-                sums_a[first : first + cos_sums.shape[0]] += cos_sums.double()
-                sums_b[first : first + sin_sums.shape[0]] += sin_sums.double()
-        first_stat = (sums_a / b).float()
-        return first_stat, None if sums_b is None else (sums_b / b).float(), kept
-
-    def _real_freq_grad(
-        self,
-        index: Tensor,
-        params: dict[str, Tensor],
-        freqs: Tensor,
-        kept: list[Tensor],
-        grad_re: Tensor,
-        grad_im: Tensor,
-    ) -> Tensor:
-        """Gradient (F, d) of the loss w.r.t. the frequencies through the real CF, chunk by chunk,
-        from the kept features or (checkpointing) features recomputed with the same weights and
-        augmentation."""
-        total = torch.zeros_like(freqs)
-        with torch.no_grad():
-            for i, (start, end) in enumerate(self._real_bounds):
-                features = kept[i] if kept else self._real_chunk_features(index, start, end, params)
-                total += cf.cf_chunk_freq_grad(
-                    features, freqs, start, self.real_per_class, grad_re, grad_im, self.cf_precision
-                )
-        return total
-
-    def _group_loss(
-        self,
-        images: Tensor,
-        first_class: int,
-        params: dict[str, Tensor],
-        freqs: Tensor | None,
-        real_a: Tensor,
-        real_b: Tensor | None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    def _group_loss(self, images: Tensor, first_class: int, params: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """(loss, match, calibration) of one group of classes; ``images`` are its stored images."""
         config = self.config
         k = images.shape[0] // config.ipc
         labels = self.labels[first_class * config.ipc : (first_class + k) * config.ipc]
         decoded, syn_labels = decode_synset(images, labels, config.factor)
         syn_input = augment.apply_params(decoded, syn_labels, params)
-        raw = self._raw_features(self.extractor, syn_input, grad=True)
-        features = self._embed(raw)  # (k * Q, d), class-major, Q = ipc * factor^2 per class
-        per_class_rows = config.ipc * config.factor**2
-        rows = slice(first_class, first_class + k)
-        if freqs is None:
-            per_class = cf.mmd(real_a[rows], cf.class_means(features, per_class_rows))
-        else:
-            syn_re, syn_im = cf.cf_class_major(features, freqs, per_class_rows, self.cf_precision)  # (k, F) each
-            per_class = cf.ncfd(real_a[rows], real_b[rows], syn_re, syn_im, alpha=config.alpha)
+        features = self.forward.embed(self.forward.raw_features(self.extractor, syn_input, grad=True))
+        rows_per_class = config.ipc * config.factor**2  # (k * rows_per_class, d) features, class-major
+        per_class = self.matching.group_loss(features, slice(first_class, first_class + k), rows_per_class)
         match = config.loss_scale * per_class.sum()
         calib = torch.zeros((), device=self.device)
         if config.calib_weight > 0:
-            with self._autocast():
-                logits = self.teacher.classifier(self._raw_features(self.teacher, syn_input, grad=True))
+            with self.forward.autocast():
+                logits = self.teacher.classifier(self.forward.raw_features(self.teacher, syn_input, grad=True))
             # a sum over the group / all synthetic images (of every process): the groups add up to the full mean
-            total = self.num_classes * config.ipc * config.factor**2
+            total = self.num_classes * rows_per_class
             calib = config.calib_weight * F.cross_entropy(logits.float(), syn_labels, reduction="sum") / total
         return match + calib, match, calib
 
     def _backward(self, loss: Tensor) -> None:
         (loss if self.grad_scaler is None else self.grad_scaler.scale(loss)).backward()
+
+    def _draw(self) -> tuple[Tensor, dict[str, Tensor]]:
+        """The iteration's random choices, in the run's fixed order: pool member and blend weight
+        (blended into the extractor), real images, one augmentation per class, then the loss's own
+        (its frequencies). Returns the real indices and the augmentation parameters."""
+        config, host = self.config, self._host_generator
+        member = int(torch.randint(len(self.pool), (1,), generator=host, device=host.device))
+        beta = float(torch.rand((), generator=host, device=host.device))
+        self.pool.blend_into(self.extractor, member, beta)
+        if config.calib_weight > 0:
+            self.pool.load_trained_into(self.teacher, member)
+        real_index, _ = self.sample_real()
+        params = augment.sample_params(
+            config.dsa_strategy, self.num_classes, self.image_size, self.generator, allow_flip=self.allow_flip
+        )
+        self.matching.begin(self.generator)
+        return real_index, {k: v.to(self.device) for k, v in params.items()}
+
+    def _real_side(self, index: Tensor, params: dict[str, Tensor]) -> RealSide:
+        """Real side: the loss's per-class statistics of the real features, chunk by chunk, no grad.
+        The returned :class:`RealSide` serves a second pass (psi's gradient) kept or recomputed."""
+        real = RealSide(self._real_bounds, self.real_per_class, len(self.classes),
+                        lambda start, end: self._real_chunk_features(index, start, end, params),
+                        keep=not self.checkpointing)
+        self.matching.real_statistics(real)
+        return real
+
+    def _synthetic_groups(self, params: dict[str, Tensor]) -> Tensor:
+        """Synthetic side, ``class_chunk`` classes at a time: each group's loss and backward, its
+        images' gradient written into ``images.grad``. Returns (loss, match, calib) summed, (3,)."""
+        for optimizer in self._optimizers():
+            optimizer.zero_grad(set_to_none=True)
+        image_grad = torch.empty_like(self.images)
+        totals = torch.zeros(3, device=self.device)
+        ipc = self.config.ipc
+        for first in range(0, len(self.classes), self.class_chunk):
+            rows = slice(first * ipc, min(first + self.class_chunk, len(self.classes)) * ipc)
+            group_images = self.images.detach()[rows].requires_grad_(True)  # a leaf per group
+            loss, match, calib = self._group_loss(group_images, first, params)
+            self._backward(loss)
+            image_grad[rows] = group_images.grad
+            totals += torch.stack([loss.detach(), match.detach(), calib.detach()])
+        self.images.grad = image_grad
+        return totals
+
+    def _sampler_backward(self, real: RealSide) -> None:
+        """The loss's sampler (if it learns one) gets its gradient, reduced over processes."""
+        self.matching.sampler_backward(real, self._all_reduce)
+
+    def _optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.image_optimizer, *self.matching.optimizers()]
+
+    def _optimizer_step(self) -> None:
+        """One step of every optimiser (through the fp16 loss scaler if any); pixels to [0, 1]."""
+        if self.grad_scaler is None:
+            for optimizer in self._optimizers():
+                optimizer.step()
+        else:
+            for optimizer in self._optimizers():
+                self.grad_scaler.step(optimizer)
+            self.grad_scaler.update()
+        with torch.no_grad():
+            self.images.clamp_(0.0, 1.0)
 
     def step(self) -> dict[str, Any]:
         """Run one iteration; returns its metrics.
@@ -425,68 +310,11 @@ class Distiller:
         be working; averages over ``LOSS_LOG_EVERY`` iterations are exact).
         """
         start_time = time.perf_counter()
-        config, gen = self.config, self.generator
-        host = self._host_generator
-        member = int(torch.randint(len(self.pool), (1,), generator=host, device=host.device))
-        beta = float(torch.rand((), generator=host, device=host.device))
-        self.pool.blend_into(self.extractor, member, beta)
-        if config.calib_weight > 0:
-            self.pool.load_trained_into(self.teacher, member)
-
-        real_index, _ = self.sample_real()
-        params = augment.sample_params(
-            config.dsa_strategy, self.num_classes, self.image_size, gen, allow_flip=self.allow_flip
-        )
-        params = {k: v.to(self.device) for k, v in params.items()}
-
-        freqs_source = freqs = None
-        if config.matching == "ncfm":
-            # psi's graph ends here; everything after uses a detached leaf, so the class groups'
-            # backwards only accumulate its .grad and the sampler sees ONE backward at the end.
-            freqs_source = self.sampler.sample(gen, device=self.device, dtype=torch.float32)
-            freqs = freqs_source.detach().requires_grad_(self.learned_sampler)
-        keep = self.learned_sampler and not self.checkpointing
-        fixed_freqs = freqs.detach() if freqs is not None else None
-        real_a, real_b, kept = self._real_statistics(real_index, params, fixed_freqs, keep)
-        if self.learned_sampler:
-            real_a.requires_grad_(True)
-            real_b.requires_grad_(True)
-
-        self.image_optimizer.zero_grad(set_to_none=True)
-        if self.sampler_optimizer is not None:
-            self.sampler_optimizer.zero_grad(set_to_none=True)
-        image_grad = torch.empty_like(self.images)
-        totals = torch.zeros(3, device=self.device)
-        stored_per_class = config.ipc
-        for first in range(0, len(self.classes), self.class_chunk):
-            last = min(first + self.class_chunk, len(self.classes))
-            rows = slice(first * stored_per_class, last * stored_per_class)
-            group_images = self.images.detach()[rows].requires_grad_(True)  # a leaf per group
-            loss, match, calib = self._group_loss(group_images, first, params, freqs, real_a, real_b)
-            self._backward(loss)
-            image_grad[rows] = group_images.grad
-            totals += torch.stack([loss.detach(), match.detach(), calib.detach()])
-        self.images.grad = image_grad
-
-        if self.learned_sampler:
-            freq_grad = freqs.grad + self._real_freq_grad(
-                real_index, params, freqs.detach(), kept, real_a.grad, real_b.grad
-            )
-            del kept
-            if self._all_reduce is not None:
-                self._all_reduce(freq_grad)  # every process's classes: one psi, identical everywhere
-            reverse_gradient(freqs_source).backward(freq_grad)  # psi ascends what the images descend
-
-        optimizers = [opt for opt in (self.image_optimizer, self.sampler_optimizer) if opt is not None]
-        if self.grad_scaler is None:
-            for optimizer in optimizers:
-                optimizer.step()
-        else:
-            for optimizer in optimizers:
-                self.grad_scaler.step(optimizer)
-            self.grad_scaler.update()
-        with torch.no_grad():
-            self.images.clamp_(0.0, 1.0)
+        real_index, params = self._draw()
+        real = self._real_side(real_index, params)
+        totals = self._synthetic_groups(params)
+        self._sampler_backward(real)
+        self._optimizer_step()
 
         self.iteration += 1
         if self._all_reduce is not None:
@@ -557,7 +385,8 @@ class Distiller:
         return self.images.detach().cpu().clone(), self.labels.cpu().clone()
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly: images, optimisers, psi, RNG, iteration."""
+        """Everything needed to continue exactly: images, optimisers, RNG, iteration, and the
+        matching loss's own entries (``ncfm`` with psi: ``sampler``, ``sampler_optimizer``)."""
         state: dict[str, Any] = {
             "format": STATE_FORMAT,
             "iteration": self.iteration,
@@ -574,10 +403,11 @@ class Distiller:
             state["host_generator"] = self._host_generator.get_state()
         if self.grad_scaler is not None:
             state["grad_scaler"] = self.grad_scaler.state_dict()
-        if self.learned_sampler:
-            state["sampler"] = {k: v.detach().cpu().clone() for k, v in self.sampler.state_dict().items()}
-            state["sampler_optimizer"] = self.sampler_optimizer.state_dict()
-        return state
+        own = self.matching.state_dict()
+        if own.keys() & state.keys():
+            reused = sorted(own.keys() & state.keys())
+            raise ValueError(f"matching loss {self.matching.name!r} state reuses the loop's keys {reused}")
+        return {**state, **own}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("format") != STATE_FORMAT:
@@ -599,11 +429,7 @@ class Distiller:
             self._host_generator.set_state(state["host_generator"].cpu())
         if self.grad_scaler is not None and "grad_scaler" in state:
             self.grad_scaler.load_state_dict(state["grad_scaler"])
-        if self.learned_sampler:
-            if "sampler" not in state:
-                raise CorruptArtifactError("checkpoint has no sampler state but the run uses psi")
-            self.sampler.load_state_dict(state["sampler"])
-            self.sampler_optimizer.load_state_dict(state["sampler_optimizer"])
+        self.matching.load_state_dict(state)
         self.iteration = int(state["iteration"])
         self.loss_curve = [list(p) for p in state.get("loss_curve", [])]
         self._loss_window = list(state.get("loss_window", []))
@@ -611,7 +437,5 @@ class Distiller:
         self._pending = [] if pending is None else list(pending.to(self.device, torch.float32).unbind(0))
 
     def sampler_tensors(self) -> dict[str, Tensor]:
-        """psi's weights for ``sampler.safetensors`` (empty with the Gaussian sampler)."""
-        if not self.learned_sampler:
-            return {}
-        return {k: v.detach().cpu().contiguous() for k, v in self.sampler.state_dict().items()}
+        """A learned sampler's weights for ``sampler.safetensors`` (empty: none learned)."""
+        return self.matching.sampler_tensors()

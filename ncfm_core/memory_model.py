@@ -2,8 +2,10 @@
 
 :func:`estimate_memory` is an explicit account of everything one iteration holds at its fullest
 moment: the tensors kept for the whole iteration, then the largest of its phases (real chunks
-streamed, one class group's synthetic forward/backward, psi's gradient through the real CF), each
-term named and sized in bytes from the network's geometry, without touching data or a GPU.
+streamed, one class group's synthetic forward/backward, the matching loss's own, such as psi's
+gradient through the real CF), each term named and sized in bytes from the network's geometry,
+without touching data or a GPU. The matching loss's terms come from the loss itself
+(``MatchingLoss.costs``, ``ncfm_core.matching``), so the estimate sits beside the code it estimates.
 :func:`estimate_iteration_flops` counts the same iteration's floating-point operations. Both take
 a :class:`Plan` (how the iteration is cut: real chunk, class group, precision, checkpointing);
 :mod:`ncfm_core.planner` searches the plans for the fastest that fits a budget.
@@ -12,6 +14,7 @@ a :class:`Plan` (how the iteration is cut: real chunk, class group, precision, c
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +23,7 @@ import torch
 from ncfm_core.cf import chunk_bounds
 from ncfm_core.config import DistillConfig
 from ncfm_core.data import DatasetShape
+from ncfm_core.matching import IterationShape, matching_class
 from ncfm_core.models import create_network, default_depth, supported_options
 
 __all__ = [
@@ -88,7 +92,8 @@ class MemoryEstimate:
     """Peak bytes of one iteration and the terms it is made of (name -> bytes).
 
     ``phase`` names the moment of the peak: ``real`` (real chunks streamed), ``synthetic`` (one
-    class group's forward/backward) or ``real-backward`` (psi's gradient through the real CF).
+    class group's forward/backward) or one of the matching loss's own (``ncfm`` with psi:
+    ``real-backward``, psi's gradient through the real CF).
     """
 
     peak_bytes: int
@@ -222,10 +227,46 @@ def _traced_sizes(config: DistillConfig, shape: DatasetShape, precision: str) ->
     )
 
 
+@functools.lru_cache(maxsize=256)
 def _network_sizes(config: DistillConfig, shape: DatasetShape, precision: str) -> _NetworkSizes:
+    """Cached: the memory, FLOP and time estimates of every plan the planner tries ask for it."""
     if config.network == "convnet":
         return _convnet_sizes(config, shape, precision)
     return _traced_sizes(config, shape, precision)
+
+
+def _real_input_bytes(real_chunk: int, shape: DatasetShape) -> int:
+    """A real chunk's uint8 gather, float copy and augmentation temporaries."""
+    return real_chunk * shape.pixels * (1 + F32 + 2 * F32)
+
+
+def _with_own(terms: dict[str, Any], own: dict[str, Any], loss: str) -> dict[str, Any]:
+    """``terms`` followed by a matching loss's own; a name the loss reuses is its mistake, refused
+    (an overwritten term would leave the estimate silently wrong)."""
+    reused = terms.keys() & own.keys()
+    if reused:
+        raise ValueError(f"matching loss {loss!r} reuses the memory model's names {sorted(reused)}")
+    return {**terms, **own}
+
+
+def _iteration_shape(config: DistillConfig, shape: DatasetShape, plan: Plan, net: _NetworkSizes) -> IterationShape:
+    """What a matching loss sizes its terms from (``ncfm_core.matching.IterationShape``)."""
+    c, per_class_decoded = shape.num_classes, config.ipc * config.factor**2
+    b = real_per_class_drawn(config, shape)
+    real_chunk = min(plan.real_chunk, c * b)
+    recompute = _real_input_bytes(real_chunk, shape) + real_chunk * net.nograd_transient_bytes
+    return IterationShape(
+        num_classes=c,
+        feature_dim=net.feature_dim,
+        real_rows=c * b,
+        real_chunk_rows=real_chunk,
+        real_chunks=len(chunk_bounds(c, b, max(1, plan.real_chunk))),
+        synthetic_rows=c * per_class_decoded,
+        group_rows=min(plan.class_chunk, c) * per_class_decoded,
+        checkpointing=plan.activation_checkpointing,
+        real_chunk_recompute_bytes=recompute + real_chunk * net.feature_dim * F32 * 2,
+        real_forward_flops=net.forward_flops,
+    )
 
 
 def estimate_memory(config: DistillConfig, shape: DatasetShape, plan: Plan) -> MemoryEstimate:
@@ -236,33 +277,25 @@ def estimate_memory(config: DistillConfig, shape: DatasetShape, plan: Plan) -> M
     - the pool (initial and trained weights of every member), the extractor and the teacher,
       plus the autocast weight copies;
     - the stored synthetic images with their gradient, AdamW's two moments and one temporary;
-    - the frequencies (F, d) with psi's sampling graph, gradient buffers, and psi with Adam;
-    - per-class CF accumulators (C, F) in fp64, their fp32 copies and gradients.
-    Then the largest of three phases:
+    - the matching loss's own: its accumulators, its sampler and that sampler's optimiser.
+    Then the largest of the phases:
     - real: a chunk of ``real_chunk`` real images (uint8 gather, float copy, augmentation
-      temporaries), the no-grad network's live tensors (or, after them, the (chunk, F)
-      projections with cos and sin), and with psi and no checkpointing the stored real
-      features (n_real, d) that psi's gradient needs later;
+      temporaries), the no-grad network's live tensors or, after them, the loss's statistics of
+      the chunk (whichever is larger), the chunk's features, and what the loss keeps of them;
     - synthetic: one group of ``class_chunk`` classes, decoded (ipc * factor^2 per class) and
       augmented, with everything autograd saves in the extractor and (with calibration) the
-      teacher (:func:`_convnet_sizes`), features and their normalised copy, the (n, F) projections
-      and cos/sin, and the backward's gradient buffers; stored real features still alive;
-    - real-backward (psi only): a chunk's projections, cos, sin and weights (4 x (chunk, F)),
-      plus either the stored features or a recomputed chunk's no-grad forward.
-    Finally ``ESTIMATE_OVERHEAD`` (10%) and ``ESTIMATE_FIXED_BYTES`` (32 MiB) on top.
+      teacher (:func:`_convnet_sizes`), features and their normalised copy, the backward's
+      gradient buffers, and the loss's per-group terms;
+    - the loss's own phases (``ncfm`` with psi: "real-backward", psi's gradient through the real CF).
+    The loss's terms come from its ``costs`` (``ncfm_core.matching``), beside its code. Finally
+    ``ESTIMATE_OVERHEAD`` (10%) and ``ESTIMATE_FIXED_BYTES`` (32 MiB) on top.
     """
     c, pixels = shape.num_classes, shape.pixels
     net = _network_sizes(config, shape, plan.precision)
-    d, f = net.feature_dim, config.num_freqs
-    ncfm = config.matching == "ncfm"
-    learned = ncfm and config.sampler
-    per_class_decoded = config.ipc * config.factor**2
-    n_real = c * real_per_class_drawn(config, shape)
+    it = _iteration_shape(config, shape, plan, net)
+    costs = matching_class(config.matching).costs(config, it)
+    d, real_chunk, group = net.feature_dim, it.real_chunk_rows, it.group_rows
     stored_images = c * config.ipc
-    real_chunk = min(plan.real_chunk, n_real)
-    group = min(plan.class_chunk, c) * per_class_decoded
-    checkpointing = plan.activation_checkpointing
-    cf_width = f if ncfm else d
 
     param_bytes = net.param_count * F32
     calib = config.calib_weight > 0
@@ -271,30 +304,18 @@ def estimate_memory(config: DistillConfig, shape: DatasetShape, plan: Plan) -> M
         "pool weights (init + trained)": config.pool_size * 2 * param_bytes,
         "extractor + teacher (+ autocast copies)": 2 * param_bytes + (0 if plan.precision == "fp32" else param_bytes),
         "synthetic images + grad + AdamW": 5 * stored_images * pixels * F32,
-        "per-class CF/mean accumulators": 2 * c * cf_width * (8 + F32 + F32),
     }
-    if ncfm:
-        components = config.num_components or max(1, f // 16)
-        sampler = (7 if learned else 3) * f * d * F32
-        if learned:
-            sampler += 4 * components * (d + 1) * F32 + 4 * f * components * F32
-        persistent["frequencies and psi"] = sampler
-    stored_features = n_real * d * F32 if learned and not checkpointing else 0
 
-    sampling = c * max(1, shape.num_train // c) * (8 + 8) + n_real * 8
-    real_input = real_chunk * pixels * (1 + F32 + 2 * F32)
-    real_network = real_chunk * net.nograd_transient_bytes
-    real_cf = real_chunk * 3 * cf_width * F32
+    sampling = c * max(1, shape.num_train // c) * (8 + 8) + it.real_rows * 8
     real_phase = {
         "real sampling keys": sampling,
-        "real chunk input + augmentation": real_input,
-        "real chunk forward (no grad) or its CF": max(real_network, real_cf),
+        "real chunk input + augmentation": _real_input_bytes(real_chunk, shape),
+        "real chunk forward (no grad) or its CF": max(real_chunk * net.nograd_transient_bytes, costs.real_chunk_bytes),
         "real chunk features": real_chunk * d * F32 * 2,
-        "stored real features (psi)": stored_features,
     }
 
     nets = 2 if calib else 1
-    if checkpointing and config.network == "convnet":
+    if plan.activation_checkpointing and config.network == "convnet":
         network_saved = group * nets * net.checkpointed_saved_bytes + group * net.largest_block_saved_bytes
     else:
         network_saved = group * nets * net.saved_bytes
@@ -302,20 +323,14 @@ def estimate_memory(config: DistillConfig, shape: DatasetShape, plan: Plan) -> M
         "synthetic decode + augmentation": group * pixels * F32 * 6,
         "synthetic activations saved for backward": network_saved,
         "synthetic features (raw, normalised, grad)": group * d * F32 * 3,
-        "synthetic CF (projections, cos, sin, grad)": group * 4 * f * F32 if ncfm else 0,
         "backward gradient buffers": group * (net.backward_transient_bytes + 2 * pixels * F32),
         "teacher logits": group * c * F32 * 3 if calib else 0,
-        "stored real features (psi)": stored_features,
     }
 
-    phases = {"real": real_phase, "synthetic": syn_phase}
-    if learned:
-        recompute = real_input + real_network + real_chunk * d * F32 * 2 if checkpointing else 0
-        phases["real-backward"] = {
-            "real CF gradient (projections, cos, sin, weights)": real_chunk * 4 * f * F32,
-            "recomputed real chunk": recompute,
-            "stored real features (psi)": stored_features,
-        }
+    persistent = _with_own(persistent, costs.persistent, config.matching)
+    phases = _with_own({"real": _with_own(real_phase, costs.real, config.matching),
+                        "synthetic": _with_own(syn_phase, costs.synthetic, config.matching)},
+                       costs.phases, config.matching)
     phase_name, phase_terms = max(phases.items(), key=lambda item: sum(item[1].values()))
     tensors = sum(persistent.values()) + sum(phase_terms.values())
     overhead = int(tensors * ESTIMATE_OVERHEAD) + ESTIMATE_FIXED_BYTES
@@ -333,36 +348,27 @@ def estimate_iteration_flops(config: DistillConfig, shape: DatasetShape, plan: P
     """Floating-point operations of one iteration (a multiply-add counts 2), by part.
 
     Counted: convolutions and linear layers (forward; a backward that needs only input
-    gradients costs one forward again, since the extractor's weights are frozen), the CF
-    projections ``(n, d) @ (d, F)`` and their gradients, psi's real-side gradient, and the
-    recomputations that checkpointing adds. Not counted: norms, ReLU, pooling, cos/sin and the
-    augmentation (elementwise work, memory-bound rather than compute-bound).
+    gradients costs one forward again, since the extractor's weights are frozen), the
+    recomputations that checkpointing adds, and the matching loss's own (its ``costs``; for
+    ``ncfm`` the CF projections ``(n, d) @ (d, F)``, their gradients and psi's real-side
+    gradient). Not counted: norms, ReLU, pooling, cos/sin and the augmentation (elementwise
+    work, memory-bound rather than compute-bound).
     """
-    c = shape.num_classes
     net = _network_sizes(config, shape, plan.precision)
-    d, f = net.feature_dim, config.num_freqs
-    n_real = c * real_per_class_drawn(config, shape)
-    n_syn = c * config.ipc * config.factor**2
-    ncfm = config.matching == "ncfm"
-    learned = ncfm and config.sampler
-    recompute = plan.activation_checkpointing
+    it = _iteration_shape(config, shape, plan, net)
+    n_real, n_syn = it.real_rows, it.synthetic_rows
+    recompute = plan.activation_checkpointing and config.network == "convnet"
     flops = {
         "real forward (no grad)": n_real * net.forward_flops,
         "synthetic forward": n_syn * net.forward_flops,
         "synthetic backward (input grads)": n_syn * net.forward_flops,
     }
-    if recompute and config.network == "convnet":
+    if recompute:
         flops["synthetic recompute (checkpointing)"] = n_syn * net.forward_flops
     if config.calib_weight > 0:
         teacher = net.forward_flops + net.classifier_flops
-        flops["teacher forward + backward"] = n_syn * teacher * (3 if recompute and config.network == "convnet" else 2)
-    if ncfm:
-        flops["real CF projections"] = 2 * n_real * d * f
-        flops["synthetic CF projections + grad"] = 2 * n_syn * d * f * (3 if learned else 2)
-        if learned:
-            flops["psi gradient through the real CF"] = 2 * 2 * n_real * d * f
-            if recompute:
-                flops["real recompute (checkpointing)"] = n_real * net.forward_flops
+        flops["teacher forward + backward"] = n_syn * teacher * (3 if recompute else 2)
+    flops = _with_own(flops, matching_class(config.matching).costs(config, it).flops, config.matching)
     flops["total"] = sum(flops.values())
     return flops
 
@@ -376,9 +382,10 @@ class TimeModel:
 
     A launch unit is the fixed cost of one pass (kernel launches and the under-filled device at
     its edges): a real chunk's no-grad forward with its augmentation and CF counts 1, a class
-    group's synthetic forward + backward (extractor and teacher) ``SYNTHETIC_PASS_UNITS``, one
-    chunk of psi's real-side gradient ``PSI_CHUNK_UNITS`` (plus 1 when checkpointing recomputes
-    its forward). See :func:`iteration_passes`.
+    group's synthetic forward + backward (extractor and teacher) ``SYNTHETIC_PASS_UNITS``; the
+    matching loss adds its own passes (``ncfm``: one chunk of psi's real-side gradient
+    ``ncfm_core.matching.ncfm.PSI_CHUNK_UNITS``, plus 1 when checkpointing recomputes its
+    forward). See :func:`iteration_passes`.
     """
 
     flops_per_second: float
@@ -387,7 +394,6 @@ class TimeModel:
 
 
 SYNTHETIC_PASS_UNITS = 3.0  # forward + backward of the extractor and of the teacher: ~3x a no-grad forward's kernels
-PSI_CHUNK_UNITS = 0.5  # projection, sin/cos, weights, one matmul: about half a forward's kernels
 
 # Calibrated from two runs measured on an H200 by an earlier session (ConvNet-3 width 128
 # instance norm, CIFAR-100-shaped, IPC 50, factor 2, 1024 real images per class, F = 1024, psi on,
@@ -414,17 +420,19 @@ def time_model_for(device: torch.device | str) -> TimeModel | None:
 
 
 def iteration_passes(config: DistillConfig, shape: DatasetShape, plan: Plan) -> dict[str, float]:
-    """Passes of one iteration under ``plan``: ``real chunks``, ``synthetic groups`` and ``psi
-    chunks`` (counts), and ``launch units`` (their weighted sum, see :class:`TimeModel`)."""
-    c = shape.num_classes
-    b = real_per_class_drawn(config, shape)
-    real_chunks = len(chunk_bounds(c, b, max(1, plan.real_chunk)))
-    groups = -(-c // max(1, min(plan.class_chunk, c)))
-    learned = config.matching == "ncfm" and config.sampler
-    psi_chunks = real_chunks if learned else 0
-    psi_units = PSI_CHUNK_UNITS + (1.0 if plan.activation_checkpointing else 0.0)
-    units = real_chunks + SYNTHETIC_PASS_UNITS * groups + psi_units * psi_chunks
-    return {"real chunks": real_chunks, "synthetic groups": groups, "psi chunks": psi_chunks, "launch units": units}
+    """Passes of one iteration under ``plan``: ``real chunks``, ``synthetic groups``, the matching
+    loss's own (``ncfm``: ``psi chunks``) as counts, and ``launch units`` (their weighted sum,
+    see :class:`TimeModel`)."""
+    net = _network_sizes(config, shape, plan.precision)
+    it = _iteration_shape(config, shape, plan, net)
+    groups = -(-shape.num_classes // max(1, min(plan.class_chunk, shape.num_classes)))
+    extra = matching_class(config.matching).costs(config, it).passes
+    units = it.real_chunks + SYNTHETIC_PASS_UNITS * groups
+    for count, units_each in extra.values():
+        units += units_each * count
+    counts = _with_own({"real chunks": it.real_chunks, "synthetic groups": groups},
+                       {name: count for name, (count, _) in extra.items()}, config.matching)
+    return {**counts, "launch units": units}
 
 
 def estimate_iteration_seconds(

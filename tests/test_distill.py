@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -40,8 +42,9 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tiny, tmp_path, sa
     second.run(6)
     assert torch.equal(second.images, straight.images)
     if sampler:
-        for (name, a), b in zip(straight.sampler.state_dict().items(), second.sampler.state_dict().values()):
-            assert torch.equal(a, b), name
+        psi_straight, psi_second = straight.matching.sampler.state_dict(), second.matching.sampler.state_dict()
+        for name, a in psi_straight.items():
+            assert torch.equal(a, psi_second[name]), name
     # and a fresh run from scratch with the same seed is the same too
     assert torch.equal(Distiller(config, dataset, pool, "cpu").images, Distiller(config, dataset, pool, "cpu").images)
 
@@ -65,7 +68,9 @@ def test_real_chunking_does_not_change_the_step(tiny, sampler):
     if sampler:
         # log_scales only: on the first step every component is identical, so the mixture
         # logits' gradient is zero up to rounding, and Adam turns rounding into a full step.
-        torch.testing.assert_close(whole.sampler.log_scales, chunked.sampler.log_scales, atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            whole.matching.sampler.log_scales, chunked.matching.sampler.log_scales, atol=1e-6, rtol=0
+        )
 
 
 def test_real_batches_are_per_class_and_distinct(tiny):
@@ -147,10 +152,10 @@ def test_psi_moves_images_move_and_pixels_stay_in_range(tiny):
     dataset, base, pool = tiny
     d = Distiller(base, dataset, pool, "cpu")
     images0 = d.images.detach().clone()
-    psi0 = [p.detach().clone() for p in d.sampler.parameters()]
+    psi0 = [p.detach().clone() for p in d.matching.sampler.parameters()]
     d.run(4)
     assert not torch.equal(d.images, images0)
-    assert any(not torch.equal(a, b) for a, b in zip(psi0, d.sampler.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(psi0, d.matching.sampler.parameters()))
     assert d.images.min() >= 0 and d.images.max() <= 1
     images, labels = d.synthetic_set()
     assert images.shape == (6, 1, 8, 8) and labels.tolist() == [0, 0, 1, 1, 2, 2]
@@ -159,8 +164,12 @@ def test_psi_moves_images_move_and_pixels_stay_in_range(tiny):
 def test_mmd_matching_mode_runs_without_a_sampler(tiny):
     dataset, base, pool = tiny
     d = Distiller(base.replace(matching="mmd"), dataset, pool, "cpu")
+    state = d.generator.get_state()
+    d.matching.begin(d.generator)
+    assert torch.equal(d.generator.get_state(), state)  # mean matching draws nothing
     m = d.step()
-    assert m["match_loss"] >= 0 and not d.learned_sampler and d.sampler_tensors() == {}
+    assert m["match_loss"] >= 0 and d.matching.optimizers() == [] and d.sampler_tensors() == {}
+    assert not hasattr(d.matching, "sampler") and "sampler" not in d.state_dict()
 
 
 def test_progress_and_checkpoint_hooks(tiny):
@@ -214,8 +223,8 @@ def _reference_step_grads(d: Distiller) -> tuple[float, torch.Tensor, dict[str, 
     d.pool.load_trained_into(d.teacher, member)
     index, labels = d.sample_real()
     params = augment.sample_params(config.dsa_strategy, d.num_classes, d.image_size, gen, allow_flip=d.allow_flip)
-    freqs = d.sampler.sample(gen)
-    if d.learned_sampler:
+    freqs = d.matching.sampler.sample(gen)
+    if d.matching.learned:
         freqs = reverse_gradient(freqs)
     with torch.no_grad():
         x = augment.apply_params(d.real_images[index].float() / 255, labels, params)
@@ -232,7 +241,7 @@ def _reference_step_grads(d: Distiller) -> tuple[float, torch.Tensor, dict[str, 
         d.teacher(syn_input), syn_labels
     )
     loss.backward()
-    sampler_grads = {n: p.grad.clone() for n, p in d.sampler.named_parameters()}
+    sampler_grads = {n: p.grad.clone() for n, p in d.matching.sampler.named_parameters()}
     return float(loss.detach()), d.images.grad.clone(), sampler_grads
 
 
@@ -256,7 +265,7 @@ def test_step_gradients_equal_a_single_graph_reference(tiny, sampler, plan):
     # On the first step psi's mixture logits get a zero gradient up to rounding (all components
     # start equal), so the sampler's tolerance is set by its largest gradient overall.
     scale = max((float(g.abs().max()) for g in ref_sampler_grads.values()), default=0.0)
-    for name, param in engine.sampler.named_parameters():
+    for name, param in engine.matching.sampler.named_parameters():
         torch.testing.assert_close(param.grad, ref_sampler_grads[name], atol=1e-4 * scale, rtol=0, msg=name)
     if sampler:  # psi really gets the reversed gradient of its scales
         assert ref_sampler_grads["log_scales"].abs().sum() > 0
@@ -322,7 +331,8 @@ def test_inference_mode_real_side_is_bit_identical_to_no_grad(tiny, plan):
     plain._real_side_mode = torch.no_grad  # what ran before issue 14
     plain.run(3)
     assert torch.equal(lever.images, plain.images)
-    assert all(torch.equal(a, b) for a, b in zip(lever.sampler.parameters(), plain.sampler.parameters()))
+    psi_lever, psi_plain = lever.matching.sampler.parameters(), plain.matching.sampler.parameters()
+    assert all(torch.equal(a, b) for a, b in zip(psi_lever, psi_plain))
 
 
 def test_tf32_cf_precision_changes_nothing_on_cpu(tiny):
@@ -337,3 +347,32 @@ def test_tf32_cf_precision_changes_nothing_on_cpu(tiny):
     assert torch.equal(runs[0], runs[1])
     for asked in ("tf32", "auto"):  # what a job's plan hands the loop on the CPU
         assert decide_precisions(base.replace(cf_precision=asked), "cpu").cf_precision == "fp32"
+
+
+# -- checkpoints of earlier versions ----------------------------------------------------------
+
+OLD_CHECKPOINT = Path(__file__).parent / "data" / "distill_state_aa11a6b_psi.safetensors"
+
+
+def test_a_checkpoint_written_before_the_losses_were_strategies_resumes(tiny):
+    """The checkpoint of the ``tiny`` run with psi after 3 of 6 iterations, as commit aa11a6b
+    (before issue 21 made the matching losses strategies) wrote it: ``tools/compare_runs.py REF
+    --steps 6 --keep DIR`` with REF at aa11a6b, DIR/reference/0.middle.safetensors. It loads into
+    today's Distiller with nothing lost (saving it again gives every tensor back, bit for bit)
+    and continues. That the continuation equals aa11a6b's own run bit for bit is what
+    compare_runs shows (its "resumed" column); here the pool is retrained on this machine."""
+    dataset, base, pool = tiny
+    state = store.load_state(OLD_CHECKPOINT)
+    assert state["iteration"] == 3 and {"sampler", "sampler_optimizer"} <= state.keys()
+    d = Distiller(base, dataset, pool, "cpu")
+    d.load_state_dict(state)
+    old_tensors, old_tree = store.flatten_state(state)
+    new_tensors, new_tree = store.flatten_state(d.state_dict())
+    assert new_tree == old_tree  # every key, number and string where it was
+    assert new_tensors.keys() == old_tensors.keys() and len(old_tensors) == 13
+    for key, tensor in old_tensors.items():
+        assert torch.equal(new_tensors[key], tensor), key
+    psi = d.matching.sampler.log_scales.detach().clone()
+    d.run(6)
+    assert d.iteration == 6 and torch.isfinite(d.images).all()
+    assert not torch.equal(d.matching.sampler.log_scales, psi)  # psi kept learning from its loaded state

@@ -299,7 +299,7 @@ def test_class_chunked_step_equals_the_unchunked_step(tiny, class_chunk):
         (m1["loss"], m1["match_loss"], m1["calib_loss"]), rel=1e-5
     )
     torch.testing.assert_close(chunked.images, whole.images, atol=1e-6, rtol=0)
-    torch.testing.assert_close(chunked.sampler.log_scales, whole.sampler.log_scales, atol=1e-6, rtol=0)
+    torch.testing.assert_close(chunked.matching.sampler.log_scales, whole.matching.sampler.log_scales, atol=1e-6, rtol=0)
 
 
 # Low precision changes the network forwards only; on this net the first-step loss moves by
