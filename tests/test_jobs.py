@@ -259,7 +259,7 @@ def test_resume_refuses_changed_data_and_live_runs(tmp_path):
     # A live run holds the version's run lock.
     import filelock
 
-    lock = filelock.FileLock(str(version.path / jobs.RUN_LOCK_FILE))
+    lock = filelock.FileLock(str(version.run_lock_path))
     with lock:
         with pytest.raises(NcfmError, match="another process"):
             resume_job(store, version.ref)

@@ -17,12 +17,11 @@ from ncfm_core.jobs.eval import BASELINE_KINDS, eval_job
 from ncfm_core.jobs.events import JobCallback, JobInterrupted
 from ncfm_core.jobs.plan import make_plan, plan_job
 from ncfm_core.jobs.resume import resume_job
-from ncfm_core.jobs.run import DEFAULT_CHECKPOINT_EVERY, RUN_LOCK_FILE
+from ncfm_core.jobs.run import DEFAULT_CHECKPOINT_EVERY
 
 __all__ = [
     "BASELINE_KINDS",
     "DEFAULT_CHECKPOINT_EVERY",
-    "RUN_LOCK_FILE",
     "JobCallback",
     "JobInterrupted",
     "artifact_summary",

@@ -9,13 +9,13 @@ from typing import Any
 
 import torch
 
-from ncfm_core import __version__
 from ncfm_core.config import DistillConfig, validate
 from ncfm_core.data import ImageDataset, load_dataset
 from ncfm_core.errors import ConfigError, CorruptArtifactError, NcfmError, NotFoundError, one_line
 from ncfm_core import store as store_lib
 from ncfm_core.store import ArtifactVersion, Store
 from ncfm_core.store.synset import SyntheticSet, load_synset
+from ncfm_core.version import __version__
 
 
 def software_versions() -> dict[str, str]:

@@ -53,11 +53,6 @@ DEFAULT_CHECKPOINT_EVERY = 100
 enough that writing the optimiser states (3x the images) costs little next to the loop."""
 
 
-RUN_LOCK_FILE = ".run.lock"
-"""Held (flock) by the process distilling into a version; the kernel drops it if that
-process dies, so a lock we cannot take means the run is alive somewhere else."""
-
-
 def _peak_memory(device: torch.device) -> tuple[dict[str, Any] | None, int | None, str]:
     """(``measure_peak(device).to_dict()`` or None, the figure to report, what it measures).
 
@@ -91,7 +86,7 @@ def validate_job(config: DistillConfig, dataset: ImageDataset) -> PoolSpec:
 
 @contextlib.contextmanager
 def run_lock(version: ArtifactVersion) -> Iterator[None]:
-    lock = filelock.FileLock(str(version.path / RUN_LOCK_FILE))
+    lock = filelock.FileLock(str(version.run_lock_path))
     try:
         lock.acquire(timeout=0)
     except filelock.Timeout:
@@ -108,7 +103,7 @@ def run_is_alive(version: ArtifactVersion) -> bool | None:
     """Whether a process is distilling into ``version`` right now, told by its run lock: True
     (held), False (free: a version still marked "running" was left by a process that died, e.g.
     SIGKILL or a power loss), None (cannot tell, e.g. a read-only store)."""
-    lock = filelock.FileLock(str(version.path / RUN_LOCK_FILE))
+    lock = filelock.FileLock(str(version.run_lock_path))
     try:
         lock.acquire(timeout=0)
     except filelock.Timeout:

@@ -6,7 +6,10 @@ Layout under the root (see ``store_root``)::
     <root>/artifacts/<name>/v<N>/synset.safetensors            stored-form images, labels
     <root>/artifacts/<name>/v<N>/sampler.safetensors           psi weights
     <root>/artifacts/<name>/v<N>/checkpoint/state.safetensors  everything resume needs
+    <root>/artifacts/<name>/v<N>/.run.lock                      held by the process distilling into it
+    <root>/artifacts/<name>/.lock                              serialises manifest updates of <name>
     <root>/pools/<key>/pool.safetensors                        cached feature-extractor pools
+    <root>/baselines/<key>.json                                cached full-data baselines
 
 Rules this package keeps:
 
@@ -29,12 +32,16 @@ name), ``versions`` (names, versions, ``Store``), then the formats of a version'
 from ncfm_core.store.files import atomic_write_bytes, read_json, write_json
 from ncfm_core.store.layout import (
     ARTIFACTS_DIR,
+    BASELINES_DIR,
     CHECKPOINT_DIR,
     CHECKPOINT_FILE,
     CHECKPOINT_RELPATH,
     MANIFEST_FILE,
+    NAME_LOCK_FILE,
     POOL_FILE,
+    POOL_FORMAT,
     POOLS_DIR,
+    RUN_LOCK_FILE,
     SAMPLER_FILE,
     SYNSET_FILE,
 )
@@ -68,13 +75,17 @@ from ncfm_core.store.versions import (
 
 __all__ = [
     "ARTIFACTS_DIR",
+    "BASELINES_DIR",
     "CHECKPOINT_DIR",
     "CHECKPOINT_FILE",
     "CHECKPOINT_RELPATH",
     "MANIFEST_FILE",
+    "NAME_LOCK_FILE",
     "NAME_PATTERN",
     "POOLS_DIR",
     "POOL_FILE",
+    "POOL_FORMAT",
+    "RUN_LOCK_FILE",
     "SAMPLER_FILE",
     "SAMPLER_FORMAT",
     "STATE_TREE_FORMAT",

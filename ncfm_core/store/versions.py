@@ -33,7 +33,9 @@ from ncfm_core.store.layout import (
     CHECKPOINT_DIR,
     CHECKPOINT_FILE,
     MANIFEST_FILE,
+    NAME_LOCK_FILE,
     POOLS_DIR,
+    RUN_LOCK_FILE,
     SAMPLER_FILE,
     SYNSET_FILE,
 )
@@ -47,7 +49,6 @@ or digit (so no hidden files and no option-like names); '..' is rejected separat
 STATUSES = ("running", "complete", "failed")
 
 _VERSION_DIR = re.compile(r"^v([0-9]+)$")
-_LOCK_FILE = ".lock"
 _LOCK_PATIENCE_S = 10.0
 
 
@@ -117,6 +118,11 @@ class ArtifactVersion:
     @property
     def checkpoint_path(self) -> Path:
         return self.path / CHECKPOINT_DIR / CHECKPOINT_FILE
+
+    @property
+    def run_lock_path(self) -> Path:
+        """The lock the process distilling into this version holds (``jobs.run.run_lock``)."""
+        return self.path / RUN_LOCK_FILE
 
     def manifest(self) -> dict:
         """The manifest as a dict, validated (:func:`read_manifest`; ``NotFoundError`` /
@@ -216,7 +222,7 @@ class Store:
     def _name_lock(self, name: str) -> Iterator[None]:
         name_dir = self.artifacts_dir / name
         name_dir.mkdir(parents=True, exist_ok=True)
-        lock = filelock.FileLock(str(name_dir / _LOCK_FILE))
+        lock = filelock.FileLock(str(name_dir / NAME_LOCK_FILE))
         try:
             lock.acquire(timeout=_LOCK_PATIENCE_S)
         except filelock.Timeout:
