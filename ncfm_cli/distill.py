@@ -28,6 +28,7 @@ from ncfm_cli.output import (
     command_errors,
     error_object,
     format_flops,
+    format_peak_memory,
     format_seconds,
     global_options,
     is_main,
@@ -67,10 +68,6 @@ _MEMORY = "Memory and speed"
 
 def summary_pairs(summary: dict[str, Any]) -> list[tuple[str, Any]]:
     """Human lines of a distill/resume result."""
-    source = {"process_peak_rss": "process peak RSS", "cuda_max_memory_allocated": "CUDA peak allocated",
-              "cuda_max_memory_reserved": "CUDA peak reserved"}.get(
-        str(summary.get("peak_memory_source")), str(summary.get("peak_memory_source"))
-    )
     iterations = summary.get("iterations")
     target = summary.get("iterations_target")
     return [
@@ -78,7 +75,7 @@ def summary_pairs(summary: dict[str, Any]) -> list[tuple[str, Any]]:
         ("status", summary["status"]),
         ("iterations", iterations if iterations == target else f"{iterations} of {target}"),
         ("time", format_seconds(summary.get("seconds"))),
-        ("peak memory", f"{format_bytes(summary.get('peak_memory_bytes'))} ({source})"),
+        ("peak memory", format_peak_memory(summary.get("peak_memory_bytes"), summary.get("peak_memory_source"))),
         *_plan_pairs(summary.get("plan"), summary.get("flops_per_iteration")),
         ("path", summary["path"]),
     ]

@@ -132,7 +132,7 @@ def test_eval_protocol_option(store_copy):
                           "--seed", "4", "--json"))
     assert out["protocol"]["protocol"] == "dsa" and out["protocol"]["optimizer"] == "sgd"
     assert out["protocol"]["seed"] == 4 and out["seeds"] == [4]
-    assert Store(store_copy).resolve("digits-ipc1").manifest()["evals"][-1]["protocol"] == out["protocol"]
+    assert Store(store_copy).resolve("digits-ipc1").record().evals[-1].protocol == out["protocol"]
 
 
 def test_export_stored_and_decoded_on_request(made, tmp_path):
@@ -182,8 +182,8 @@ def test_exit_5_below_min_acc_after_printing_and_recording(store_copy):
     out = one_json(result)
     assert out["passed"] is False and out["min_acc"] == 1.0
     assert "below --min-acc" in error_line(result)
-    evals = Store(store_copy).resolve("digits-ipc1").manifest()["evals"]
-    assert evals[-1]["accuracy"] == out["accuracy"]
+    evals = Store(store_copy).resolve("digits-ipc1").record().evals
+    assert evals[-1].accuracy.to_json() == out["accuracy"]
     invoke("--store", store_copy, "eval", "digits-ipc1", *EVAL_TINY, "--min-acc", "0")  # passes: exit 0
 
 
@@ -307,8 +307,19 @@ def test_exit_130_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(store_copy, m
         result = invoke("--store", store_copy, *args, expect=130)
     expected_hint = f"ncfm --store {store_copy} resume stop@v1"
     assert "checkpoint saved at iteration 3" in result.stderr and expected_hint in result.stderr, result.stderr
-    manifest = Store(store_copy).resolve("stop@v1").manifest()
-    assert manifest["status"] == "failed" and manifest["iterations_done"] == 3
+    record = Store(store_copy).resolve("stop@v1").record()
+    assert record.status == "interrupted" and record.iterations_done == 3
+
+    # ls and inspect, human and JSON, say interrupted (not failed) with the command that continues it.
+    hint = f"stop@v1 was interrupted (Ctrl-C) (checkpoint at iteration 3); continue it with `{expected_hint}`"
+    row = next(r for r in one_json(invoke("--store", store_copy, "--json", "ls"))["artifacts"] if r["artifact"] == "stop@v1")
+    assert (row["status"], row["hint"]) == ("interrupted", hint)
+    shown = one_json(invoke("--store", store_copy, "inspect", "stop@v1", "--json"))
+    assert (shown["status"], shown["hint"], shown["interrupted"]) == ("interrupted", hint, True)
+    assert "recorded_status" not in shown  # recorded so, not only shown so
+    listed = invoke("--store", store_copy, "ls").stdout
+    assert "interrupted" in listed and hint in " ".join(listed.split()), listed
+    assert f"interrupted ({hint})" in invoke("--store", store_copy, "inspect", "stop@v1").stdout
 
     resumed = one_json(invoke("--store", store_copy, "--json", "resume", "stop@v1"))
     assert resumed["status"] == "complete" and resumed["iterations"] == 6
@@ -354,6 +365,7 @@ def test_inspect_eval_history_shows_baselines_and_ior():
     from rich.console import Console
 
     from ncfm_cli.inspect import evals_table
+    from ncfm_core.store import EvalRecord
 
     with_baselines = {
         "created": "2026-01-01T00:00:00Z", "protocol": {"model": "convnet", "epochs": 300}, "device": "cpu",
@@ -365,7 +377,8 @@ def test_inspect_eval_history_shows_baselines_and_ior():
     plain = {"created": "2026-01-02T00:00:00Z", "protocol": {"model": "alexnet", "epochs": 5},
              "accuracy": {"mean": 0.5, "std": 0.0, "runs": [0.5]}, "device": "cuda:0"}
     console = Console(record=True, width=200)
-    console.print(evals_table([with_baselines, plain, "not a record"]))
+    # A malformed record never reaches the table: reading the manifest refuses it (test_record.py).
+    console.print(evals_table([EvalRecord.from_json(with_baselines), EvalRecord.from_json(plain)]))
     text = console.export_text()
     rows = [line for line in text.splitlines() if "convnet" in line or "alexnet" in line]
     assert len(rows) == 2

@@ -189,9 +189,9 @@ def test_distill_job_under_a_gpu_budget_caps_an_indexed_device_and_records_it(
     expected = 1 if requested == "cuda:1" else 0
     assert simulated_cuda.caps == [(pytest.approx(2.5 / 80), expected)]
     assert stop_before_the_loop["device"] == torch.device("cuda", expected)
-    manifest = stop_before_the_loop["version"].manifest()
-    assert manifest["device"] == f"cuda:{expected}" and manifest["device_reason"]
-    assert manifest["plan"]["device"] == f"cuda:{expected}"
+    record = stop_before_the_loop["version"].record()
+    assert record.device == f"cuda:{expected}" and record.device_reason
+    assert record.plan.device == f"cuda:{expected}"
 
 
 def test_distill_job_without_a_budget_does_not_cap(tmp_path, simulated_cuda, stop_before_the_loop):

@@ -11,7 +11,7 @@ Each job validates its input, resolves its values once (the device, at the bound
 records it in the artifact's manifest and returns a value the command line renders.
 """
 
-from ncfm_core.jobs.artifacts import artifact_summary, export_job, inspect_job, list_job
+from ncfm_core.jobs.artifacts import Inspection, artifact_summary, export_job, inspect_job, list_job
 from ncfm_core.jobs.distill import default_artifact_name, distill_job
 from ncfm_core.jobs.eval import BASELINE_KINDS, eval_job
 from ncfm_core.jobs.events import JobCallback, JobInterrupted
@@ -22,6 +22,7 @@ from ncfm_core.jobs.run import DEFAULT_CHECKPOINT_EVERY
 __all__ = [
     "BASELINE_KINDS",
     "DEFAULT_CHECKPOINT_EVERY",
+    "Inspection",
     "JobCallback",
     "JobInterrupted",
     "artifact_summary",

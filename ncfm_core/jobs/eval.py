@@ -31,7 +31,7 @@ from ncfm_core.evaluate import (
 )
 from ncfm_core.jobs.common import (
     check_fingerprint,
-    config_from_manifest,
+    config_from_record,
     load_job_dataset,
     open_complete_synset,
     software_versions,
@@ -39,7 +39,7 @@ from ncfm_core.jobs.common import (
 from ncfm_core.jobs.events import JobCallback, emitter, log
 from ncfm_core.metrics import fair_metrics
 from ncfm_core.pool import PoolSpec
-from ncfm_core.store import Store, utc_now
+from ncfm_core.store import EvalRecord, Store, utc_now
 from ncfm_core.store.baselines import (
     CACHE_ONLY_FIELDS,
     baseline_path,
@@ -251,7 +251,7 @@ def eval_job(
 
     With ``eval_config.soft_labels`` the teacher is member ``teacher_member`` of the artifact's
     own pool, used for the synthetic set and both baselines alike. Returns (and appends to
-    the manifest's ``evals``, less ``artifact``/``path``)::
+    the record's ``evals`` as an :class:`~ncfm_core.store.EvalRecord`, less ``artifact``/``path``)::
 
         {artifact, path, model, protocol, accuracy {mean, std, runs}, seeds, training, train_set,
          baselines {random: {...}, full: {..., cached}}, metrics {ior, hlr, lrs}, teacher,
@@ -263,16 +263,16 @@ def eval_job(
 
     The top-level results are those of the first model. Accuracies and metrics are fractions.
     ``dataset``: the data already in memory (``ncfm_core.evaluate``), checked against the
-    manifest's fingerprint like loaded data; default: load the artifact's dataset.
+    record's fingerprint like loaded data; default: load the artifact's dataset.
     """
     emit = emitter(callback)
     started = time.perf_counter()
     baselines = _check_baselines(baselines)
-    version, manifest, synset = open_complete_synset(store, ref)
-    config = config_from_manifest(version, manifest)
+    version, run_record, synset = open_complete_synset(store, ref)
+    config = config_from_record(version, run_record)
     if dataset is None:  # given: data in memory (``ncfm_core.evaluate``), checked like loaded data
         dataset = load_job_dataset(config, data_dir)
-    check_fingerprint(version, manifest, dataset)
+    check_fingerprint(version, run_record, dataset)
     check_evaluable(dataset)
     store.check_writable(version)  # before hours of training, not after them
     if synset.num_classes != dataset.num_classes or tuple(synset.images.shape[1:]) != (
@@ -318,7 +318,7 @@ def eval_job(
     )
     result = {"artifact": version.ref, "path": str(version.path), **record}
     try:
-        store.append_eval(version, record)
+        store.append_eval(version, EvalRecord.from_json(record, "the evaluation's record"))
     except OSError as err:  # the evaluation is done: hand its result back rather than lose it
         raise ResultNotSavedError(
             f"could not record the evaluation in {version.manifest_path} ({err.strerror or one_line(err)}); "

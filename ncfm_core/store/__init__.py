@@ -2,7 +2,7 @@
 
 Layout under the root (see ``store_root``)::
 
-    <root>/artifacts/<name>/v<N>/manifest.json                 JSON: config, status, metrics, ...
+    <root>/artifacts/<name>/v<N>/manifest.json                 the run's record (``store.record``)
     <root>/artifacts/<name>/v<N>/synset.safetensors            stored-form images, labels
     <root>/artifacts/<name>/v<N>/sampler.safetensors           psi weights
     <root>/artifacts/<name>/v<N>/checkpoint/state.safetensors  everything resume needs
@@ -25,7 +25,8 @@ Rules this package keeps:
 
 Modules, each importing only those before it: ``files`` (atomic writes, JSON),
 ``tensors`` (safetensors), ``state`` (nested states), ``layout`` (every file and folder
-name), ``versions`` (names, versions, ``Store``), then the formats of a version's files:
+name), ``record`` (a run's record: the typed manifest, its schema version, reading, migration,
+writing), ``versions`` (names, versions, ``Store``), then the formats of a version's files:
 ``synset`` (synthetic set and sampler) and ``baselines`` (the full-data baseline cache).
 """
 
@@ -44,6 +45,28 @@ from ncfm_core.store.layout import (
     RUN_LOCK_FILE,
     SAMPLER_FILE,
     SYNSET_FILE,
+)
+from ncfm_core.store.record import (
+    SCHEMA_VERSION,
+    STATUSES,
+    Accuracy,
+    BaselineRecord,
+    DatasetRecord,
+    EvalRecord,
+    EvalRequest,
+    Normalization,
+    PeakMemoryRecord,
+    PlanRecord,
+    PoolRecord,
+    ProcessRecord,
+    RunRecord,
+    SamplerRecord,
+    SessionTiming,
+    SynsetRecord,
+    Timings,
+    describe_peak_source,
+    read_record,
+    write_record,
 )
 from ncfm_core.store.state import (
     STATE_TREE_FORMAT,
@@ -64,7 +87,6 @@ from ncfm_core.store.synset import (
 from ncfm_core.store.tensors import file_sha256, load_tensors, save_tensors
 from ncfm_core.store.versions import (
     NAME_PATTERN,
-    STATUSES,
     ArtifactVersion,
     Store,
     looks_like_path,
@@ -74,6 +96,25 @@ from ncfm_core.store.versions import (
 )
 
 __all__ = [
+    "SCHEMA_VERSION",
+    "Accuracy",
+    "BaselineRecord",
+    "DatasetRecord",
+    "EvalRecord",
+    "EvalRequest",
+    "Normalization",
+    "PeakMemoryRecord",
+    "PlanRecord",
+    "PoolRecord",
+    "ProcessRecord",
+    "RunRecord",
+    "SamplerRecord",
+    "SessionTiming",
+    "SynsetRecord",
+    "Timings",
+    "describe_peak_source",
+    "read_record",
+    "write_record",
     "ARTIFACTS_DIR",
     "BASELINES_DIR",
     "CHECKPOINT_DIR",
