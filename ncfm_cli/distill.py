@@ -43,8 +43,9 @@ from ncfm_core.jobs import (
     DEFAULT_CHECKPOINT_EVERY,
     artifact_summary,
     distill_job,
-    eval_job,
+    eval_request,
     plan_job,
+    requested_eval,
 )
 from ncfm_core.store import ArtifactVersion
 
@@ -56,7 +57,8 @@ DISTILL_EPILOG = (
     "nothing. Exit codes: 0 ok; 1 failure; 2 invalid option (e.g. --ipc larger than a class); "
     "3 dataset files not found; 4 memory budget too small (the message states the minimum) or out of "
     "memory under it; 5 with --eval, accuracy below --min-acc; 130 interrupted by Ctrl-C after saving "
-    "a checkpoint (continue with `ncfm resume NAME@vN`); 143 the same for SIGTERM."
+    "a checkpoint (the message names the `ncfm resume` command that continues it, --eval included); "
+    "143 the same for SIGTERM."
 )
 
 _SET = "Synthetic set"
@@ -228,11 +230,11 @@ def distill_command(
     with command_errors(opts):
         check_min_acc(min_acc)
         run_eval = run_eval or min_acc is not None
-        eval_config = None
-        if run_eval:
-            eval_config = build_eval_config(
+        request = None
+        if run_eval:  # recorded with the version: `ncfm resume` runs it if this command is stopped first
+            request = eval_request(build_eval_config(
                 protocol=eval_protocol, repeats=eval_repeats, epochs=eval_epochs, model=eval_model
-            )
+            ), min_acc=min_acc)
         config = make_config(
             dataset,
             ipc,
@@ -276,10 +278,11 @@ def distill_command(
         store = opts.open_store()
         with job_progress(opts) as progress:
             version = distill_job(store, config, name=name, device=device, checkpoint_every=checkpoint_every,
-                                  callback=progress, gpu_mem=gpu_mem, allow_checkpointing=allow_checkpointing)
+                                  callback=progress, gpu_mem=gpu_mem, allow_checkpointing=allow_checkpointing,
+                                  eval_request=request)
             record, unsaved = None, None
-            if eval_config is not None:  # under torchrun every rank joins: the repeats are spread
-                record, unsaved = kept_if_unsaved(lambda: eval_job(store, version.ref, eval_config, device, progress))
+            if request is not None:  # under torchrun every rank joins: the repeats are spread
+                record, unsaved = kept_if_unsaved(lambda: requested_eval(store, version, request, device, progress))
     report_version(opts, version, eval_record=record, min_acc=min_acc,
                    extra=None if unsaved is None else error_object(unsaved))
     fail_if_unsaved(unsaved)

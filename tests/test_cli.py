@@ -106,6 +106,17 @@ def test_human_output_of_every_read_command(made, tmp_path):
     assert "no artifacts" in empty.stdout
 
 
+def test_peak_memory_reads_the_same_in_distill_resume_and_inspect(store_copy):
+    def peak_line(text: str) -> str:
+        return " ".join(next(line for line in text.splitlines() if line.startswith("peak memory")).split())
+
+    shown = peak_line(invoke("--store", store_copy, "inspect", "digits-ipc1@v1").stdout)
+    assert shown.endswith("(process peak RSS)") and "MiB" in shown
+    assert peak_line(invoke("--store", store_copy, "resume", "digits-ipc1@v1").stdout) == shown
+    made = invoke("--store", store_copy, "distill", "digits", "--ipc", "1", "--iterations", "1", "--name", "p", *TINY)
+    assert peak_line(made.stdout).endswith("(process peak RSS)")
+
+
 @pytest.mark.parametrize("fmt, expected", [
     ("png", "0/0000.png"), ("grid", "grid.png"), ("imagefolder", "train/000_0/0000.png"),
     ("pt", "synset.pt"), ("npz", "synset.npz"),
@@ -154,10 +165,11 @@ def test_distill_with_eval_in_one_command_and_resume_extension(store_copy):
     assert out["artifact"] == "both@v1" and out["eval"]["accuracy"]["runs"] and out["passed"] is True
     manifest = json.loads(Path(out["path"], "manifest.json").read_text())
     assert manifest["config"]["seed"] == 5 and manifest["config"]["sampler"] is False
-    assert len(manifest["evals"]) == 1
+    assert len(manifest["evals"]) == 1 and manifest["pending_eval"] is None  # asked for, and done
 
     extended = one_json(invoke("--store", store_copy, "resume", "both", "--iterations", "4", "--json"))
     assert extended["artifact"] == "both@v2" and extended["parent"] == "both@v1" and extended["iterations"] == 4
+    assert "eval" not in extended  # a new version does not owe its parent's evaluation
     nothing = invoke("--store", store_copy, "resume", "both@v2")
     assert "already complete" in nothing.stderr
 
@@ -323,10 +335,76 @@ def test_exit_130_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(store_copy, m
 
     resumed = one_json(invoke("--store", store_copy, "--json", "resume", "stop@v1"))
     assert resumed["status"] == "complete" and resumed["iterations"] == 6
+    # inspect's median seconds per iteration: one per session, each naming the iterations it covers.
+    time_line = next(line for line in invoke("--store", store_copy, "inspect", "stop@v1").stdout.splitlines()
+                     if line.startswith("time "))
+    assert re.search(r"median [0-9.]+ s/it \(iterations 0-3\), [0-9.]+ s/it \(iterations 3-6\)$", time_line), time_line
+    sessions = one_json(invoke("--store", store_copy, "inspect", "stop@v1", "--json"))["timings"]["per_session"]
+    assert [(s["from_iteration"], s["to_iteration"], s["ended"]) for s in sessions] == [
+        (0, 3, "interrupted"), (3, 6, "complete")]
     straight = one_json(invoke("--store", store_copy, "--json", *args[:-len(TINY)], *TINY, "--name", "straight"))
     a = load_tensors(Path(resumed["path"]) / "synset.safetensors")[0]["images"]
     b = load_tensors(Path(straight["path"]) / "synset.safetensors")[0]["images"]
     assert torch.equal(a, b)
+
+
+EVAL_ASKED = ["--eval", "--eval-epochs", "1", "--eval-repeats", "2", "--eval-protocol", "dsa", "--min-acc", "0"]
+
+
+def _sigint_at(monkeypatch, iteration: int) -> None:
+    original = Distiller.step
+
+    def step(self):
+        import signal
+
+        metrics = original(self)
+        if self.iteration == iteration:
+            signal.raise_signal(signal.SIGINT)
+        return metrics
+
+    monkeypatch.setattr(Distiller, "step", step)
+
+
+def test_resume_carries_over_the_eval_distill_asked_for(store_copy, monkeypatch):
+    args = ["distill", "digits", "--ipc", "1", "--iterations", "4", "--name", "asked", *TINY, *EVAL_ASKED]
+    with monkeypatch.context() as patch:
+        _sigint_at(patch, 2)
+        invoke("--store", store_copy, *args, expect=130)
+    version = Store(store_copy).resolve("asked@v1")
+    pending = version.record().pending_eval
+    assert (pending.protocol["protocol"], pending.protocol["epochs"], pending.protocol["repeats"]) == ("dsa", 1, 2)
+    assert pending.min_acc == 0.0 and version.record().evals == ()
+    assert "pending eval" in invoke("--store", store_copy, "inspect", "asked@v1").stdout
+
+    out = one_json(invoke("--store", store_copy, "--json", "resume", "asked"))
+    assert out["status"] == "complete" and out["iterations"] == 4
+    assert out["eval"]["protocol"]["protocol"] == "dsa" and len(out["eval"]["accuracy"]["runs"]) == 2
+    assert out["min_acc"] == 0.0 and out["passed"] is True
+    record = version.record()
+    assert record.pending_eval is None and [e.protocol["epochs"] for e in record.evals] == [1]
+    again = invoke("--store", store_copy, "resume", "asked")  # nothing left to do, nothing run twice
+    assert "already complete" in again.stderr and len(version.record().evals) == 1
+
+
+def test_an_evaluation_interrupted_after_the_run_is_finished_by_resume(store_copy, monkeypatch):
+    from ncfm_core.jobs import eval as eval_module
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt("SIGINT")
+
+    args = ["distill", "digits", "--ipc", "1", "--iterations", "2", "--name", "late", *TINY, *EVAL_ASKED[:-2],
+            "--min-acc", "1"]
+    with monkeypatch.context() as patch:
+        patch.setattr(eval_module, "evaluate_models", stopped)
+        invoke("--store", store_copy, *args, expect=130)
+    version = Store(store_copy).resolve("late")  # complete: only its evaluation was stopped
+    assert version.record().pending_eval.min_acc == 1.0
+
+    skipped = invoke("--store", store_copy, "resume", "late", "--no-eval")
+    assert "still to run" in skipped.stderr and version.record().pending_eval is not None
+    result = invoke("--store", store_copy, "resume", "late", expect=5)  # its --min-acc 1 came along
+    assert "below --min-acc 100.00%" in error_line(result) and "evaluated" in result.stdout
+    assert version.record().pending_eval is None and len(version.record().evals) == 1  # recorded first
 
 
 # ----------------------------------------------------------------------------- help and README

@@ -500,8 +500,10 @@ def test_resolve_not_found_messages(tmp_path):
     with pytest.raises(NotFoundError, match="did you mean cifar10-ipc10") as err:
         store.resolve("cifar10-ipc1")
     assert "\n" not in str(err.value)
-    with pytest.raises(NotFoundError, match=r"no complete version \(v1 \(running\), v2 \(failed\)\)"):
+    with pytest.raises(NotFoundError, match=r"no complete version \(v1 \(running\), v2 \(failed\)\)") as err:
         store.resolve("cifar10-ipc10")
+    # The real version to continue, never a placeholder to fill in.
+    assert "`ncfm resume cifar10-ipc10@v2`" in str(err.value) and "vN" not in str(err.value)
     with pytest.raises(NotFoundError, match="has v1, v2"):
         store.resolve("cifar10-ipc10@v7")
     with pytest.raises(NotFoundError, match="did you mean"):

@@ -13,7 +13,7 @@ records it in the artifact's manifest and returns a value the command line rende
 
 from ncfm_core.jobs.artifacts import Inspection, artifact_summary, export_job, inspect_job, list_job
 from ncfm_core.jobs.distill import default_artifact_name, distill_job
-from ncfm_core.jobs.eval import BASELINE_KINDS, eval_job
+from ncfm_core.jobs.eval import BASELINE_KINDS, eval_job, eval_request, pending_eval_job, requested_eval
 from ncfm_core.jobs.events import JobCallback, JobInterrupted
 from ncfm_core.jobs.plan import make_plan, plan_job
 from ncfm_core.jobs.resume import resume_job
@@ -29,10 +29,13 @@ __all__ = [
     "default_artifact_name",
     "distill_job",
     "eval_job",
+    "eval_request",
     "export_job",
     "inspect_job",
     "list_job",
     "make_plan",
+    "pending_eval_job",
     "plan_job",
+    "requested_eval",
     "resume_job",
 ]

@@ -26,7 +26,7 @@ from ncfm_core.jobs.run import (
     run_lock,
     validate_job,
 )
-from ncfm_core.store import ArtifactVersion, PlanRecord, Store
+from ncfm_core.store import ArtifactVersion, EvalRequest, PlanRecord, Store
 
 
 def default_artifact_name(dataset: str, ipc: int) -> str:
@@ -52,6 +52,7 @@ def distill_job(
     gpu_mem: str | None = None,
     allow_checkpointing: bool = True,
     dataset: ImageDataset | None = None,
+    eval_request: EvalRequest | None = None,
 ) -> ArtifactVersion:
     """Distill ``config.dataset`` into a new version of ``name`` (default ``<dataset>-ipc<IPC>``).
 
@@ -65,7 +66,9 @@ def distill_job(
     Raises :class:`JobInterrupted` on Ctrl-C (after checkpointing), ``NcfmError`` subclasses for
     bad input, and re-raises anything else after marking the version failed.
     ``dataset``: the data already in memory (``ncfm_core.distill`` from tensors), instead of
-    loading ``config.dataset``.
+    loading ``config.dataset``. ``eval_request``: the evaluation the caller runs once the version is
+    complete (``jobs.eval.eval_request``), recorded as ``pending_eval`` so that ``ncfm resume`` runs
+    it if this run is interrupted first.
     """
     emit = emitter(callback)
     checkpoint_every = check_checkpoint_every(checkpoint_every)
@@ -81,7 +84,7 @@ def distill_job(
     config = plan.apply(config)
     version = store.create_version(name, initial_record(
         config, dataset, device, checkpoint_every, parent=None, plan=PlanRecord.from_json(planned["plan"]),
-        flops_per_iteration=planned["flops_per_iteration"], gpu_mem=planned["gpu_mem"]))
+        flops_per_iteration=planned["flops_per_iteration"], gpu_mem=planned["gpu_mem"], pending_eval=eval_request))
     emit({"stage": "created", "artifact": version.ref, "path": str(version.path)})
     log(emit, f"created {version.ref} at {version.path}")
     log(emit, plan_message(plan))

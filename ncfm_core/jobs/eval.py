@@ -39,7 +39,7 @@ from ncfm_core.jobs.common import (
 from ncfm_core.jobs.events import JobCallback, emitter, log
 from ncfm_core.metrics import fair_metrics
 from ncfm_core.pool import PoolSpec
-from ncfm_core.store import EvalRecord, Store, utc_now
+from ncfm_core.store import ArtifactVersion, EvalRecord, EvalRequest, Store, utc_now
 from ncfm_core.store.baselines import (
     CACHE_ONLY_FIELDS,
     baseline_path,
@@ -243,6 +243,7 @@ def eval_job(
     baselines: Sequence[str] = (),
     baseline_seed: int = 0,
     dataset: ImageDataset | None = None,
+    clears_pending_eval: bool = False,
 ) -> dict[str, Any]:
     """Train ``eval_config.repeats`` fresh networks on the synthetic set of ``ref`` and test them
     on the real test set, for each network in ``models`` (default ``[eval_config.model]``), with
@@ -264,6 +265,8 @@ def eval_job(
     The top-level results are those of the first model. Accuracies and metrics are fractions.
     ``dataset``: the data already in memory (``ncfm_core.evaluate``), checked against the
     record's fingerprint like loaded data; default: load the artifact's dataset.
+    ``clears_pending_eval``: this is the evaluation the record's ``pending_eval`` asked for
+    (:func:`requested_eval`); it is cleared in the same write that records the result.
     """
     emit = emitter(callback)
     started = time.perf_counter()
@@ -318,7 +321,8 @@ def eval_job(
     )
     result = {"artifact": version.ref, "path": str(version.path), **record}
     try:
-        store.append_eval(version, EvalRecord.from_json(record, "the evaluation's record"))
+        store.append_eval(version, EvalRecord.from_json(record, "the evaluation's record"),
+                          clears_pending_eval=clears_pending_eval)
     except OSError as err:  # the evaluation is done: hand its result back rather than lose it
         raise ResultNotSavedError(
             f"could not record the evaluation in {version.manifest_path} ({err.strerror or one_line(err)}); "
@@ -326,3 +330,38 @@ def eval_job(
             result=result,
         ) from None
     return result
+
+
+# ----------------------------------------------------------------------------- an evaluation asked for
+
+
+def eval_request(eval_config: EvalConfig, *, models: Sequence[str] = (), baselines: Sequence[str] = (),
+                 baseline_seed: int = 0, min_acc: float | None = None) -> EvalRequest:
+    """What a distilling command records of the evaluation it will run when the distillation is
+    complete (``ncfm distill --eval``), so that ``ncfm resume`` runs the same one if it is
+    interrupted before that evaluation is recorded. Baselines are checked now, not after the run."""
+    return EvalRequest(protocol=eval_config.to_dict(), models=tuple(models), baselines=tuple(_check_baselines(baselines)),
+                       baseline_seed=baseline_seed, min_acc=min_acc)
+
+
+@parallel.ranked_job
+def pending_eval_job(store: Store, ref: str, device: str | JobDevice = "auto") -> EvalRequest | None:
+    """The evaluation the complete version ``ref`` still owes (its record's ``pending_eval``), or
+    None. A job of its own so that, under torchrun, rank 0 reads the record and every rank gets
+    the same answer (``device`` is the boundary's; nothing runs on it)."""
+    version = store.resolve(ref)
+    record = version.record()
+    return record.pending_eval if record.status == "complete" else None
+
+
+def requested_eval(store: Store, version: ArtifactVersion, request: EvalRequest, device: str | JobDevice = "auto",
+                   callback: JobCallback | None = None) -> dict[str, Any]:
+    """Run the evaluation ``request`` (see :func:`eval_request`) on ``version`` and record it,
+    clearing it from the record's ``pending_eval``; returns what :func:`eval_job` returns."""
+    try:
+        eval_config = EvalConfig.from_dict(dict(request.protocol))
+    except (TypeError, ConfigError) as err:
+        raise ConfigError(f"{version.ref} recorded an evaluation this ncfm cannot run ({one_line(err)}); "
+                          f"run `ncfm eval {version.ref}` with the options you want") from None
+    return eval_job(store, version.ref, eval_config, device, callback, models=list(request.models) or None,
+                    baselines=request.baselines, baseline_seed=request.baseline_seed, clears_pending_eval=True)

@@ -126,7 +126,9 @@ def resume_job(
     checkpoint (from scratch if it has none) to its target, or to ``iterations`` if given. A
     complete version with ``iterations`` above its count is extended into a NEW version whose
     ``parent`` is the old one. A complete version with nothing to do is returned unchanged (a
-    warning event says so). ``data_dir`` overrides where the dataset is read; its fingerprint
+    warning event says so, unless it still owes the evaluation its distill asked for, which the
+    caller runs: :func:`~ncfm_core.jobs.eval.pending_eval_job`). A new version made by extending
+    does not owe its parent's evaluation. ``data_dir`` overrides where the dataset is read; its fingerprint
     must match the record's. The recorded memory plan is replayed as it is; ``gpu_mem``
     (default: the recorded ``--gpu-mem``) only caps the allocator (see :func:`_resume_budget`).
     Returns the version that holds the result.
@@ -143,8 +145,11 @@ def resume_job(
     if iterations is not None and iterations < done:
         raise ConfigError(f"{version.ref} already has {done} iterations; --iterations must be at least that")
     if complete and (iterations is None or iterations == done):
-        log(emit, f"{version.ref} is already complete at {done} iterations; "
-                   f"pass --iterations N (N > {done}) to continue it into a new version", level="warning")
+        if record.pending_eval is not None:  # its distill was stopped during its evaluation
+            log(emit, f"{version.ref} is already complete at {done} iterations; its evaluation is still to run")
+        else:
+            log(emit, f"{version.ref} is already complete at {done} iterations; "
+                       f"pass --iterations N (N > {done}) to continue it into a new version", level="warning")
         return version
 
     dataset = load_job_dataset(config, data_dir)
