@@ -11,12 +11,12 @@ import pytest
 import safetensors.torch
 import torch
 from cli_runner import EVAL_TINY, TINY, error_line, invoke, one_json, one_thread
+from test_jobs import interrupt_at
 from typer.testing import CliRunner
 
 from ncfm_cli import distill as distill_module
 from ncfm_cli.main import app
 from ncfm_cli.output import EXIT_CODES_HELP, exit_code_for
-from ncfm_core.distill import Distiller
 from ncfm_core.errors import (
     BudgetInfeasibleError,
     ConfigError,
@@ -303,19 +303,9 @@ def test_exit_4_budget_infeasible_is_mapped(store_copy, monkeypatch):
 
 
 def test_exit_130_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(store_copy, monkeypatch):
-    original = Distiller.step
-
-    def step(self):
-        import signal
-
-        metrics = original(self)
-        if self.iteration == 3:
-            signal.raise_signal(signal.SIGINT)
-        return metrics
-
     args = ["distill", "digits", "--ipc", "1", "--iterations", "6", "--name", "stop", *TINY]
     with monkeypatch.context() as patch:
-        patch.setattr(Distiller, "step", step)
+        interrupt_at(patch, 3)
         result = invoke("--store", store_copy, *args, expect=130)
     expected_hint = f"ncfm --store {store_copy} resume stop@v1"
     assert "checkpoint saved at iteration 3" in result.stderr and expected_hint in result.stderr, result.stderr
@@ -351,24 +341,10 @@ def test_exit_130_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(store_copy, m
 EVAL_ASKED = ["--eval", "--eval-epochs", "1", "--eval-repeats", "2", "--eval-protocol", "dsa", "--min-acc", "0"]
 
 
-def _sigint_at(monkeypatch, iteration: int) -> None:
-    original = Distiller.step
-
-    def step(self):
-        import signal
-
-        metrics = original(self)
-        if self.iteration == iteration:
-            signal.raise_signal(signal.SIGINT)
-        return metrics
-
-    monkeypatch.setattr(Distiller, "step", step)
-
-
 def test_resume_carries_over_the_eval_distill_asked_for(store_copy, monkeypatch):
     args = ["distill", "digits", "--ipc", "1", "--iterations", "4", "--name", "asked", *TINY, *EVAL_ASKED]
     with monkeypatch.context() as patch:
-        _sigint_at(patch, 2)
+        interrupt_at(patch, 2)
         invoke("--store", store_copy, *args, expect=130)
     version = Store(store_copy).resolve("asked@v1")
     pending = version.record().pending_eval

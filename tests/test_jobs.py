@@ -9,7 +9,6 @@ import pytest
 import safetensors.torch
 import torch
 
-from ncfm_core import jobs
 from ncfm_core.config import make_config
 from ncfm_core.distill import Distiller
 from ncfm_core.errors import ConfigError, CorruptArtifactError, NcfmError, NotFoundError
