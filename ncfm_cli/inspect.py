@@ -79,11 +79,14 @@ def _pending_eval(request: EvalRequest | None, ref: str) -> str | None:
 def _print_human(info: Inspection) -> None:
     record = info.record
     dataset, timings, pool = record.dataset, record.timings, record.pool
-    detail = info.hint or record.error
+    # A stopped run's error says how it stopped ("interrupted (SIGTERM)", "DivergedError: ...").
+    status = record.error if record.error and info.status == "interrupted" else \
+        info.status + (f" ({record.error})" if record.error else "")
     print_pairs([
         ("artifact", info.artifact),
         ("path", info.path),
-        ("status", info.status + (f" ({detail})" if detail else "")),
+        ("status", status),
+        *([("next", info.hint)] if info.hint else []),
         ("created", record.created),
         ("parent", record.parent),
         ("dataset", f"{dataset.name}: {dataset.num_classes} classes, {dataset.channels}x{dataset.image_size}x"

@@ -48,4 +48,4 @@ def ls_command(ctx: typer.Context, json_flag: CommandJsonOption = False) -> None
     print_table(table)
     for row in listing["artifacts"]:
         if row["hint"]:
-            typer.echo(row["hint"])
+            typer.echo(f"{row['artifact']}: {row['hint']}")

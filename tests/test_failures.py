@@ -290,7 +290,7 @@ def test_sigterm_checkpoints_and_exits_143_and_a_killed_run_shows_interrupted(tm
     assert manifest["status"] == "interrupted" and manifest["interrupted"] is True
     assert manifest["error"] == "interrupted (SIGTERM)" and manifest["checkpoint_iteration"] == 5
     row = next(r for r in one_json(invoke("--store", store, "ls", "--json"))["artifacts"] if r["artifact"] == "term@v1")
-    assert row["status"] == "interrupted" and "interrupted (SIGTERM)" in row["hint"]
+    assert row["status"] == "interrupted" and "checkpoint at iteration 5" in row["hint"]
 
     # SIGKILL: nothing can be recorded, but the free run lock tells ls and inspect it is dead.
     proc = ncfm(store, *DISTILL, "--name", "killed", pause_at=5)

@@ -185,8 +185,7 @@ def test_ctrl_c_checkpoints_and_resume_matches_uninterrupted(tmp_path, monkeypat
     assert record.status == "interrupted" and record.error == "interrupted (Ctrl-C)"
     assert record.iterations_done == 4 and record.checkpoint_iteration == 4
     assert shown_status(store, info.value.version, record) == ("interrupted", (
-        f"digits-ipc1@v1 was interrupted (Ctrl-C) (checkpoint at iteration 4); continue it with "
-        f"`ncfm --store {tmp_path} resume digits-ipc1@v1`"))
+        f"stopped with a checkpoint at iteration 4; continue it with `ncfm --store {tmp_path} resume digits-ipc1@v1`"))
     assert load_state(info.value.version.checkpoint_path)["iteration"] == 4
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
 

@@ -249,6 +249,15 @@ def test_a_malformed_manifest_is_one_line_naming_the_field_and_the_file(tmp_path
         message.startswith(f"{path}: {words}") and "\n" not in message), message
 
 
+def test_seeds_may_be_negative_counts_may_not(tmp_path):
+    record = FULL.replace(seed=-1, evals=(FULL.evals[0].replace(seeds=(-2, -1)),),
+                          pending_eval=FULL.pending_eval.replace(baseline_seed=-5))
+    write_record(tmp_path / "manifest.json", record)  # an eval run with --seed -2 is recorded
+    assert read_record(tmp_path / "manifest.json") == record
+    with pytest.raises(ValueError, match="'iterations_done' is -1, expected a count >= 0"):
+        write_record(tmp_path / "manifest.json", record.replace(iterations_done=-1))
+
+
 def test_a_huge_manifest_is_refused_before_it_is_read(tmp_path, monkeypatch):
     path = _write(tmp_path, GOOD)
     with open(path, "r+b") as handle:

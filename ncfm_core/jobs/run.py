@@ -46,21 +46,8 @@ from ncfm_core.jobs.events import (
     signal_of,
 )
 from ncfm_core.pool import PoolSpec
-from ncfm_core.store import (
-    ArtifactVersion,
-    EvalRequest,
-    PeakMemoryRecord,
-    PlanRecord,
-    PoolRecord,
-    ProcessRecord,
-    RunRecord,
-    SamplerRecord,
-    SessionTiming,
-    Store,
-    SynsetRecord,
-    Timings,
-    utc_now,
-)
+from ncfm_core.store import (ArtifactVersion, EvalRequest, PeakMemoryRecord, PlanRecord, PoolRecord, ProcessRecord,
+                             RunRecord, SamplerRecord, SessionTiming, Store, SynsetRecord, Timings, utc_now)
 from ncfm_core.store.synset import save_sampler, save_synset
 from ncfm_core.synset import check_factor
 
@@ -140,16 +127,17 @@ def resume_command(store: Store, version: ArtifactVersion) -> str:
 def shown_status(store: Store, version: ArtifactVersion, record: RunRecord) -> tuple[str, str | None]:
     """(status to show, hint or None), what ``ls``, ``inspect`` and their JSON say. An interrupted
     run, and a "running" version no live process holds (its process died without a word), are
-    shown as "interrupted", with the command that continues them."""
+    shown as "interrupted", with a hint: where it stopped and the command that continues it."""
+    command = resume_command(store, version)
     if record.status == "interrupted":
-        where = ("no checkpoint yet, so resuming starts it again" if record.checkpoint_iteration is None
-                 else f"checkpoint at iteration {record.checkpoint_iteration}")
-        return "interrupted", (f"{version.ref} was {record.error or 'interrupted'} ({where}); continue it with "
-                               f"`{resume_command(store, version)}`")
+        if record.checkpoint_iteration is None:
+            return "interrupted", f"stopped before its first checkpoint; `{command}` starts it again"
+        return "interrupted", (f"stopped with a checkpoint at iteration {record.checkpoint_iteration}; continue it "
+                               f"with `{command}`")
     if record.status != "running" or run_is_alive(version) is not False:
         return record.status, None
-    return "interrupted", (f"{version.ref} is marked running but no process is distilling it (the one that did "
-                           f"died); continue it with `{resume_command(store, version)}`")
+    return "interrupted", (f"marked running, but no process is distilling it (the one that did died); continue it "
+                           f"with `{command}`")
 
 
 @dataclass

@@ -24,7 +24,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from ncfm_core.errors import CorruptArtifactError
 from ncfm_core.store.files import read_json, write_json
@@ -61,6 +61,11 @@ PEAK_MEMORY_SOURCES = {
 def describe_peak_source(source: str | None) -> str:
     """``peak_memory_source`` in words; an unknown code (a newer ncfm's) as it is."""
     return PEAK_MEMORY_SOURCES.get(str(source), str(source))
+
+
+SIGNED = "signed"
+Seed = Annotated[int, SIGNED]
+"""An int that may be negative (a seed); every other int of the record is a count, >= 0."""
 
 
 class _Malformed(Exception):
@@ -130,7 +135,7 @@ class PlanRecord(Part):
     estimated_peak_bytes: int
     device: str
     budget_source: str = ""
-    estimate_terms: Mapping[str, int] = field(default_factory=dict)
+    estimate_terms: Mapping[str, float] = field(default_factory=dict)  # bytes by term
     estimated_seconds: float | None = None
     chosen_because: str = ""
     cf_precision: str = "fp32"  # plans made before TF32 projections: fp32
@@ -244,7 +249,7 @@ class EvalRecord(Part):
     protocol: Mapping[str, Any] = field(default_factory=dict)
     baselines: Mapping[str, BaselineRecord] = field(default_factory=dict)
     metrics: Mapping[str, float | None] = field(default_factory=dict)
-    seeds: tuple[int, ...] = ()
+    seeds: tuple[Seed, ...] = ()
     training: str | None = None
     train_set: Mapping[str, Any] = field(default_factory=dict)
     teacher: Mapping[str, Any] | None = None
@@ -263,7 +268,7 @@ class EvalRequest(Part):
     protocol: Mapping[str, Any]  # evaluate.EvalConfig.to_dict()
     models: tuple[str, ...] = ()  # () : the protocol's model
     baselines: tuple[str, ...] = ()
-    baseline_seed: int = 0
+    baseline_seed: Seed = 0
     min_acc: float | None = None
 
 
@@ -282,7 +287,7 @@ class RunRecord(Part):
     parent: str | None = None  # name@vN this version continues
     config: Mapping[str, Any] = field(default_factory=dict)  # config.DistillConfig.to_dict()
     dataset: DatasetRecord | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     versions: Mapping[str, str] = field(default_factory=dict)  # software: ncfm, torch, python
     device: str | None = None
     device_reason: str | None = None
@@ -406,7 +411,7 @@ _NONE = type(None)
 
 @functools.cache
 def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    return typing.get_type_hints(cls, include_extras=True)
 
 
 def _shown(value: Any) -> str:
@@ -431,6 +436,10 @@ def _parse(hint: Any, value: Any, where: str) -> Any:
     dicts of parsed values, objects their :class:`Part`."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Any:
+        return value
+    if origin is Annotated:  # Seed: an int without the count's lower bound
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Malformed(f"field {where!r} is {_shown(value)}, expected int")
         return value
     if origin in (typing.Union, types.UnionType):  # only ``X | None`` in the record
         if value is None:

@@ -16,10 +16,9 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import filelock
@@ -134,7 +133,7 @@ class ArtifactVersion:
         file, which its loader reports). A mismatch is a one-line ``CorruptArtifactError``."""
         expected = record.sha256.get(relpath)
         path = self.path / relpath
-        if not isinstance(expected, str) or not path.is_file():
+        if expected is None or not path.is_file():
             return
         actual = file_sha256(path)
         if actual != expected:
