@@ -377,7 +377,7 @@ def test_eval_refuses_an_unwritable_store_before_training(store_copy, monkeypatc
 
 @pytest.mark.parametrize("json_output", [True, False])
 def test_a_result_that_cannot_be_recorded_is_printed_and_exits_1(store_copy, monkeypatch, json_output):
-    def disk_full(self, version, record):
+    def disk_full(self, version, record, **options):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(Store, "append_eval", disk_full)
