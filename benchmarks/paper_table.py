@@ -35,7 +35,7 @@ from ncfm_core import jobs  # noqa: E402
 from ncfm_core.devices import resolve_device  # noqa: E402
 from ncfm_core.config import DistillConfig, make_config  # noqa: E402
 from ncfm_core.evaluate import EvalConfig, protocol_config  # noqa: E402
-from ncfm_core.store import ArtifactVersion, Store  # noqa: E402
+from ncfm_core.store import ArtifactVersion, RunRecord, Store  # noqa: E402
 
 SCRIPT = "benchmarks/paper_table.py"
 PAPER_DATASETS = ("cifar10", "cifar100", "tinyimagenet")
@@ -84,11 +84,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def same_run(manifest: dict[str, Any], config: DistillConfig) -> bool:
-    """Whether ``manifest`` records a distillation of ``config`` (memory-plan fields aside)."""
-    recorded = manifest.get("config")
-    if not isinstance(recorded, dict):
-        return False
+def same_run(record: RunRecord, config: DistillConfig) -> bool:
+    """Whether ``record`` is a distillation of ``config`` (memory-plan fields aside)."""
+    recorded = record.config
     wanted = config.to_dict()
     return all(recorded.get(k) == v for k, v in wanted.items() if k not in PLAN_FIELDS)
 
@@ -100,15 +98,15 @@ def obtain_artifact(store: Store, name: str, config: DistillConfig, device: str,
     whether this call ran any iterations)."""
     for version in reversed(store.versions(name)):
         try:
-            manifest = version.manifest()
+            record = version.record()
         except Exception:  # noqa: BLE001 - an unreadable version is simply not reused
             continue
-        if not same_run(manifest, config):
+        if not same_run(record, config):
             continue
-        if manifest.get("status") == "complete":
+        if record.status == "complete":
             kit.log(f"{version.ref}: complete, reused")
             return version, False
-        kit.log(f"{version.ref}: unfinished ({manifest.get('iterations_done')} iterations), resuming")
+        kit.log(f"{version.ref}: unfinished ({record.iterations_done} iterations), resuming")
         return jobs.resume_job(store, version.ref, device=device, gpu_mem=gpu_mem,
                                callback=progress_logger(name)), True
     kit.log(f"{name}: distilling {config.iterations} iterations")
@@ -136,7 +134,8 @@ def cached_eval(store: Store, version: ArtifactVersion, eval_config: EvalConfig,
     """An evaluation record of ``version`` under ``eval_config`` with ``baselines``: the newest
     matching one in its manifest, else a fresh ``eval_job``."""
     wanted = eval_config.to_dict()
-    for record in reversed(version.manifest().get("evals") or []):
+    for evaluation in reversed(version.record().evals):
+        record = evaluation.to_json()
         protocol = record.get("protocol") or {}
         same = all(protocol.get(k) == v for k, v in wanted.items() if k != "repeat_mode")
         if same and all(kind in (record.get("baselines") or {}) for kind in baselines):
@@ -167,11 +166,12 @@ def run_dataset(args: argparse.Namespace, store: Store, dataset: str, eval_confi
             started = time.perf_counter()
             version, ran = obtain_artifact(store, f"{jobs.default_artifact_name(dataset, ipc)}-{method.key}", config,
                                            args.device, args.gpu_mem)
-            seconds = (version.manifest().get("timings") or {}).get("seconds")
+            timings = version.record().timings
+            seconds = None if timings is None else timings.seconds
             record = cached_eval(store, version, eval_config, args.device, wanted if index == 0 else ())
             rows.append(kit.RowResult(method.key, ipc, list(record["accuracy"]["runs"]), seconds,
                                       float(record.get("seconds") or 0.0),
-                                      version.manifest().get("final_loss"),
+                                      version.record().final_loss,
                                       {"artifact": version.ref, "ran_now": ran,
                                        "wall_seconds": time.perf_counter() - started}))
             if index == 0:
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         sample = next((r for r in result["rows"] if "artifact" in r.extra), None)
         settings = ""
         if sample is not None:
-            config = store.resolve(sample.extra["artifact"]).manifest()["config"]
+            config = store.resolve(sample.extra["artifact"]).record().config
             settings = (f"Distillation (`{name}` preset): factor {config['factor']}, {config['iterations']} "
                         f"iterations, {config['real_per_class']} real images per class per iteration, "
                         f"F = {config['num_freqs']}, pool of {config['pool_size']} x {config['pool_epochs']} epochs.")

@@ -28,6 +28,7 @@ from ncfm_cli.output import (
     command_errors,
     error_object,
     format_flops,
+    format_peak_memory,
     format_seconds,
     global_options,
     is_main,
@@ -44,8 +45,9 @@ from ncfm_core.jobs import (
     DEFAULT_CHECKPOINT_EVERY,
     artifact_summary,
     distill_job,
-    eval_job,
+    eval_request,
     plan_job,
+    requested_eval,
 )
 from ncfm_core.store import ArtifactVersion
 
@@ -57,7 +59,8 @@ DISTILL_EPILOG = (
     "nothing. Exit codes: 0 ok; 1 failure; 2 invalid option (e.g. --ipc larger than a class); "
     "3 dataset files not found; 4 memory budget too small (the message states the minimum) or out of "
     "memory under it; 5 with --eval, accuracy below --min-acc; 130 interrupted by Ctrl-C after saving "
-    "a checkpoint (continue with `ncfm resume NAME@vN`); 143 the same for SIGTERM."
+    "a checkpoint (the message names the `ncfm resume` command that continues it, --eval included); "
+    "143 the same for SIGTERM."
 )
 
 _SET = "Synthetic set"
@@ -91,10 +94,6 @@ def _list_matching(ctx: typer.Context, value: Optional[str]) -> Optional[str]:
 
 def summary_pairs(summary: dict[str, Any]) -> list[tuple[str, Any]]:
     """Human lines of a distill/resume result."""
-    source = {"process_peak_rss": "process peak RSS", "cuda_max_memory_allocated": "CUDA peak allocated",
-              "cuda_max_memory_reserved": "CUDA peak reserved"}.get(
-        str(summary.get("peak_memory_source")), str(summary.get("peak_memory_source"))
-    )
     iterations = summary.get("iterations")
     target = summary.get("iterations_target")
     return [
@@ -102,7 +101,7 @@ def summary_pairs(summary: dict[str, Any]) -> list[tuple[str, Any]]:
         ("status", summary["status"]),
         ("iterations", iterations if iterations == target else f"{iterations} of {target}"),
         ("time", format_seconds(summary.get("seconds"))),
-        ("peak memory", f"{format_bytes(summary.get('peak_memory_bytes'))} ({source})"),
+        ("peak memory", format_peak_memory(summary.get("peak_memory_bytes"), summary.get("peak_memory_source"))),
         *_plan_pairs(summary.get("plan"), summary.get("flops_per_iteration")),
         ("path", summary["path"]),
     ]
@@ -255,11 +254,11 @@ def distill_command(
     with command_errors(opts):
         check_min_acc(min_acc)
         run_eval = run_eval or min_acc is not None
-        eval_config = None
-        if run_eval:
-            eval_config = build_eval_config(
+        request = None
+        if run_eval:  # recorded with the version: `ncfm resume` runs it if this command is stopped first
+            request = eval_request(build_eval_config(
                 protocol=eval_protocol, repeats=eval_repeats, epochs=eval_epochs, model=eval_model
-            )
+            ), min_acc=min_acc)
         config = make_config(
             dataset,
             ipc,
@@ -303,10 +302,11 @@ def distill_command(
         store = opts.open_store()
         with job_progress(opts) as progress:
             version = distill_job(store, config, name=name, device=device, checkpoint_every=checkpoint_every,
-                                  callback=progress, gpu_mem=gpu_mem, allow_checkpointing=allow_checkpointing)
+                                  callback=progress, gpu_mem=gpu_mem, allow_checkpointing=allow_checkpointing,
+                                  eval_request=request)
             record, unsaved = None, None
-            if eval_config is not None:  # under torchrun every rank joins: the repeats are spread
-                record, unsaved = kept_if_unsaved(lambda: eval_job(store, version.ref, eval_config, device, progress))
+            if request is not None:  # under torchrun every rank joins: the repeats are spread
+                record, unsaved = kept_if_unsaved(lambda: requested_eval(store, version, request, device, progress))
     report_version(opts, version, eval_record=record, min_acc=min_acc,
                    extra=None if unsaved is None else error_object(unsaved))
     fail_if_unsaved(unsaved)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
@@ -12,99 +13,104 @@ from ncfm_cli.options import CommandJsonOption, RefArgument
 from ncfm_cli.output import (
     command_errors,
     format_accuracy,
+    format_peak_memory,
     format_seconds,
+    format_speed,
     global_options,
     print_json,
     print_pairs,
     print_table,
 )
 from ncfm_core.devices import format_bytes
-from ncfm_core.jobs import inspect_job
+from ncfm_core.jobs import Inspection, inspect_job
+from ncfm_core.store import Accuracy, DatasetRecord, EvalRecord, EvalRequest
 
 INSPECT_EPILOG = (
-    "--json prints the manifest itself plus artifact, path and file_sizes (bytes); the normalisation "
-    "the networks apply to [0, 1] pixels is dataset.normalization. "
+    "--json prints the manifest itself (older layouts migrated to the current schema_version) plus "
+    "artifact, path and file_sizes (bytes), and hint (the command that continues an interrupted run); "
+    "the normalisation the networks apply to [0, 1] pixels is dataset.normalization. "
     "Exit codes: 0 ok; 1 corrupt manifest; 2 invalid reference; 3 not found."
 )
 
 
-def _dict(value: Any) -> dict:
-    return value if isinstance(value, dict) else {}
-
-
-def _mean_cell(result: Any) -> str:
-    """``mean +- std`` of a result's accuracy block, "-" when there is none."""
-    accuracy = _dict(_dict(result).get("accuracy"))
-    if accuracy.get("mean") is None:
+def _mean_cell(accuracy: Accuracy | None) -> str:
+    """``mean +- std`` of a result's accuracy, "-" when there is none."""
+    if accuracy is None or accuracy.mean is None:
         return "-"
-    return f"{format_accuracy(accuracy.get('mean'))} +- {format_accuracy(accuracy.get('std'))}"
+    return f"{format_accuracy(accuracy.mean)} +- {format_accuracy(accuracy.std)}"
 
 
-def evals_table(evals: list[Any]) -> Table:
+def evals_table(evals: Sequence[EvalRecord]) -> Table:
     """The eval history, one row per recorded evaluation: the synthetic set's accuracy, the
     baselines it was compared with and its IOR (in points)."""
     table = Table(title="evaluations", title_justify="left")
     for column in ("created", "model", "epochs", "repeats", "synthetic", "random", "full", "IOR", "device"):
         table.add_column(column, justify="right" if column in ("synthetic", "random", "full", "IOR") else "left")
     for record in evals:
-        record = _dict(record)
-        protocol, accuracy = _dict(record.get("protocol")), _dict(record.get("accuracy"))
-        baselines = _dict(record.get("baselines"))
-        ior = _dict(record.get("metrics")).get("ior")
+        baseline = {kind: result.accuracy for kind, result in record.baselines.items()}
+        ior = record.metrics.get("ior")
         table.add_row(
-            str(record.get("created")), str(protocol.get("model")), str(protocol.get("epochs")),
-            str(len(accuracy.get("runs") or [])), _mean_cell(record), _mean_cell(baselines.get("random")),
-            _mean_cell(baselines.get("full")), "-" if ior is None else f"{100 * ior:+.2f} pts",
-            str(record.get("device")),
+            str(record.created), str(record.protocol.get("model")), str(record.protocol.get("epochs")),
+            str(len(record.accuracy.runs)), _mean_cell(record.accuracy), _mean_cell(baseline.get("random")),
+            _mean_cell(baseline.get("full")), "-" if ior is None else f"{100 * ior:+.2f} pts", str(record.device),
         )
     return table
 
 
-def _normalization(dataset: dict[str, Any]) -> str:
-    """What the networks apply to [0, 1] pixels; older manifests did not record it."""
-    norm = _dict(dataset.get("normalization"))
-    if not isinstance(norm.get("mean"), list) or not isinstance(norm.get("std"), list):
+def _normalization(dataset: DatasetRecord | None) -> str:
+    """What the networks apply to [0, 1] pixels; older versions did not record it."""
+    norm = None if dataset is None else dataset.normalization
+    if norm is None:
         return "not recorded (made by an older ncfm)"
-    values = lambda key: ", ".join(f"{float(v):.4f}" for v in norm[key])  # noqa: E731
-    return f"(x - mean) / std, mean [{values('mean')}], std [{values('std')}]"
+    values = lambda numbers: ", ".join(f"{float(v):.4f}" for v in numbers)  # noqa: E731
+    return f"(x - mean) / std, mean [{values(norm.mean)}], std [{values(norm.std)}]"
 
 
-def _print_human(info: dict[str, Any]) -> None:
-    dataset, timings, pool = _dict(info.get("dataset")), _dict(info.get("timings")), _dict(info.get("pool"))
-    versions = _dict(info.get("versions"))
+def _pending_eval(request: EvalRequest | None, ref: str) -> str | None:
+    if request is None:
+        return None
+    protocol = request.protocol
+    models = ", ".join(request.models) or protocol.get("model")
+    return (f"{protocol.get('protocol')}: {protocol.get('repeats')} x {models}, {protocol.get('epochs')} epochs"
+            f"{', baselines ' + ', '.join(request.baselines) if request.baselines else ''}; "
+            f"`ncfm resume {ref}` runs it")
+
+
+def _print_human(info: Inspection) -> None:
+    record = info.record
+    dataset, timings, pool = record.dataset, record.timings, record.pool
+    # A stopped run's error says how it stopped ("interrupted (SIGTERM)", "DivergedError: ...").
+    status = record.error if record.error and info.status == "interrupted" else \
+        info.status + (f" ({record.error})" if record.error else "")
     print_pairs([
-        ("artifact", info["artifact"]),
-        ("path", info["path"]),
-        ("status", str(info.get("status")) + (f" ({info.get('error') or info.get('hint')})"
-                                              if info.get("error") or info.get("hint") else "")),
-        ("created", info.get("created")),
-        ("parent", info.get("parent")),
-        ("dataset", f"{dataset.get('name')}: {dataset.get('num_classes')} classes, "
-                    f"{dataset.get('channels')}x{dataset.get('image_size')}x{dataset.get('image_size')}, "
-                    f"fingerprint {str(dataset.get('fingerprint'))[:16]}" if dataset else None),
-        ("iterations", f"{info.get('iterations_done')} of {info.get('iterations_target')}"),
-        ("device", f"{info.get('device')} ({info.get('device_reason')})"),
-        ("software", ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) or None),
-        ("pool", f"{pool.get('key')} ({'cached' if pool.get('cached') else 'trained'}, "
-                 f"{pool.get('size')} nets)" if pool else None),
-        ("time", f"{format_seconds(timings.get('seconds'))} total, pool {format_seconds(timings.get('pool_seconds'))}, "
-                 f"median {timings.get('seconds_per_iteration_median') or 0:.3f} s/it" if timings else None),
-        ("peak memory", f"{format_bytes(info.get('peak_memory_bytes'))} ({info.get('peak_memory_source')})"
-         if info.get("peak_memory_bytes") is not None else None),
-        ("final loss", info.get("final_loss")),
+        ("artifact", info.artifact),
+        ("path", info.path),
+        ("status", status),
+        *([("next", info.hint)] if info.hint else []),
+        ("created", record.created),
+        ("parent", record.parent),
+        ("dataset", f"{dataset.name}: {dataset.num_classes} classes, {dataset.channels}x{dataset.image_size}x"
+                    f"{dataset.image_size}, fingerprint {dataset.fingerprint[:16]}" if dataset else None),
+        ("iterations", f"{record.iterations_done} of {record.iterations_target}"),
+        ("device", f"{record.device} ({record.device_reason})"),
+        ("software", ", ".join(f"{k} {v}" for k, v in sorted(record.versions.items())) or None),
+        ("pool", f"{pool.key} ({'cached' if pool.cached else 'trained'}, {pool.size} nets)" if pool else None),
+        ("time", f"{format_seconds(timings.seconds)} total, pool {format_seconds(timings.pool_seconds)}, "
+                 f"{format_speed(timings)}" if timings else None),
+        ("peak memory", format_peak_memory(record.peak_memory_bytes, record.peak_memory_source)),
+        ("final loss", record.final_loss),
         ("normalization", _normalization(dataset)),
-        ("plot", info.get("plot")),
+        ("pending eval", _pending_eval(record.pending_eval, info.artifact)),
+        ("plot", info.plot),
     ])
-    config = _dict(info.get("config"))
-    if config:
+    if record.config:
         typer.echo("\nconfig")
-        print_pairs([(f"  {key}", value) for key, value in config.items()])
-    evals = info.get("evals") if isinstance(info.get("evals"), list) else []
-    if evals:
+        print_pairs([(f"  {key}", value) for key, value in record.config.items()])
+    if record.evals:
         typer.echo("")
-        print_table(evals_table(evals))
+        print_table(evals_table(record.evals))
     typer.echo("\nfiles")
-    print_pairs([(f"  {path}", format_bytes(size)) for path, size in info["file_sizes"].items()])
+    print_pairs([(f"  {path}", format_bytes(size)) for path, size in info.file_sizes.items()])
 
 
 def inspect_command(
@@ -126,6 +132,6 @@ def inspect_command(
     with command_errors(opts):
         info = inspect_job(opts.open_store(), ref, plot=plot)
     if opts.json:
-        print_json(info)
+        print_json(info.to_json())
     else:
         _print_human(info)

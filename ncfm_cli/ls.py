@@ -10,8 +10,10 @@ from ncfm_cli.output import command_errors, format_accuracy, global_options, log
 from ncfm_core.jobs import list_job
 
 LS_EPILOG = (
-    "Versions whose manifest cannot be read are listed as warnings on stderr (and under "
-    "\"warnings\" with --json) instead of failing. Exit codes: 0 ok; 1 failure."
+    "An interrupted run (Ctrl-C, SIGTERM, or a process that died) is listed as interrupted, with "
+    "the command that continues it below the table (\"hint\" with --json). Versions whose manifest "
+    "cannot be read are listed as warnings on stderr (and under \"warnings\" with --json) instead of "
+    "failing. Exit codes: 0 ok; 1 failure."
 )
 
 
@@ -44,3 +46,6 @@ def ls_command(ctx: typer.Context, json_flag: CommandJsonOption = False) -> None
             format_accuracy(row["accuracy"]), str(row["created"] or "-"),
         )
     print_table(table)
+    for row in listing["artifacts"]:
+        if row["hint"]:
+            typer.echo(f"{row['artifact']}: {row['hint']}")

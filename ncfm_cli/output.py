@@ -43,7 +43,7 @@ from ncfm_core.devices import format_bytes
 from ncfm_core.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_TERMINATED, NcfmError, one_line
 from ncfm_core.jobs import JobInterrupted
 from ncfm_core.jobs.events import signal_of
-from ncfm_core.store import Store
+from ncfm_core.store import Store, Timings, describe_peak_source
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 success; 1 failure (one-line reason on stderr; set NCFM_DEBUG=1 for the "
@@ -190,6 +190,28 @@ def format_seconds(seconds: float | None) -> str:
 
 def format_accuracy(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def format_peak_memory(peak_bytes: int | None, source: str | None) -> str:
+    """A run's measured peak and what it measures (the record's ``peak_memory_bytes`` and
+    ``peak_memory_source``), as ``distill``, ``resume`` and ``inspect`` all show it."""
+    if peak_bytes is None:
+        return "-"
+    return f"{format_bytes(peak_bytes)} ({describe_peak_source(source)})"
+
+
+def format_speed(timings: Timings) -> str:
+    """The median seconds per iteration of each session that ran iterations (a distill, then each
+    resume), each labelled with the iterations it covers; older records kept only the last
+    session's median, and say so."""
+    sessions = [s for s in timings.per_session if s.seconds_per_iteration_median is not None]
+    if sessions:
+        return "median " + ", ".join(f"{s.seconds_per_iteration_median:.3f} s/it (iterations {s.from_iteration}-"
+                                     f"{s.to_iteration})" for s in sessions)
+    if timings.seconds_per_iteration_median is None:
+        return "no iteration timed"
+    which = f" (the last of {timings.sessions} sessions)" if timings.sessions > 1 else ""
+    return f"median {timings.seconds_per_iteration_median:.3f} s/it{which}"
 
 
 # ----------------------------------------------------------------------------- logs

@@ -9,15 +9,7 @@ those functions; the modules of the same names are imported as ``from ncfm_core.
 This package never imports typer or rich; the command line lives in ``ncfm_cli``.
 """
 
-from importlib.metadata import PackageNotFoundError, version as _version
-
-try:
-    __version__ = _version("ncfm")
-except PackageNotFoundError:  # running from a source tree without installation
-    __version__ = "0.1.0"
-
-# After __version__: the modules below read it while they load.
-from ncfm_core.api import (  # noqa: E402
+from ncfm_core.api import (
     DistillResult,
     SyntheticDataset,
     dataset_from_tensors,
@@ -25,6 +17,7 @@ from ncfm_core.api import (  # noqa: E402
     evaluate,
     open_synthetic,
 )
+from ncfm_core.version import __version__
 
 __all__ = [
     "DistillResult",

@@ -34,7 +34,7 @@ from ncfm_core.evaluate import EvalResult, protocol_config
 from ncfm_core.jobs import distill_job, eval_job
 from ncfm_core.jobs.common import open_complete_synset
 from ncfm_core.jobs.eval import eval_images_job
-from ncfm_core.store import Store
+from ncfm_core.store import RunRecord, Store
 from ncfm_core.synset import decode_synset
 
 ArrayLike = Union[Tensor, np.ndarray]
@@ -178,7 +178,8 @@ class DistillResult:
     """What :func:`distill` returns: the STORED images ``(C * ipc, channels, H, W)`` float32 in
     [0, 1] with ``labels`` (C * ipc,), each image holding ``factor x factor`` tiles
     (:meth:`synthetic` decodes them), the config that made them, the dataset they came from,
-    the normalisation (``mean``/``std``), the manifest, and ``ref`` (``name@vN``) when stored."""
+    the normalisation (``mean``/``std``), the run's ``record`` (what ``ncfm inspect`` shows), and
+    ``ref`` (``name@vN``) when stored."""
 
     images: Tensor
     labels: Tensor
@@ -187,7 +188,7 @@ class DistillResult:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     config: DistillConfig
-    manifest: dict[str, Any] = field(repr=False)
+    record: RunRecord = field(repr=False)
     dataset: ImageDataset = field(repr=False)
     ref: str | None = None
     store: Path | None = None
@@ -262,25 +263,25 @@ def distill(
         options = {**dataset_preset(preset), **options}
     config = make_config(dataset_name, ipc, data_dir=None if data_dir is None else str(data_dir), **options)
 
-    def run(root: Path) -> tuple[str, dict[str, Any], Any]:
+    def run(root: Path) -> tuple[str, RunRecord, Any]:
         target = Store(root)
         # The job's boundary resolves the device (under torchrun with this rank's LOCAL_RANK).
         version = distill_job(target, config, name=name, device=device, callback=callback, gpu_mem=gpu_mem,
                               dataset=dataset)
-        opened_version, manifest, synset = open_complete_synset(target, version.ref)
-        return opened_version.ref, manifest, synset
+        opened_version, record, synset = open_complete_synset(target, version.ref)
+        return opened_version.ref, record, synset
 
     if store is None:
         with tempfile.TemporaryDirectory(prefix="ncfm-") as tmp:
-            ref, manifest, synset = run(Path(tmp))
+            ref, record, synset = run(Path(tmp))
         ref, root = None, None
     else:
         root = Store(store).root
-        ref, manifest, synset = run(root)
-    stored = DistillConfig.from_dict(manifest["config"])  # with the memory plan applied
+        ref, record, synset = run(root)
+    stored = DistillConfig.from_dict(dict(record.config))  # with the memory plan applied
     return DistillResult(
         images=synset.images, labels=synset.labels, factor=synset.factor, class_names=synset.class_names,
-        mean=tuple(dataset.mean), std=tuple(dataset.std), config=stored, manifest=manifest, dataset=dataset,
+        mean=tuple(dataset.mean), std=tuple(dataset.std), config=stored, record=record, dataset=dataset,
         ref=ref, store=root,
     )
 
@@ -293,9 +294,9 @@ def open_synthetic(ref: str, store: PathLike | None = None, normalize: bool = Fa
     for ``ncfm``). Reads ``synset.safetensors`` (no pickle) and decodes each stored image into
     ``factor x factor`` training images. ``normalize=True``: items come as ``(x - mean) / std``.
     """
-    version, manifest, synset = open_complete_synset(Store(store), ref)
+    version, record, synset = open_complete_synset(Store(store), ref)
     images, labels = decode_synset(synset.images, synset.labels, synset.factor)
-    dataset_name = (manifest.get("config") or {}).get("dataset")
+    dataset_name = None if record.dataset is None else record.dataset.name
     return SyntheticDataset(images, labels, synset.class_names, synset.mean, synset.std, normalize=normalize,
                             ref=version.ref, dataset_name=dataset_name)
 
@@ -315,7 +316,7 @@ def evaluate(
     test split: the FINAL-epoch accuracies (``result.mean``, ``result.std``, ``result.runs``,
     fractions in [0, 1]).
 
-    ``synthetic``: a stored result's reference (evaluated and recorded in its manifest, as
+    ``synthetic``: a stored result's reference (evaluated and recorded in its record, as
     ``ncfm eval`` does; ``store`` as for :func:`open_synthetic`), a :class:`DistillResult`, a
     :class:`SyntheticDataset` or ``(images, labels)`` of training images ((N, C, H, W) in [0, 1]
     or uint8; already decoded). ``dataset``: where the test split and the normalisation come

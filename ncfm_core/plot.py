@@ -1,8 +1,8 @@
 """Figures drawn with matplotlib, an optional dependency (``pip install 'ncfm[plot]'``).
 
 - :func:`line_plot`: lines with markers and error bars on labelled axes (the results pages);
-- :func:`run_figure`: a distillation at a glance, its loss curve (and psi's, when recorded)
-  beside a grid of its synthetic images (``ncfm inspect REF --plot out.png``).
+- :func:`run_figure`: a distillation at a glance, its loss curve beside a grid of its synthetic
+  images (``ncfm inspect REF --plot out.png``).
 
 matplotlib is imported inside the functions, with the non-interactive Agg backend, so
 importing this module costs nothing and a missing matplotlib is a one-line error naming the fix.
@@ -97,7 +97,8 @@ def _save(fig: Any, path: Path | str, dpi: int) -> Path:
 
 
 def run_figure(
-    manifest: dict[str, Any],
+    title: str,
+    loss_curve: Sequence[Sequence[float | None]],
     images: Tensor,
     labels: Tensor,
     class_names: Sequence[str],
@@ -105,8 +106,8 @@ def run_figure(
     *,
     per_class: int = 10,
 ) -> Path:
-    """One PNG: the manifest's ``loss_curve`` (``[[iteration, loss], ...]``; psi's objective too
-    when a ``psi_curve`` is recorded) on the left, up to ``per_class`` of ``images`` (M, C, H, W)
+    """One PNG titled ``title``: ``loss_curve`` (``[(iteration, loss), ...]``, a record's; points
+    without a finite loss are left out) on the left, up to ``per_class`` of ``images`` (M, C, H, W)
     in [0, 1] per class on the right, one row per class. Returns ``path``."""
     plt = _pyplot()
     rows = sorted(set(labels.tolist()))
@@ -116,17 +117,11 @@ def run_figure(
     try:
         grid = fig.add_gridspec(len(rows) or 1, 1 + columns, width_ratios=[columns * 0.9] + [1] * columns)
         ax = fig.add_subplot(grid[:, 0])
-        curves = [("loss", manifest.get("loss_curve")), ("psi", manifest.get("psi_curve"))]
-        drawn = False
-        for label, curve in curves:
-            points = [(float(p[0]), float(p[1])) for p in curve or [] if len(p) >= 2 and math.isfinite(float(p[1]))]
-            if points:
-                ax.plot([p[0] for p in points], [p[1] for p in points], label=label, linewidth=1.2)
-                drawn = True
-        if not drawn:
+        points = [(float(p[0]), float(p[1])) for p in loss_curve if p[1] is not None and math.isfinite(float(p[1]))]
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], linewidth=1.2)
+        else:
             ax.text(0.5, 0.5, "no loss recorded", ha="center", va="center", transform=ax.transAxes)
-        elif manifest.get("psi_curve"):
-            ax.legend(loc="best", fontsize="small")
         ax.set_xlabel("iteration")
         ax.set_ylabel("loss")
         ax.set_title("distillation loss")
@@ -144,7 +139,7 @@ def run_figure(
                 cell.set_yticks([])
                 if c == 0:
                     cell.set_ylabel(str(class_names[row]), rotation=0, ha="right", va="center", fontsize="small")
-        fig.suptitle(str(manifest.get("artifact") or ""))
+        fig.suptitle(title)
         return _save(fig, path, 100)
     finally:
         plt.close(fig)

@@ -23,9 +23,9 @@ from ncfm_core.config import DistillConfig
 from ncfm_core.data import ImageDataset
 from ncfm_core.errors import CorruptArtifactError
 from ncfm_core.models import create_network, default_depth, supported_options
+from ncfm_core.store.layout import POOL_FORMAT, POOL_FORMAT_VERSION
 from ncfm_core.train import TrainSettings, accuracy, train_classifier
 
-POOL_FORMAT = 2  # 2: every ConvNet variant built with the spec's width/norm (1: only 'convnet')
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class PoolSpec:
 
     def key(self) -> str:
         """A stable content hash: the cache key of this pool in the store."""
-        blob = json.dumps({**self.__dict__, "format": POOL_FORMAT}, sort_keys=True).encode()
+        blob = json.dumps({**self.__dict__, "format": POOL_FORMAT_VERSION}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:24]
 
     def build(self) -> nn.Module:
@@ -131,7 +131,7 @@ class Pool:
             tensors.update({f"m{i}.init.{k}": v for k, v in init.items()})
             tensors.update({f"m{i}.trained.{k}": v for k, v in trained.items()})
         meta = {
-            "format": f"ncfm-pool/{POOL_FORMAT}",
+            "format": POOL_FORMAT,
             "spec": json.dumps(self.spec.__dict__, sort_keys=True),
             "test_accuracy": json.dumps(self.test_accuracy),
         }
@@ -148,7 +148,7 @@ class Pool:
                     {f"m{i}.{kind}.{k}": (tuple(v.shape), v.dtype) for k, v in reference.items()}
                 )
         tensors, meta = store.load_tensors(path, expected, device=str(device))
-        if meta.get("format") != f"ncfm-pool/{POOL_FORMAT}" or json.loads(meta.get("spec", "{}")) != json.loads(
+        if meta.get("format") != POOL_FORMAT or json.loads(meta.get("spec", "{}")) != json.loads(
             json.dumps(spec.__dict__, sort_keys=True)
         ):
             raise CorruptArtifactError(f"{path}: not a pool for this dataset and network; delete it to retrain")

@@ -14,7 +14,7 @@ from PIL import Image
 import ncfm_core
 from ncfm_core.data import load_dataset
 from ncfm_core.errors import ConfigError
-from ncfm_core.store import Store, load_synset, load_tensors, save_tensors
+from ncfm_core.store import Normalization, Store, load_synset, load_tensors, save_tensors
 from ncfm_core.synset import decode_synset
 
 TINY = dict(iterations=2, pool_size=1, pool_epochs=0, num_freqs=16, real_per_class=4, width=8)
@@ -62,7 +62,7 @@ def test_distill_from_tensors_in_memory_writes_no_store(tmp_path, monkeypatch):
     assert result.config.iterations == 2 and result.config.pool_size == 1 and result.config.dataset == "tensors"
     expected_mean = float(torch.round(train_x * 255).mean() / 255)
     assert result.mean == pytest.approx((expected_mean,)) and result.std[0] > 0
-    assert result.manifest["dataset"]["normalization"] == {"mean": list(result.mean), "std": list(result.std)}
+    assert result.record.dataset.normalization == Normalization(mean=result.mean, std=result.std)
     synthetic = result.synthetic()
     assert len(synthetic) == 80 and synthetic[0][0].shape == (1, 8, 8) and isinstance(synthetic[0][1], int)
     torch.testing.assert_close(synthetic.images, decode_synset(result.images, result.labels, 2)[0])
@@ -114,13 +114,13 @@ def test_evaluate_a_reference_records_it_like_ncfm_eval(stored, tmp_path):
     shutil.copytree(stored[0], root)
     result = ncfm_core.evaluate("digits-ipc1", protocol="dsa", store=root, device="cpu", **EVAL_TINY)
     assert result.protocol["protocol"] == "dsa" and result.protocol["lr"] == 0.01 and len(result.runs) == 1
-    evals = Store(root).resolve("digits-ipc1").manifest()["evals"]
-    assert len(evals) == 1 and evals[0]["accuracy"]["runs"] == result.runs
+    evals = Store(root).resolve("digits-ipc1").record().evals
+    assert len(evals) == 1 and list(evals[0].accuracy.runs) == result.runs
     synthetic = ncfm_core.open_synthetic("digits-ipc1", store=root)
     again = ncfm_core.evaluate(synthetic, device="cpu", **EVAL_TINY)  # dataset from the manifest: digits
     pairs = ncfm_core.evaluate((synthetic.images, synthetic.labels), "digits", device="cpu", **EVAL_TINY)
     assert again.runs == pairs.runs  # same images, same seed, same protocol
-    assert len(Store(root).resolve("digits-ipc1").manifest()["evals"]) == 1  # only references are recorded
+    assert len(Store(root).resolve("digits-ipc1").record().evals) == 1  # only references are recorded
 
 
 def test_the_api_passes_the_device_as_asked_and_the_job_boundary_alone_resolves_it(stored, monkeypatch):
@@ -159,13 +159,13 @@ def test_the_api_passes_the_device_as_asked_and_the_job_boundary_alone_resolves_
 def test_normalisation_is_in_the_manifest_the_synset_file_and_inspect(stored):
     root, _ = stored
     version = Store(root).resolve("digits-ipc1")
-    recorded = version.manifest()["dataset"]["normalization"]
+    recorded = version.record().dataset.normalization
     synset = load_synset(version.synset_path)
-    assert synset.mean == pytest.approx(tuple(recorded["mean"])) and synset.std == pytest.approx(tuple(recorded["std"]))
+    assert synset.mean == pytest.approx(recorded.mean) and synset.std == pytest.approx(recorded.std)
     as_json = one_json(invoke("--store", root, "inspect", "digits-ipc1", "--json"))
-    assert as_json["dataset"]["normalization"] == recorded
+    assert as_json["dataset"]["normalization"] == recorded.to_json()
     human = invoke("--store", root, "inspect", "digits-ipc1").stdout
-    assert f"mean [{recorded['mean'][0]:.4f}], std [{recorded['std'][0]:.4f}]" in human
+    assert f"mean [{recorded.mean[0]:.4f}], std [{recorded.std[0]:.4f}]" in human
 
 
 def test_older_synset_files_without_normalisation_still_load(stored, tmp_path):
@@ -182,8 +182,8 @@ def test_older_synset_files_without_normalisation_still_load(stored, tmp_path):
     version.manifest_path.write_text(json.dumps(manifest))
     old = load_synset(version.synset_path)
     assert old.mean is None and old.std is None and old.images.shape == (10, 1, 16, 16)
-    recorded = version.manifest()["dataset"]["normalization"]
-    assert ncfm_core.open_synthetic("digits-ipc1", store=root).mean == pytest.approx(tuple(recorded["mean"]))
+    recorded = version.record().dataset.normalization
+    assert ncfm_core.open_synthetic("digits-ipc1", store=root).mean == pytest.approx(recorded.mean)
     manifest = json.loads(version.manifest_path.read_text())  # an older manifest too: nothing recorded
     del manifest["dataset"]["normalization"]
     version.manifest_path.write_text(json.dumps(manifest))

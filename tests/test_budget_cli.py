@@ -230,9 +230,9 @@ def test_out_of_memory_during_a_capped_run_is_exit_4_naming_the_budget(tmp_path,
     line = error_line(result)
     assert "--gpu-mem 2G" in line and "checkpoint at iteration 1 kept" in line
     version = Store(store).versions("fake-ipc2")[-1]
-    manifest = version.manifest()
-    assert manifest["status"] == "failed" and manifest["checkpoint_iteration"] == 1
-    assert manifest["error"].startswith("BudgetInfeasibleError: CUDA ran out of memory")
+    record = version.record()
+    assert record.status == "failed" and record.checkpoint_iteration == 1
+    assert record.error.startswith("BudgetInfeasibleError: CUDA ran out of memory")
     assert version.checkpoint_path.exists()
 
 

@@ -11,12 +11,12 @@ import pytest
 import safetensors.torch
 import torch
 from cli_runner import EVAL_TINY, TINY, error_line, invoke, one_json, one_thread
+from test_jobs import interrupt_at
 from typer.testing import CliRunner
 
 from ncfm_cli import distill as distill_module
 from ncfm_cli.main import app
 from ncfm_cli.output import EXIT_CODES_HELP, exit_code_for
-from ncfm_core.distill import Distiller
 from ncfm_core.errors import (
     BudgetInfeasibleError,
     ConfigError,
@@ -106,6 +106,17 @@ def test_human_output_of_every_read_command(made, tmp_path):
     assert "no artifacts" in empty.stdout
 
 
+def test_peak_memory_reads_the_same_in_distill_resume_and_inspect(store_copy):
+    def peak_line(text: str) -> str:
+        return " ".join(next(line for line in text.splitlines() if line.startswith("peak memory")).split())
+
+    shown = peak_line(invoke("--store", store_copy, "inspect", "digits-ipc1@v1").stdout)
+    assert re.fullmatch(r"peak memory [0-9.]+ (MiB|GiB) \(process peak RSS\)", shown), shown
+    assert peak_line(invoke("--store", store_copy, "resume", "digits-ipc1@v1").stdout) == shown
+    made = invoke("--store", store_copy, "distill", "digits", "--ipc", "1", "--iterations", "1", "--name", "p", *TINY)
+    assert peak_line(made.stdout).endswith("(process peak RSS)")
+
+
 @pytest.mark.parametrize("fmt, expected", [
     ("png", "0/0000.png"), ("grid", "grid.png"), ("imagefolder", "train/000_0/0000.png"),
     ("pt", "synset.pt"), ("npz", "synset.npz"),
@@ -132,7 +143,7 @@ def test_eval_protocol_option(store_copy):
                           "--seed", "4", "--json"))
     assert out["protocol"]["protocol"] == "dsa" and out["protocol"]["optimizer"] == "sgd"
     assert out["protocol"]["seed"] == 4 and out["seeds"] == [4]
-    assert Store(store_copy).resolve("digits-ipc1").manifest()["evals"][-1]["protocol"] == out["protocol"]
+    assert Store(store_copy).resolve("digits-ipc1").record().evals[-1].protocol == out["protocol"]
 
 
 def test_export_stored_and_decoded_on_request(made, tmp_path):
@@ -154,10 +165,11 @@ def test_distill_with_eval_in_one_command_and_resume_extension(store_copy):
     assert out["artifact"] == "both@v1" and out["eval"]["accuracy"]["runs"] and out["passed"] is True
     manifest = json.loads(Path(out["path"], "manifest.json").read_text())
     assert manifest["config"]["seed"] == 5 and manifest["config"]["sampler"] is False
-    assert len(manifest["evals"]) == 1
+    assert len(manifest["evals"]) == 1 and manifest["pending_eval"] is None  # asked for, and done
 
     extended = one_json(invoke("--store", store_copy, "resume", "both", "--iterations", "4", "--json"))
     assert extended["artifact"] == "both@v2" and extended["parent"] == "both@v1" and extended["iterations"] == 4
+    assert "eval" not in extended  # a new version does not owe its parent's evaluation
     nothing = invoke("--store", store_copy, "resume", "both@v2")
     assert "already complete" in nothing.stderr
 
@@ -182,8 +194,8 @@ def test_exit_5_below_min_acc_after_printing_and_recording(store_copy):
     out = one_json(result)
     assert out["passed"] is False and out["min_acc"] == 1.0
     assert "below --min-acc" in error_line(result)
-    evals = Store(store_copy).resolve("digits-ipc1").manifest()["evals"]
-    assert evals[-1]["accuracy"] == out["accuracy"]
+    evals = Store(store_copy).resolve("digits-ipc1").record().evals
+    assert evals[-1].accuracy.to_json() == out["accuracy"]
     invoke("--store", store_copy, "eval", "digits-ipc1", *EVAL_TINY, "--min-acc", "0")  # passes: exit 0
 
 
@@ -291,31 +303,85 @@ def test_exit_4_budget_infeasible_is_mapped(store_copy, monkeypatch):
 
 
 def test_exit_130_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(store_copy, monkeypatch):
-    original = Distiller.step
-
-    def step(self):
-        import signal
-
-        metrics = original(self)
-        if self.iteration == 3:
-            signal.raise_signal(signal.SIGINT)
-        return metrics
-
     args = ["distill", "digits", "--ipc", "1", "--iterations", "6", "--name", "stop", *TINY]
     with monkeypatch.context() as patch:
-        patch.setattr(Distiller, "step", step)
+        interrupt_at(patch, 3)
         result = invoke("--store", store_copy, *args, expect=130)
     expected_hint = f"ncfm --store {store_copy} resume stop@v1"
     assert "checkpoint saved at iteration 3" in result.stderr and expected_hint in result.stderr, result.stderr
-    manifest = Store(store_copy).resolve("stop@v1").manifest()
-    assert manifest["status"] == "failed" and manifest["iterations_done"] == 3
+    record = Store(store_copy).resolve("stop@v1").record()
+    assert record.status == "interrupted" and record.iterations_done == 3
+
+    # ls and inspect, human and JSON, say interrupted (not failed) with the command that continues it.
+    hint = f"stopped with a checkpoint at iteration 3; continue it with `{expected_hint}`"
+    row = next(r for r in one_json(invoke("--store", store_copy, "--json", "ls"))["artifacts"] if r["artifact"] == "stop@v1")
+    assert (row["status"], row["hint"]) == ("interrupted", hint)
+    shown = one_json(invoke("--store", store_copy, "inspect", "stop@v1", "--json"))
+    assert (shown["status"], shown["hint"], shown["interrupted"]) == ("interrupted", hint, True)
+    assert "recorded_status" not in shown  # recorded so, not only shown so
+    listed = invoke("--store", store_copy, "ls").stdout
+    assert "interrupted" in listed and f"stop@v1: {hint}" in " ".join(listed.split()), listed
+    inspected = [" ".join(line.split()) for line in invoke("--store", store_copy, "inspect", "stop@v1").stdout.splitlines()]
+    assert "status interrupted (Ctrl-C)" in inspected and f"next {hint}" in inspected, inspected
 
     resumed = one_json(invoke("--store", store_copy, "--json", "resume", "stop@v1"))
     assert resumed["status"] == "complete" and resumed["iterations"] == 6
+    # inspect's median seconds per iteration: one per session, each naming the iterations it covers.
+    time_line = next(line for line in invoke("--store", store_copy, "inspect", "stop@v1").stdout.splitlines()
+                     if line.startswith("time "))
+    assert re.search(r"median [0-9.]+ s/it \(iterations 0-3\), [0-9.]+ s/it \(iterations 3-6\)$", time_line), time_line
+    sessions = one_json(invoke("--store", store_copy, "inspect", "stop@v1", "--json"))["timings"]["per_session"]
+    assert [(s["from_iteration"], s["to_iteration"], s["ended"]) for s in sessions] == [
+        (0, 3, "interrupted"), (3, 6, "complete")]
     straight = one_json(invoke("--store", store_copy, "--json", *args[:-len(TINY)], *TINY, "--name", "straight"))
     a = load_tensors(Path(resumed["path"]) / "synset.safetensors")[0]["images"]
     b = load_tensors(Path(straight["path"]) / "synset.safetensors")[0]["images"]
     assert torch.equal(a, b)
+
+
+EVAL_ASKED = ["--eval", "--eval-epochs", "1", "--eval-repeats", "2", "--eval-protocol", "dsa", "--min-acc", "0"]
+
+
+def test_resume_carries_over_the_eval_distill_asked_for(store_copy, monkeypatch):
+    args = ["distill", "digits", "--ipc", "1", "--iterations", "4", "--name", "asked", *TINY, *EVAL_ASKED]
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, 2)
+        invoke("--store", store_copy, *args, expect=130)
+    version = Store(store_copy).resolve("asked@v1")
+    pending = version.record().pending_eval
+    assert (pending.protocol["protocol"], pending.protocol["epochs"], pending.protocol["repeats"]) == ("dsa", 1, 2)
+    assert pending.min_acc == 0.0 and version.record().evals == ()
+    assert "pending eval" in invoke("--store", store_copy, "inspect", "asked@v1").stdout
+
+    out = one_json(invoke("--store", store_copy, "--json", "resume", "asked"))
+    assert out["status"] == "complete" and out["iterations"] == 4
+    assert out["eval"]["protocol"]["protocol"] == "dsa" and len(out["eval"]["accuracy"]["runs"]) == 2
+    assert out["min_acc"] == 0.0 and out["passed"] is True
+    record = version.record()
+    assert record.pending_eval is None and [e.protocol["epochs"] for e in record.evals] == [1]
+    again = invoke("--store", store_copy, "resume", "asked")  # nothing left to do, nothing run twice
+    assert "already complete" in again.stderr and len(version.record().evals) == 1
+
+
+def test_an_evaluation_interrupted_after_the_run_is_finished_by_resume(store_copy, monkeypatch):
+    from ncfm_core.jobs import eval as eval_module
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt("SIGINT")
+
+    args = ["distill", "digits", "--ipc", "1", "--iterations", "2", "--name", "late", *TINY, *EVAL_ASKED[:-2],
+            "--min-acc", "1"]
+    with monkeypatch.context() as patch:
+        patch.setattr(eval_module, "evaluate_models", stopped)
+        invoke("--store", store_copy, *args, expect=130)
+    version = Store(store_copy).resolve("late")  # complete: only its evaluation was stopped
+    assert version.record().pending_eval.min_acc == 1.0
+
+    skipped = invoke("--store", store_copy, "resume", "late", "--no-eval")
+    assert "still to run" in skipped.stderr and version.record().pending_eval is not None
+    result = invoke("--store", store_copy, "resume", "late", expect=5)  # its --min-acc 1 came along
+    assert "below --min-acc 100.00%" in error_line(result) and "evaluated" in result.stdout
+    assert version.record().pending_eval is None and len(version.record().evals) == 1  # recorded first
 
 
 # ----------------------------------------------------------------------------- help and README
@@ -354,6 +420,7 @@ def test_inspect_eval_history_shows_baselines_and_ior():
     from rich.console import Console
 
     from ncfm_cli.inspect import evals_table
+    from ncfm_core.store import EvalRecord
 
     with_baselines = {
         "created": "2026-01-01T00:00:00Z", "protocol": {"model": "convnet", "epochs": 300}, "device": "cpu",
@@ -365,7 +432,8 @@ def test_inspect_eval_history_shows_baselines_and_ior():
     plain = {"created": "2026-01-02T00:00:00Z", "protocol": {"model": "alexnet", "epochs": 5},
              "accuracy": {"mean": 0.5, "std": 0.0, "runs": [0.5]}, "device": "cuda:0"}
     console = Console(record=True, width=200)
-    console.print(evals_table([with_baselines, plain, "not a record"]))
+    # A malformed record never reaches the table: reading the manifest refuses it (test_record.py).
+    console.print(evals_table([EvalRecord.from_json(with_baselines), EvalRecord.from_json(plain)]))
     text = console.export_text()
     rows = [line for line in text.splitlines() if "convnet" in line or "alexnet" in line]
     assert len(rows) == 2

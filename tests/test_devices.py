@@ -169,9 +169,9 @@ def test_distill_job_under_a_gpu_budget_caps_an_indexed_device_and_records_it(
     expected = 1 if requested == "cuda:1" else 0
     assert simulated_cuda.caps == [(pytest.approx(2.5 / 80), expected)]
     assert stop_before_the_loop["device"] == torch.device("cuda", expected)
-    manifest = stop_before_the_loop["version"].manifest()
-    assert manifest["device"] == f"cuda:{expected}" and manifest["device_reason"]
-    assert manifest["plan"]["device"] == f"cuda:{expected}"
+    record = stop_before_the_loop["version"].record()
+    assert record.device == f"cuda:{expected}" and record.device_reason
+    assert record.plan.device == f"cuda:{expected}"
 
 
 def test_distill_job_without_a_budget_does_not_cap(tmp_path, simulated_cuda, stop_before_the_loop):
@@ -277,9 +277,9 @@ def test_the_distill_job_decides_both_precisions_in_its_plan_and_hands_the_value
         jobs.distill_job(Store(tmp_path / "store"), config, gpu_mem="2.5G")
     handed_down = stop_before_the_loop["config"]
     assert (handed_down.precision, handed_down.cf_precision) == (expected, "tf32")
-    manifest = stop_before_the_loop["version"].manifest()
-    assert (manifest["config"]["precision"], manifest["config"]["cf_precision"]) == (expected, "tf32")
-    assert (manifest["plan"]["precision"], manifest["plan"]["cf_precision"]) == (expected, "tf32")
+    record = stop_before_the_loop["version"].record()
+    assert (record.config["precision"], record.config["cf_precision"]) == (expected, "tf32")
+    assert (record.plan.precision, record.plan.cf_precision) == (expected, "tf32")
     dry_run = jobs.plan_job(config, gpu_mem="2.5G")  # --dry-run shows the same decision
     assert (dry_run["config"]["precision"], dry_run["plan"]["precision"]) == (expected, expected)
 

@@ -90,8 +90,8 @@ def test_json_carries_accuracy_baselines_metrics_and_protocol(made):
 
 def test_manifest_eval_history_holds_the_whole_record(made):
     out = made["first"]
-    history = Store(made["store"]).resolve("digits-ipc1").manifest()["evals"]
-    stored = history[0]
+    history = Store(made["store"]).resolve("digits-ipc1").record().evals
+    stored = history[0].to_json()
     assert stored == {k: v for k, v in out.items() if k not in ("artifact", "path", "min_acc", "passed")}
 
 
@@ -174,10 +174,10 @@ def test_corrupt_cache_file_is_recomputed_with_a_warning(made, store_copy, damag
 
 
 def test_soft_labels_use_the_artifacts_pool_and_record_the_teacher(store_copy):
-    manifest = Store(store_copy).resolve("digits-ipc1").manifest()
+    record = Store(store_copy).resolve("digits-ipc1").record()
     out = one_json(invoke("--store", store_copy, *EVAL, *BOTH, "--soft-labels", "--temperature", "2", "--json"))
     teacher = out["teacher"]
-    assert teacher["pool"] == manifest["pool"]["key"] and teacher["member"] == 0
+    assert teacher["pool"] == record.pool.key and teacher["member"] == 0
     assert teacher["pool_cached"] is True and teacher["temperature"] == 2.0 and "KL" in teacher["loss"]
     assert _fraction(teacher["test_accuracy"])
     assert out["protocol"]["soft_labels"] is True and out["protocol"]["temperature"] == 2.0
@@ -236,7 +236,7 @@ def test_bad_options_are_one_line_usage_errors_before_any_training(store_copy, a
     result = invoke("--store", store_copy, *EVAL, *args, expect=2)
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and fragment in lines[-1], result.stderr
-    assert len(Store(store_copy).resolve("digits-ipc1").manifest()["evals"]) == 1  # nothing recorded
+    assert len(Store(store_copy).resolve("digits-ipc1").record().evals) == 1  # nothing recorded
 
 
 def test_min_acc_exit_5_applies_to_the_synthetic_mean(store_copy):
@@ -244,7 +244,7 @@ def test_min_acc_exit_5_applies_to_the_synthetic_mean(store_copy):
     out = one_json(result)
     assert out["passed"] is False and out["min_acc"] == 1.0 and "ior" in out["metrics"]
     assert "below --min-acc" in result.stderr.strip().splitlines()[-1]
-    assert Store(store_copy).resolve("digits-ipc1").manifest()["evals"][-1]["accuracy"] == out["accuracy"]
+    assert Store(store_copy).resolve("digits-ipc1").record().evals[-1].accuracy.to_json() == out["accuracy"]
 
 
 def test_progress_names_each_set_and_stays_off_stdout(store_copy):

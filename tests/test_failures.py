@@ -61,8 +61,7 @@ def test_flipped_checkpoint_bytes_are_refused_by_resume(store_copy):
 
 def test_changed_synset_bytes_are_refused_by_eval_and_export(store_copy, tmp_path):
     version = Store(store_copy).resolve("digits-ipc1@v1")
-    manifest = version.manifest()
-    assert set(manifest["sha256"]) == {"synset.safetensors", "sampler.safetensors", "checkpoint/state.safetensors"}
+    assert set(version.record().sha256) == {"synset.safetensors", "sampler.safetensors", "checkpoint/state.safetensors"}
     raw = bytearray(version.synset_path.read_bytes())
     raw[-4:] = struct.pack("<f", 0.5 if struct.unpack("<f", raw[-4:])[0] != 0.5 else 0.25)
     version.synset_path.write_bytes(bytes(raw))  # a valid pixel, changed: only a hash can tell
@@ -77,7 +76,7 @@ def test_recorded_hashes_are_the_files_sha256(made):
     import hashlib
 
     version = Store(made["store"]).resolve("digits-ipc1@v1")
-    for relpath, digest in version.manifest()["sha256"].items():
+    for relpath, digest in version.record().sha256.items():
         assert hashlib.sha256((version.path / relpath).read_bytes()).hexdigest() == digest, relpath
 
 
@@ -107,9 +106,9 @@ def test_a_diverging_run_fails_and_keeps_its_last_good_checkpoint(tmp_path, monk
     line = error_line(result)
     assert "diverged at iteration 3" in line and "iteration 2" in line
     version = Store(tmp_path).resolve("digits-ipc1@v1")
-    manifest = version.manifest()
-    assert manifest["status"] == "failed" and "iteration 3" in manifest["error"]
-    assert manifest["checkpoint_iteration"] == 2
+    record = version.record()
+    assert record.status == "failed" and "iteration 3" in record.error
+    assert record.checkpoint_iteration == 2
     state = load_state(version.checkpoint_path)
     assert state["iteration"] == 2 and bool(torch.isfinite(state["images"]).all())
     assert not version.synset_path.exists()
@@ -130,8 +129,8 @@ def test_non_finite_images_never_complete(tmp_path, monkeypatch):
     line = error_line(invoke("--store", tmp_path, "distill", "digits", "--ipc", "1", "--iterations", "3",
                              "--checkpoint-every", "2", *TINY, expect=1))
     assert "diverged at iteration 3" in line
-    manifest = Store(tmp_path).resolve("digits-ipc1@v1").manifest()
-    assert manifest["status"] == "failed" and manifest["checkpoint_iteration"] == 2
+    record = Store(tmp_path).resolve("digits-ipc1@v1").record()
+    assert record.status == "failed" and record.checkpoint_iteration == 2
 
 
 # ----------------------------------------------------------------------------- 2. meaningful accuracy
@@ -288,8 +287,10 @@ def test_sigterm_checkpoints_and_exits_143_and_a_killed_run_shows_interrupted(tm
     assert error["exit_code"] == 143 and f"ncfm --store {store} resume term@v1" in error["message"]
     assert "SIGTERM" in stderr and "Traceback" not in stderr
     manifest = json.loads(manifest_path.read_text())
-    assert manifest["status"] == "failed" and manifest["interrupted"] is True
+    assert manifest["status"] == "interrupted" and manifest["interrupted"] is True
     assert manifest["error"] == "interrupted (SIGTERM)" and manifest["checkpoint_iteration"] == 5
+    row = next(r for r in one_json(invoke("--store", store, "ls", "--json"))["artifacts"] if r["artifact"] == "term@v1")
+    assert row["status"] == "interrupted" and "checkpoint at iteration 5" in row["hint"]
 
     # SIGKILL: nothing can be recorded, but the free run lock tells ls and inspect it is dead.
     proc = ncfm(store, *DISTILL, "--name", "killed", pause_at=5)
@@ -304,12 +305,13 @@ def test_sigterm_checkpoints_and_exits_143_and_a_killed_run_shows_interrupted(tm
         proc.kill()
     assert json.loads(manifest_path.read_text())["status"] == "running"
     listing = one_json(invoke("--store", store, "ls", "--json"))
-    assert {row["artifact"]: row["status"] for row in listing["artifacts"]}["killed@v1"] == "interrupted"
-    assert any("ncfm resume killed@v1" in warning for warning in listing["warnings"])
+    row = next(r for r in listing["artifacts"] if r["artifact"] == "killed@v1")
+    assert row["status"] == "interrupted" and f"ncfm --store {store} resume killed@v1" in row["hint"]
     shown = one_json(invoke("--store", store, "inspect", "killed@v1", "--json"))
-    assert shown["status"] == "interrupted" and "ncfm resume killed@v1" in shown["hint"]
+    assert shown["status"] == "interrupted" and f"ncfm --store {store} resume killed@v1" in shown["hint"]
+    assert shown["recorded_status"] == "running"
     human = invoke("--store", store, "inspect", "killed@v1").stdout
-    assert "interrupted" in human and "ncfm resume killed@v1" in human
+    assert "interrupted" in human and f"ncfm --store {store} resume killed@v1" in " ".join(human.split())
 
 
 # ----------------------------------------------------------------------------- 5. atomic exports
@@ -375,7 +377,7 @@ def test_eval_refuses_an_unwritable_store_before_training(store_copy, monkeypatc
 
 @pytest.mark.parametrize("json_output", [True, False])
 def test_a_result_that_cannot_be_recorded_is_printed_and_exits_1(store_copy, monkeypatch, json_output):
-    def disk_full(self, version, record):
+    def disk_full(self, version, record, **options):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(Store, "append_eval", disk_full)
@@ -389,7 +391,7 @@ def test_a_result_that_cannot_be_recorded_is_printed_and_exits_1(store_copy, mon
         assert printed["error"]["exit_code"] == 1 and "No space left" in printed["error"]["message"]
     else:
         assert "mean +- std" in result.stdout
-    assert Store(store_copy).resolve("digits-ipc1").manifest()["evals"] == []
+    assert Store(store_copy).resolve("digits-ipc1").record().evals == ()
 
 
 # ----------------------------------------------------------------------------- 8. manifests validated

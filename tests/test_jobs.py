@@ -9,7 +9,6 @@ import pytest
 import safetensors.torch
 import torch
 
-from ncfm_core import jobs
 from ncfm_core.config import make_config
 from ncfm_core.distill import Distiller
 from ncfm_core.errors import ConfigError, CorruptArtifactError, NcfmError, NotFoundError
@@ -24,7 +23,8 @@ from ncfm_core.jobs import (
     list_job,
     resume_job,
 )
-from ncfm_core.store import Store, load_state, load_synset, load_tensors, write_json
+from ncfm_core.jobs.run import shown_status
+from ncfm_core.store import RunRecord, Store, load_state, load_synset, load_tensors, write_json
 
 # Small enough for a busy CPU: an untrained 1-network pool of width-8 ConvNets, 16 frequencies.
 TINY = dict(pool_size=1, pool_epochs=0, num_freqs=16, real_per_class=4, width=8)
@@ -75,26 +75,31 @@ def test_distill_writes_a_complete_version(tmp_path):
     version = distill_job(store, config, checkpoint_every=5, callback=recorder)
 
     assert version.ref == "digits-ipc1@v1"
-    manifest = version.manifest()
-    assert manifest["status"] == "complete"
-    assert manifest["iterations_done"] == manifest["iterations_target"] == 12
-    # the manifest holds the config with the memory plan applied, so resume replays the plan
-    planned = {k: v for k, v in manifest["plan"].items() if k in ("real_chunk", "class_chunk", "precision", "activation_checkpointing", "cf_precision")}
-    assert manifest["config"] == config.replace(**planned).to_dict()
-    assert manifest["seed"] == 0 and manifest["parent"] is None
-    assert manifest["dataset"]["name"] == "digits"
-    assert manifest["dataset"]["num_classes"] == 10 and manifest["dataset"]["image_size"] == 16
-    assert len(manifest["dataset"]["fingerprint"]) == 64
-    assert set(manifest["versions"]) == {"ncfm", "torch", "python"}
-    assert manifest["device"] == "cpu" and manifest["device_reason"]
-    assert manifest["pool"]["cached"] is False and manifest["pool"]["size"] == 1
-    assert manifest["timings"]["seconds"] > 0 and manifest["timings"]["sessions"] == 1
-    assert manifest["timings"]["seconds_per_iteration_median"] > 0
-    assert isinstance(manifest["peak_memory_bytes"], int) and manifest["peak_memory_bytes"] > 0
-    assert manifest["peak_memory_source"] == "process_peak_rss"
-    assert [point[0] for point in manifest["loss_curve"]] == [10]
-    assert manifest["sampler"]["learned"] is True
-    assert manifest["created"] and manifest["finished"]
+    record = version.record()
+    assert record.status == "complete"
+    assert record.iterations_done == record.iterations_target == 12
+    # the record holds the config with the memory plan applied, so resume replays the plan
+    plan = record.plan
+    planned = dict(real_chunk=plan.real_chunk, class_chunk=plan.class_chunk, precision=plan.precision,
+                   activation_checkpointing=plan.activation_checkpointing, cf_precision=plan.cf_precision)
+    assert record.config == config.replace(**planned).to_dict()
+    assert record.seed == 0 and record.parent is None
+    assert record.dataset.name == "digits"
+    assert record.dataset.num_classes == 10 and record.dataset.image_size == 16
+    assert len(record.dataset.fingerprint) == 64
+    assert set(record.versions) == {"ncfm", "torch", "python"}
+    assert record.device == "cpu" and record.device_reason
+    assert record.pool.cached is False and record.pool.size == 1
+    assert record.timings.seconds > 0 and record.timings.sessions == 1
+    assert record.timings.seconds_per_iteration_median > 0
+    (session,) = record.timings.per_session
+    assert (session.from_iteration, session.to_iteration, session.ended) == (0, 12, "complete")
+    assert session.seconds_per_iteration_median == record.timings.seconds_per_iteration_median
+    assert isinstance(record.peak_memory_bytes, int) and record.peak_memory_bytes > 0
+    assert record.peak_memory_source == "process_peak_rss"
+    assert [point[0] for point in record.loss_curve] == [10]
+    assert record.sampler.learned is True
+    assert record.created and record.finished and record.pending_eval is None
 
     # Files: synset with the documented tensors and metadata, psi weights, final checkpoint.
     tensors, meta = load_tensors(version.synset_path)
@@ -124,9 +129,9 @@ def test_second_distill_reuses_pool_and_is_deterministic(tmp_path):
     recorder = Recorder()
     second = distill_job(store, tiny_config(pool_epochs=1), callback=recorder)
     assert second.ref == "digits-ipc1@v2"
-    assert first.manifest()["pool"]["cached"] is False
-    assert second.manifest()["pool"]["cached"] is True
-    assert second.manifest()["pool"]["key"] == first.manifest()["pool"]["key"]
+    assert first.record().pool.cached is False
+    assert second.record().pool.cached is True
+    assert second.record().pool.key == first.record().pool.key
     assert "pool" not in recorder.stages()  # nothing trained the second time
     assert torch.equal(synset_images(first), synset_images(second))
     # A fresh store retrains the pool; training is seeded, so the result is the same again.
@@ -138,7 +143,7 @@ def test_no_sampler_writes_an_empty_but_valid_sampler_file(tmp_path):
     version = distill_job(Store(tmp_path), tiny_config(iterations=2, sampler=False))
     tensors, meta = load_tensors(version.sampler_path)
     assert tensors == {} and meta["kind"] == "gaussian"
-    assert version.manifest()["sampler"]["learned"] is False
+    assert version.record().sampler.learned is False
 
 
 def test_bad_input_leaves_nothing_behind(tmp_path):
@@ -176,20 +181,51 @@ def test_ctrl_c_checkpoints_and_resume_matches_uninterrupted(tmp_path, monkeypat
             distill_job(store, tiny_config(iterations=9), checkpoint_every=3)
     assert isinstance(info.value, KeyboardInterrupt)
     assert info.value.version.ref == "digits-ipc1@v1" and info.value.checkpoint_iteration == 4
-    manifest = info.value.version.manifest()
-    assert manifest["status"] == "failed" and manifest["interrupted"] is True
-    assert manifest["iterations_done"] == 4 and "interrupted" in manifest["error"]
+    record = info.value.version.record()
+    assert record.status == "interrupted" and record.error == "interrupted (Ctrl-C)"
+    assert record.iterations_done == 4 and record.checkpoint_iteration == 4
+    assert shown_status(store, info.value.version, record) == ("interrupted", (
+        f"stopped with a checkpoint at iteration 4; continue it with `ncfm --store {tmp_path} resume digits-ipc1@v1`"))
     assert load_state(info.value.version.checkpoint_path)["iteration"] == 4
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
 
     resumed = resume_job(store, "digits-ipc1")  # a bare name resumes the newest version
     assert resumed == info.value.version
-    manifest = resumed.manifest()
-    assert manifest["status"] == "complete" and manifest["iterations_done"] == 9
-    assert manifest["timings"]["sessions"] == 2 and manifest["error"] is None
+    record = resumed.record()
+    assert record.status == "complete" and record.iterations_done == 9
+    assert record.timings.sessions == 2 and record.error is None
+    # Each session's median is kept and says which iterations it covers.
+    assert [(s.from_iteration, s.to_iteration, s.ended) for s in record.timings.per_session] == [
+        (0, 4, "interrupted"), (4, 9, "complete")]
+    assert all(s.seconds_per_iteration_median > 0 for s in record.timings.per_session)
     assert torch.equal(synset_images(resumed), synset_images(reference))
     for key, tensor in load_tensors(reference.sampler_path)[0].items():
         assert torch.equal(load_tensors(resumed.sampler_path)[0][key], tensor), key
+
+
+def test_a_run_interrupted_under_the_old_layout_shows_interrupted_and_resumes(tmp_path, monkeypatch):
+    """A version the previous main left after Ctrl-C (schema 1: status "failed", interrupted true, as
+    tests/fixtures/manifests/schema1-aa11a6b-interrupted.json) is listed as interrupted with its
+    resume command, and resuming it finishes it and rewrites its manifest in the current layout."""
+    store = Store(tmp_path)
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, 3)
+        with pytest.raises(JobInterrupted) as info:
+            distill_job(store, tiny_config(iterations=5), checkpoint_every=2)
+    version = info.value.version
+    old = json.loads(version.manifest_path.read_text())
+    for key in ("schema_version", "pending_eval"):
+        del old[key]
+    old.update(status="failed", interrupted=True, timings={k: v for k, v in old["timings"].items() if k != "per_session"})
+    write_json(version.manifest_path, old)
+
+    (row,) = list_job(store)["artifacts"]
+    assert row["status"] == "interrupted" and f"resume {version.ref}" in row["hint"]
+    assert inspect_job(store, version.ref).status == "interrupted"
+    resume_job(store, version.ref)
+    rewritten = json.loads(version.manifest_path.read_text())
+    assert (rewritten["status"], rewritten["schema_version"], rewritten["interrupted"]) == ("complete", 2, False)
+    assert rewritten["timings"]["sessions"] == 2 and len(rewritten["timings"]["per_session"]) == 1
 
 
 def test_crash_inside_an_iteration_keeps_the_last_exact_checkpoint(tmp_path, monkeypatch):
@@ -207,13 +243,13 @@ def test_crash_inside_an_iteration_keeps_the_last_exact_checkpoint(tmp_path, mon
         patch.setattr(Distiller, "step", failing_step)
         with pytest.raises(RuntimeError, match="simulated"):
             distill_job(store, tiny_config(iterations=8), checkpoint_every=2)
-    manifest = store.resolve("digits-ipc1@v1").manifest()
-    assert manifest["status"] == "failed" and manifest["interrupted"] is False
-    assert manifest["error"] == "RuntimeError: simulated out of memory"
-    assert manifest["checkpoint_iteration"] == 4  # the periodic one, not the broken iteration 5
+    record = store.resolve("digits-ipc1@v1").record()
+    assert record.status == "failed" and record.to_json()["interrupted"] is False
+    assert record.error == "RuntimeError: simulated out of memory"
+    assert record.checkpoint_iteration == 4  # the periodic one, not the broken iteration 5
 
     resumed = resume_job(store, "digits-ipc1@v1")
-    assert resumed.manifest()["status"] == "complete"
+    assert resumed.record().status == "complete"
     assert torch.equal(synset_images(resumed), synset_images(reference))
 
 
@@ -222,11 +258,11 @@ def test_resume_without_checkpoint_starts_over(tmp_path):
     reference = distill_job(Store(tmp_path / "reference"), tiny_config(iterations=5))
     version = distill_job(store, tiny_config(iterations=5))
     version.checkpoint_path.unlink()
-    store.update_manifest(version, status="failed", iterations_done=3)
+    store.update_record(version, status="failed", iterations_done=3)
     recorder = Recorder()
     resume_job(store, version.ref, callback=recorder)
     assert any("no checkpoint" in e.get("message", "") for e in recorder.events)
-    assert version.manifest()["status"] == "complete"
+    assert version.record().status == "complete"
     assert torch.equal(synset_images(version), synset_images(reference))
 
 
@@ -237,15 +273,15 @@ def test_resume_decides_the_precisions_of_a_run_recorded_undecided(tmp_path):
     store = Store(tmp_path)
     reference = distill_job(Store(tmp_path / "reference"), tiny_config(iterations=5))
     version = distill_job(store, tiny_config(iterations=5))
-    recorded = version.manifest()["config"]
+    recorded = version.record().config
     assert (recorded["precision"], recorded["cf_precision"]) == ("fp32", "fp32")  # decided by the plan
     older = {key: value for key, value in recorded.items() if key != "cf_precision"} | {"precision": "auto"}
     version.checkpoint_path.unlink()
-    store.update_manifest(version, config=older, status="failed", iterations_done=3)
+    store.update_record(version, config=older, status="failed", iterations_done=3)
     resume_job(store, version.ref)
-    manifest = version.manifest()
-    assert manifest["status"] == "complete"
-    assert (manifest["config"]["precision"], manifest["config"]["cf_precision"]) == ("fp32", "fp32")
+    record = version.record()
+    assert record.status == "complete"
+    assert (record.config["precision"], record.config["cf_precision"]) == ("fp32", "fp32")
     assert torch.equal(synset_images(version), synset_images(reference))
 
 
@@ -263,29 +299,29 @@ def test_resume_complete_extends_into_a_child_version(tmp_path):
 
     child = resume_job(store, "digits-ipc1", iterations=7)
     assert child.ref == "digits-ipc1@v2"
-    manifest = child.manifest()
-    assert manifest["parent"] == "digits-ipc1@v1" and manifest["status"] == "complete"
-    assert manifest["iterations_done"] == 7 and manifest["config"]["iterations"] == 7
-    assert parent.manifest()["iterations_done"] == 4  # the parent is untouched
+    record = child.record()
+    assert record.parent == "digits-ipc1@v1" and record.status == "complete"
+    assert record.iterations_done == 7 and record.config["iterations"] == 7
+    assert [(s.from_iteration, s.to_iteration) for s in record.timings.per_session] == [(4, 7)]
+    assert parent.record().iterations_done == 4  # the parent is untouched
     assert torch.equal(synset_images(child), synset_images(longer))
 
 
 def test_resume_refuses_changed_data_and_live_runs(tmp_path):
     store = Store(tmp_path)
     version = distill_job(store, tiny_config(iterations=2))
-    store.update_manifest(version, status="failed")
+    store.update_record(version, status="failed")
 
     # A live run holds the version's run lock.
     import filelock
 
-    lock = filelock.FileLock(str(version.path / jobs.RUN_LOCK_FILE))
+    lock = filelock.FileLock(str(version.run_lock_path))
     with lock:
         with pytest.raises(NcfmError, match="another process"):
             resume_job(store, version.ref)
-    assert version.manifest()["status"] == "failed"  # not touched by the refused resume
+    assert version.record().status == "failed"  # not touched by the refused resume
 
-    dataset = dict(version.manifest()["dataset"], fingerprint="0" * 64)
-    store.update_manifest(version, dataset=dataset)
+    store.update_record(version, lambda r: r.replace(dataset=r.dataset.replace(fingerprint="0" * 64)))
     with pytest.raises(NcfmError, match="not the data"):
         resume_job(store, version.ref)
     with pytest.raises(NotFoundError):
@@ -295,7 +331,7 @@ def test_resume_refuses_changed_data_and_live_runs(tmp_path):
 def test_resume_with_corrupt_checkpoint_names_the_file(tmp_path):
     store = Store(tmp_path)
     version = distill_job(store, tiny_config(iterations=2))
-    store.update_manifest(version, status="failed")
+    store.update_record(version, status="failed")
     version.checkpoint_path.write_bytes(version.checkpoint_path.read_bytes()[:100])
     with pytest.raises(CorruptArtifactError) as info:
         resume_job(store, version.ref)
@@ -371,8 +407,8 @@ def test_eval_export_inspect_list(tmp_path):
     assert record["accuracy"]["std"] == pytest.approx(abs(runs[0] - runs[1]) / 2, abs=1e-12)
     assert record["protocol"]["epochs"] == 1 and record["device"] == "cpu"
     assert [e["repeat"] for e in recorder.events if e["stage"] == "eval"] == [0, 1]
-    stored = version.manifest()["evals"]
-    assert len(stored) == 1 and stored[0]["accuracy"] == record["accuracy"]
+    stored = version.record().evals
+    assert len(stored) == 1 and stored[0].to_json() == {k: v for k, v in record.items() if k not in ("artifact", "path")}
 
     files = export_job(store, version.ref, "npz", tmp_path / "out", decoded=True)
     assert files["files"] == [str(tmp_path / "out" / "synset.npz")]
@@ -382,14 +418,17 @@ def test_eval_export_inspect_list(tmp_path):
         assert archive["images"].shape == (40, 1, 16, 16)  # 10 stored images x factor^2
 
     info = inspect_job(store, version.ref)
-    assert info["artifact"] == version.ref and info["status"] == "complete"
-    assert set(info["file_sizes"]) == {
+    assert info.artifact == version.ref and info.status == "complete" and info.hint is None
+    assert info.record == version.record()
+    assert set(info.file_sizes) == {
         "manifest.json", "synset.safetensors", "sampler.safetensors", "checkpoint/state.safetensors"
     }
-    assert info["file_sizes"]["synset.safetensors"] == version.synset_path.stat().st_size
+    assert info.file_sizes["synset.safetensors"] == version.synset_path.stat().st_size
+    assert info.to_json() == {**json.loads(version.manifest_path.read_text()), "artifact": version.ref,
+                              "path": str(version.path), "file_sizes": info.file_sizes}
 
     # A broken manifest in another version is a warning, not a failure.
-    broken = store.create_version("broken", {})
+    broken = store.create_version("broken", RunRecord())
     broken.manifest_path.write_text("{oops")
     listing = list_job(store)
     rows = {row["artifact"]: row for row in listing["artifacts"]}
@@ -402,10 +441,10 @@ def test_eval_export_inspect_list(tmp_path):
 def test_eval_refuses_unfinished_versions(tmp_path):
     store = Store(tmp_path)
     version = distill_job(store, tiny_config(iterations=1))
-    store.update_manifest(version, status="failed")
+    store.update_record(version, status="failed")
     with pytest.raises(NotFoundError, match="ncfm resume"):
         eval_job(store, version.ref, EvalConfig(epochs=1, repeats=1))
-    write_json(version.manifest_path, {**version.manifest(), "status": "complete"})
+    write_json(version.manifest_path, {**json.loads(version.manifest_path.read_text()), "status": "complete"})
     version.synset_path.write_bytes(b"garbage")
     with pytest.raises(CorruptArtifactError, match="synset.safetensors"):
         eval_job(store, version.ref, EvalConfig(epochs=1, repeats=1))

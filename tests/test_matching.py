@@ -223,8 +223,8 @@ def test_a_loss_defined_in_a_test_plans_distills_and_resumes_through_the_jobs(mo
     checkpoint = store.load_state(info.value.version.checkpoint_path)
     assert checkpoint["iteration"] == 4 and checkpoint["moment_average"].shape == (10, 2 * 128)
     resumed = resume_job(run_store, info.value.version.ref)
-    manifest = resumed.manifest()
-    assert manifest["status"] == "complete" and manifest["config"]["matching"] == "moments"
+    record = resumed.record()
+    assert record.status == "complete" and record.config["matching"] == "moments"
     # the average restored from the checkpoint: the resumed run ends where the uninterrupted one did
     assert torch.equal(load_synset(resumed.synset_path).images, load_synset(reference.synset_path).images)
     assert load_tensors(resumed.sampler_path)[0] == {}

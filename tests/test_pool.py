@@ -85,5 +85,5 @@ def test_key_changes_with_the_pool_format(tiny, monkeypatch):
 
     _, spec, _ = tiny
     before = spec.key()
-    monkeypatch.setattr(pool_module, "POOL_FORMAT", pool_module.POOL_FORMAT + 1)
+    monkeypatch.setattr(pool_module, "POOL_FORMAT_VERSION", pool_module.POOL_FORMAT_VERSION + 1)
     assert spec.key() != before

@@ -18,7 +18,11 @@ import torch
 
 from ncfm_core.errors import ConfigError, CorruptArtifactError, NotFoundError
 from ncfm_core.store import (
+    Accuracy,
     ArtifactVersion,
+    EvalRecord,
+    EvalRequest,
+    RunRecord,
     Store,
     atomic_write_bytes,
     flatten_state,
@@ -347,43 +351,48 @@ def test_load_state_corrupt_tree_and_plain_file(tmp_path):
 # ----------------------------------------------------------------------------- versions
 
 
-def test_create_version_numbers_and_manifest(tmp_path):
+def test_create_version_numbers_and_record(tmp_path):
     store = Store(tmp_path)
-    first = store.create_version("digits-ipc10", {"seed": 0, "name": "ignored"})
-    second = store.create_version("digits-ipc10", {"seed": 1, "status": "complete"})
+    first = store.create_version("digits-ipc10", RunRecord(seed=0, name="ignored"))
+    second = store.create_version("digits-ipc10", RunRecord(seed=1, status="complete"))
     assert (first.version, second.version) == (1, 2)
     assert first.path == tmp_path / "artifacts" / "digits-ipc10" / "v1"
     assert second.ref == "digits-ipc10@v2"
     assert first.checkpoint_path == first.path / "checkpoint" / "state.safetensors"
     assert first.synset_path.name == "synset.safetensors" and first.sampler_path.name == "sampler.safetensors"
-    manifest = first.manifest()
-    assert manifest["name"] == "digits-ipc10" and manifest["version"] == 1
-    assert manifest["status"] == "running" and manifest["seed"] == 0
-    assert manifest["created"].endswith("+00:00")
-    assert second.manifest()["status"] == "complete"
+    record = first.record()
+    assert record.name == "digits-ipc10" and record.version == 1
+    assert record.status == "running" and record.seed == 0
+    assert record.created.endswith("+00:00")
+    assert second.record().status == "complete"
     assert [v.version for v in store.versions("digits-ipc10")] == [1, 2]
     with pytest.raises(ConfigError):
-        store.create_version("../evil", {})
-    with pytest.raises(ConfigError, match="status"):
-        store.create_version("x", {"status": "done"})
+        store.create_version("../evil", RunRecord())
+    with pytest.raises(ValueError, match="status"):  # what would not read back is never written
+        store.create_version("x", RunRecord(status="done"))
+    assert [v.version for v in store.versions("x")] == []  # and leaves no version behind
 
 
-def test_update_manifest_and_append_eval(tmp_path):
+def test_update_record_and_append_eval(tmp_path):
     store = Store(tmp_path)
-    version = store.create_version("a", {"metrics": {}})
-    updated = store.update_manifest(version, status="complete", iterations=10)
-    assert updated["status"] == "complete" and updated["iterations"] == 10
-    store.append_eval(version, {"acc": 0.5})
-    final = store.append_eval(version, {"acc": 0.6})
-    assert [record["acc"] for record in final["evals"]] == [0.5, 0.6]
-    assert version.manifest() == final
-    with pytest.raises(ConfigError):
-        store.update_manifest(version, status="bogus")
+    version = store.create_version("a", RunRecord(pending_eval=EvalRequest(protocol={"epochs": 1})))
+    updated = store.update_record(version, status="complete", iterations_done=10)
+    assert updated.status == "complete" and updated.iterations_done == 10
+    doubled = store.update_record(version, lambda r: r.replace(iterations_done=2 * r.iterations_done), seed=3)
+    assert (doubled.iterations_done, doubled.seed) == (20, 3)
+    store.append_eval(version, EvalRecord(accuracy=Accuracy(mean=0.5)))
+    assert version.record().pending_eval is not None  # only the evaluation that answers it clears it
+    final = store.append_eval(version, EvalRecord(accuracy=Accuracy(mean=0.6)), clears_pending_eval=True)
+    assert [e.accuracy.mean for e in final.evals] == [0.5, 0.6] and final.pending_eval is None
+    assert version.record() == final
+    with pytest.raises(ValueError, match="status"):
+        store.update_record(version, status="bogus")
+    assert version.record() == final
 
 
 _WRITER = """
 import sys, time, pathlib
-from ncfm_core.store import Store
+from ncfm_core.store import RunRecord, Store
 root, go, tag = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3]
 pathlib.Path(str(go) + "." + tag).touch()
 deadline = time.monotonic() + 120
@@ -391,7 +400,7 @@ while not go.exists() and time.monotonic() < deadline:
     time.sleep(0.002)
 store = Store(root)
 for i in range(10):
-    store.create_version("race", {"writer": tag, "i": i})
+    store.create_version("race", RunRecord(seed=i, device=tag))
 """
 
 
@@ -418,8 +427,8 @@ def test_concurrent_processes_get_distinct_versions(tmp_path):
     found, warnings = Store(tmp_path / "store").scan()
     assert warnings == []
     assert sorted(version.version for version, _ in found) == list(range(1, 21))
-    assert sorted((m["writer"], m["i"]) for _, m in found) == sorted((t, i) for t in ("p0", "p1") for i in range(10))
-    assert all(m["version"] == v.version for v, m in found)
+    assert sorted((r.device, r.seed) for _, r in found) == sorted((t, i) for t in ("p0", "p1") for i in range(10))
+    assert all(r.version == v.version for v, r in found)
 
 
 def test_allocation_is_correct_without_the_lock(tmp_path, monkeypatch):
@@ -439,7 +448,7 @@ def test_allocation_is_correct_without_the_lock(tmp_path, monkeypatch):
     def writer() -> None:
         barrier.wait()
         for _ in range(8):
-            results.append(store.create_version("race", {}).version)
+            results.append(store.create_version("race", RunRecord()).version)
 
     threads = [threading.Thread(target=writer) for _ in range(4)]
     for thread in threads:
@@ -453,7 +462,7 @@ def test_allocation_is_correct_without_the_lock(tmp_path, monkeypatch):
 
 
 def _complete(store: Store, name: str, status: str = "complete") -> ArtifactVersion:
-    return store.create_version(name, {"status": status})
+    return store.create_version(name, RunRecord(status=status))
 
 
 def test_resolve_references(tmp_path, monkeypatch):
@@ -468,7 +477,7 @@ def test_resolve_references(tmp_path, monkeypatch):
     monkeypatch.chdir(v2.path.parent)
     resolved = store.resolve("./v2")
     assert (resolved.name, resolved.version) == ("cifar10-ipc10", 2)
-    store.update_manifest(v3, status="complete")
+    store.update_record(v3, status="complete")
     assert store.resolve("cifar10-ipc10") == v3
 
 
@@ -491,8 +500,10 @@ def test_resolve_not_found_messages(tmp_path):
     with pytest.raises(NotFoundError, match="did you mean cifar10-ipc10") as err:
         store.resolve("cifar10-ipc1")
     assert "\n" not in str(err.value)
-    with pytest.raises(NotFoundError, match=r"no complete version \(v1 \(running\), v2 \(failed\)\)"):
+    with pytest.raises(NotFoundError, match=r"no complete version \(v1 \(running\), v2 \(failed\)\)") as err:
         store.resolve("cifar10-ipc10")
+    # The real version to continue, never a placeholder to fill in.
+    assert "`ncfm resume cifar10-ipc10@v2`" in str(err.value) and "vN" not in str(err.value)
     with pytest.raises(NotFoundError, match="has v1, v2"):
         store.resolve("cifar10-ipc10@v7")
     with pytest.raises(NotFoundError, match="did you mean"):
@@ -513,14 +524,14 @@ def test_corrupt_manifest_and_scan(tmp_path):
     bad.manifest_path.write_text('{"status": "compl')
     (tmp_path / "artifacts" / "bad" / "v3").mkdir()  # a version whose manifest never got written
     with pytest.raises(CorruptArtifactError) as err:
-        bad.manifest()
+        bad.record()
     assert_one_line_naming(err, bad.manifest_path)
     with pytest.raises(CorruptArtifactError):
-        store.update_manifest(bad, status="failed")
+        store.update_record(bad, status="failed")
 
     found, warnings = store.scan()
     assert [(v.name, v.version) for v, _ in found] == [("bad", 2), ("good", 1)]
-    assert found[1][0] == good and found[1][1]["status"] == "complete"
+    assert found[1][0] == good and found[1][1].status == "complete"
     assert len(warnings) == 2
     assert "bad@v1" in warnings[0] and str(bad.manifest_path) in warnings[0]
     assert "bad@v3" in warnings[1] and "not found" in warnings[1]
@@ -535,7 +546,7 @@ def test_delete_version(tmp_path):
     store.delete_version(second)
     assert store.versions("x") == [first]
     assert not any(p.name.startswith(".deleting") for p in (tmp_path / "artifacts" / "x").iterdir())
-    assert store.create_version("x", {}).version == 2
+    assert store.create_version("x", RunRecord()).version == 2
     with pytest.raises(NotFoundError):
         store.delete_version(second.__class__("x", 9, tmp_path / "artifacts" / "x" / "v9"))
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ncfm_core.export import decoded_by_default, export_synset
-from ncfm_core.jobs.common import open_complete_synset
+from ncfm_core.jobs.common import config_from_record, open_complete_synset
 from ncfm_core.jobs.run import shown_status
-from ncfm_core.store import ArtifactVersion, Store, atomic_write_bytes, write_json
+from ncfm_core.store import ArtifactVersion, RunRecord, Store, Timings, atomic_write_bytes, write_json
 
 EXPORT_INFO_FILE = "ncfm-export.json"
 EXPORT_README_FILE = "README.txt"
@@ -78,61 +78,84 @@ def _file_sizes(directory: Path) -> dict[str, int]:
     return sizes
 
 
-def inspect_job(store: Store, ref: str, *, plot: Path | str | None = None) -> dict[str, Any]:
-    """The manifest of ``ref`` plus ``artifact`` (name@vN), ``path`` and ``file_sizes``
-    (path relative to the version directory -> bytes). With ``plot``, also a PNG there of the
-    loss curve beside the synthetic images (``ncfm_core.plot.run_figure``; needs a complete
-    version and matplotlib), and ``plot`` (its absolute path) in the result."""
+@dataclass(frozen=True)
+class Inspection:
+    """What ``ncfm inspect`` shows: a version's record, the status to show (see
+    :func:`~ncfm_core.jobs.run.shown_status`; a run whose process died is recorded "running"
+    and shown "interrupted") with a hint on how to continue it, its files' sizes (path relative
+    to the version directory -> bytes) and the picture drawn, if any."""
+
+    artifact: str
+    path: Path
+    record: RunRecord
+    status: str
+    hint: str | None
+    file_sizes: dict[str, int]
+    plot: Path | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as its manifest's JSON (``RunRecord.to_json``: older layouts come migrated)
+        plus ``artifact``, ``path``, ``file_sizes``; ``status`` is the shown one, with
+        ``recorded_status`` when they differ, ``hint`` and ``plot`` when there are."""
+        result = self.record.to_json()
+        result.update(artifact=self.artifact, path=str(self.path), file_sizes=self.file_sizes)
+        if self.status != self.record.status:
+            result.update(status=self.status, recorded_status=self.record.status)
+        if self.hint is not None:
+            result["hint"] = self.hint
+        if self.plot is not None:
+            result["plot"] = str(self.plot)
+        return result
+
+
+def inspect_job(store: Store, ref: str, *, plot: Path | str | None = None) -> Inspection:
+    """The :class:`Inspection` of ``ref``. With ``plot``, also a PNG there of the loss curve beside
+    the synthetic images (``ncfm_core.plot.run_figure``; needs a complete version and matplotlib)."""
     version = store.resolve(ref)
-    result = dict(version.manifest())
-    result.update(artifact=version.ref, path=str(version.path), file_sizes=_file_sizes(version.path))
-    status, hint = shown_status(version, result)
-    if hint is not None:
-        result.update(status=status, recorded_status=result.get("status"), hint=hint)
+    record = version.record()
+    status, hint = shown_status(store, version, record)
+    drawn = None
     if plot is not None:
         from ncfm_core.plot import run_figure  # lazy: matplotlib is optional
 
-        _, manifest, synset = open_complete_synset(store, ref)
-        run_figure({**manifest, "artifact": version.ref}, synset.images, synset.labels, synset.class_names, plot)
-        result["plot"] = str(Path(plot).absolute())
-    return result
+        _, record, synset = open_complete_synset(store, ref)
+        run_figure(version.ref, record.loss_curve, synset.images, synset.labels, synset.class_names, plot)
+        drawn = Path(plot).absolute()
+    return Inspection(version.ref, version.path, record, status, hint, _file_sizes(version.path), drawn)
 
 
-def _last_accuracy(manifest: dict) -> float | None:
-    evals = manifest.get("evals")
-    if not isinstance(evals, list) or not evals or not isinstance(evals[-1], dict):
-        return None
-    mean = (evals[-1].get("accuracy") or {}).get("mean")
-    return float(mean) if isinstance(mean, (int, float)) and math.isfinite(mean) else None
+def _dataset_and_ipc(version: ArtifactVersion, record: RunRecord, warnings: list[str]) -> tuple[Any, Any]:
+    """What ``ls`` shows of a version's config, read as leniently as ``ls`` reads everything (the
+    config's own fields, ``config.DistillConfig``, even from a config this ncfm would not run)."""
+    if not record.config:
+        warnings.append(f"{version.ref}: {version.manifest_path} has no config; not an ncfm distillation?")
+    return record.config.get("dataset"), record.config.get("ipc")
 
 
 def list_job(store: Store) -> dict[str, Any]:
-    """Every version in the store: ``{"artifacts": [row, ...], "warnings": [str, ...]}``; a row is
-    ``{artifact, name, version, status, dataset, ipc, iterations_done, iterations_target,
-    accuracy (last eval's mean or None), evals, created, path}``. Unreadable versions become
-    warnings instead of errors."""
+    """Every version in the store: ``{"store", "artifacts": [row, ...], "warnings": [str, ...]}``; a
+    row is ``{artifact, name, version, status (as shown_status says), hint (how to continue an
+    interrupted run, else None), dataset, ipc, iterations_done, iterations_target, accuracy (last
+    eval's mean or None), evals, created, path}``. Unreadable versions become warnings instead of
+    errors."""
     found, warnings = store.scan()
     rows = []
-    for version, manifest in found:
-        config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
-        if not config:
-            warnings.append(f"{version.ref}: {version.manifest_path} has no config; not an ncfm distillation?")
-        evals = manifest.get("evals")
-        status, hint = shown_status(version, manifest)
-        if hint is not None:
-            warnings.append(hint)
+    for version, record in found:
+        dataset, ipc = _dataset_and_ipc(version, record, warnings)
+        status, hint = shown_status(store, version, record)
         rows.append({
             "artifact": version.ref,
             "name": version.name,
             "version": version.version,
             "status": status,
-            "dataset": config.get("dataset"),
-            "ipc": config.get("ipc"),
-            "iterations_done": manifest.get("iterations_done"),
-            "iterations_target": manifest.get("iterations_target"),
-            "accuracy": _last_accuracy(manifest),
-            "evals": len(evals) if isinstance(evals, list) else 0,
-            "created": manifest.get("created"),
+            "hint": hint,
+            "dataset": dataset,
+            "ipc": ipc,
+            "iterations_done": record.iterations_done,
+            "iterations_target": record.iterations_target,
+            "accuracy": record.last_accuracy,
+            "evals": len(record.evals),
+            "created": record.created,
             "path": str(version.path),
         })
     return {"store": str(store.root), "artifacts": rows, "warnings": warnings}
@@ -144,26 +167,25 @@ def artifact_summary(version: ArtifactVersion) -> dict[str, Any]:
     peak_memory_bytes, peak_memory_source, peak_memory, plan, flops_per_iteration, dataset, ipc,
     parent, pool_cached}`` (``peak_memory``, ``plan`` and ``flops_per_iteration`` are None for
     versions made before memory plans)."""
-    manifest = version.manifest()
-    timings = manifest.get("timings") if isinstance(manifest.get("timings"), dict) else {}
-    config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
-    pool = manifest.get("pool") if isinstance(manifest.get("pool"), dict) else {}
+    record = version.record()
+    timings = record.timings or Timings()
+    config = config_from_record(version, record)
     return {
         "artifact": version.ref,
         "path": str(version.path),
-        "status": manifest.get("status"),
-        "iterations": manifest.get("iterations_done"),
-        "iterations_target": manifest.get("iterations_target"),
-        "seconds": timings.get("seconds"),
-        "seconds_per_iteration": timings.get("seconds_per_iteration_median"),
-        "device": manifest.get("device"),
-        "peak_memory_bytes": manifest.get("peak_memory_bytes"),
-        "peak_memory_source": manifest.get("peak_memory_source"),
-        "peak_memory": manifest.get("peak_memory"),
-        "plan": manifest.get("plan"),
-        "flops_per_iteration": manifest.get("flops_per_iteration"),
-        "dataset": config.get("dataset"),
-        "ipc": config.get("ipc"),
-        "parent": manifest.get("parent"),
-        "pool_cached": pool.get("cached"),
+        "status": record.status,
+        "iterations": record.iterations_done,
+        "iterations_target": record.iterations_target,
+        "seconds": None if record.timings is None else timings.seconds,
+        "seconds_per_iteration": timings.seconds_per_iteration_median,
+        "device": record.device,
+        "peak_memory_bytes": record.peak_memory_bytes,
+        "peak_memory_source": record.peak_memory_source,
+        "peak_memory": None if record.peak_memory is None else record.peak_memory.to_json(),
+        "plan": None if record.plan is None else record.plan.to_json(),
+        "flops_per_iteration": record.flops_per_iteration,
+        "dataset": config.dataset,
+        "ipc": config.ipc,
+        "parent": record.parent,
+        "pool_cached": None if record.pool is None else record.pool.cached,
     }

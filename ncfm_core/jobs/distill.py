@@ -22,11 +22,11 @@ from ncfm_core.jobs.run import (
     DEFAULT_CHECKPOINT_EVERY,
     check_checkpoint_every,
     distill_into,
-    initial_manifest,
+    initial_record,
     run_lock,
     validate_job,
 )
-from ncfm_core.store import ArtifactVersion, Store
+from ncfm_core.store import ArtifactVersion, EvalRequest, PlanRecord, Store
 
 
 def default_artifact_name(dataset: str, ipc: int) -> str:
@@ -52,20 +52,23 @@ def distill_job(
     gpu_mem: str | None = None,
     allow_checkpointing: bool = True,
     dataset: ImageDataset | None = None,
+    eval_request: EvalRequest | None = None,
 ) -> ArtifactVersion:
     """Distill ``config.dataset`` into a new version of ``name`` (default ``<dataset>-ipc<IPC>``).
 
     Everything that can be checked before any work is checked first (name, dataset, IPC, factor,
     network, device, the memory plan), so bad input leaves nothing behind. ``device`` is resolved
     once, at this job's boundary (:func:`~ncfm_core.parallel.ranked_job`), and recorded in the
-    manifest with the reason for it. The run is planned
+    version's record with the reason for it. The run is planned
     for ``gpu_mem`` (see :func:`make_plan`; the CUDA allocator is capped at it) and the plan is
-    applied to the config before the manifest is written, so a resume replays it. Returns the
+    applied to the config before the record is written, so a resume replays it. Returns the
     complete version.
     Raises :class:`JobInterrupted` on Ctrl-C (after checkpointing), ``NcfmError`` subclasses for
     bad input, and re-raises anything else after marking the version failed.
     ``dataset``: the data already in memory (``ncfm_core.distill`` from tensors), instead of
-    loading ``config.dataset``.
+    loading ``config.dataset``. ``eval_request``: the evaluation the caller runs once the version is
+    complete (``jobs.eval.eval_request``), recorded as ``pending_eval`` so that ``ncfm resume`` runs
+    it if this run is interrupted first.
     """
     emit = emitter(callback)
     checkpoint_every = check_checkpoint_every(checkpoint_every)
@@ -74,15 +77,14 @@ def distill_job(
     spec = validate_job(config, dataset)
     torch_device = device.device
     budget = MemoryBudget.resolve(gpu_mem, torch_device)
-    plan, plan_record = make_plan(config, DatasetShape.of(dataset), torch_device, budget,
-                                  allow_checkpointing=allow_checkpointing)
+    plan, planned = make_plan(config, DatasetShape.of(dataset), torch_device, budget,
+                              allow_checkpointing=allow_checkpointing)
     if budget.bytes is not None:
         cap_device_memory(torch_device, budget.bytes)
     config = plan.apply(config)
-    version = store.create_version(
-        name, initial_manifest(config, dataset, device, checkpoint_every, parent=None,
-                                plan_record=plan_record)
-    )
+    version = store.create_version(name, initial_record(
+        config, dataset, device, checkpoint_every, parent=None, plan=PlanRecord.from_json(planned["plan"]),
+        flops_per_iteration=planned["flops_per_iteration"], gpu_mem=planned["gpu_mem"], pending_eval=eval_request))
     emit({"stage": "created", "artifact": version.ref, "path": str(version.path)})
     log(emit, f"created {version.ref} at {version.path}")
     log(emit, plan_message(plan))

@@ -32,7 +32,7 @@ from ncfm_core.evaluate import (
 )
 from ncfm_core.jobs.common import (
     check_fingerprint,
-    config_from_manifest,
+    config_from_record,
     load_job_dataset,
     open_complete_synset,
     software_versions,
@@ -40,7 +40,7 @@ from ncfm_core.jobs.common import (
 from ncfm_core.jobs.events import JobCallback, emitter, log
 from ncfm_core.metrics import fair_metrics
 from ncfm_core.pool import PoolSpec
-from ncfm_core.store import Store, utc_now
+from ncfm_core.store import ArtifactVersion, EvalRecord, EvalRequest, Store, utc_now
 from ncfm_core.store.baselines import (
     CACHE_ONLY_FIELDS,
     baseline_path,
@@ -266,6 +266,7 @@ def eval_job(
     baselines: Sequence[str] = (),
     baseline_seed: int = 0,
     dataset: ImageDataset | None = None,
+    clears_pending_eval: bool = False,
 ) -> dict[str, Any]:
     """Train ``eval_config.repeats`` fresh networks on the synthetic set of ``ref`` and test them
     on the real test set, for each network in ``models`` (default ``[eval_config.model]``), with
@@ -274,7 +275,7 @@ def eval_job(
 
     With ``eval_config.soft_labels`` the teacher is member ``teacher_member`` of the artifact's
     own pool, used for the synthetic set and both baselines alike. Returns (and appends to
-    the manifest's ``evals``, less ``artifact``/``path``)::
+    the record's ``evals`` as an :class:`~ncfm_core.store.EvalRecord`, less ``artifact``/``path``)::
 
         {artifact, path, model, protocol, accuracy {mean, std, runs}, seeds, training, train_set,
          baselines {random: {...}, full: {..., cached}}, metrics {ior, hlr, lrs}, teacher,
@@ -286,16 +287,18 @@ def eval_job(
 
     The top-level results are those of the first model. Accuracies and metrics are fractions.
     ``dataset``: the data already in memory (``ncfm_core.evaluate``), checked against the
-    manifest's fingerprint like loaded data; default: load the artifact's dataset.
+    record's fingerprint like loaded data; default: load the artifact's dataset.
+    ``clears_pending_eval``: this is the evaluation the record's ``pending_eval`` asked for
+    (:func:`requested_eval`); it is cleared in the same write that records the result.
     """
     emit = emitter(callback)
     started = time.perf_counter()
     baselines = _check_baselines(baselines)
-    version, manifest, synset = open_complete_synset(store, ref)
-    config = config_from_manifest(version, manifest)
+    version, run_record, synset = open_complete_synset(store, ref)
+    config = config_from_record(version, run_record)
     if dataset is None:  # given: data in memory (``ncfm_core.evaluate``), checked like loaded data
         dataset = load_job_dataset(config, data_dir)
-    check_fingerprint(version, manifest, dataset)
+    check_fingerprint(version, run_record, dataset)
     check_evaluable(dataset)
     store.check_writable(version)  # before hours of training, not after them
     if synset.num_classes != dataset.num_classes or tuple(synset.images.shape[1:]) != (
@@ -341,7 +344,8 @@ def eval_job(
     )
     result = {"artifact": version.ref, "path": str(version.path), **record}
     try:
-        store.append_eval(version, record)
+        store.append_eval(version, EvalRecord.from_json(record, "the evaluation's record"),
+                          clears_pending_eval=clears_pending_eval)
     except OSError as err:  # the evaluation is done: hand its result back rather than lose it
         raise ResultNotSavedError(
             f"could not record the evaluation in {version.manifest_path} ({err.strerror or one_line(err)}); "
@@ -349,3 +353,38 @@ def eval_job(
             result=result,
         ) from None
     return result
+
+
+# ----------------------------------------------------------------------------- an evaluation asked for
+
+
+def eval_request(eval_config: EvalConfig, *, models: Sequence[str] = (), baselines: Sequence[str] = (),
+                 baseline_seed: int = 0, min_acc: float | None = None) -> EvalRequest:
+    """What a distilling command records of the evaluation it will run when the distillation is
+    complete (``ncfm distill --eval``), so that ``ncfm resume`` runs the same one if it is
+    interrupted before that evaluation is recorded. Baselines are checked now, not after the run."""
+    return EvalRequest(protocol=eval_config.to_dict(), models=tuple(models), baselines=tuple(_check_baselines(baselines)),
+                       baseline_seed=baseline_seed, min_acc=min_acc)
+
+
+@parallel.ranked_job
+def pending_eval_job(store: Store, ref: str, device: str | JobDevice = "auto") -> EvalRequest | None:
+    """The evaluation the complete version ``ref`` still owes (its record's ``pending_eval``), or
+    None. A job of its own so that, under torchrun, rank 0 reads the record and every rank gets
+    the same answer (``device`` is the boundary's; nothing runs on it)."""
+    version = store.resolve(ref)
+    record = version.record()
+    return record.pending_eval if record.status == "complete" else None
+
+
+def requested_eval(store: Store, version: ArtifactVersion, request: EvalRequest, device: str | JobDevice = "auto",
+                   callback: JobCallback | None = None) -> dict[str, Any]:
+    """Run the evaluation ``request`` (see :func:`eval_request`) on ``version`` and record it,
+    clearing it from the record's ``pending_eval``; returns what :func:`eval_job` returns."""
+    try:
+        eval_config = EvalConfig.from_dict(dict(request.protocol))
+    except (TypeError, ConfigError) as err:
+        raise ConfigError(f"{version.ref} recorded an evaluation this ncfm cannot run ({one_line(err)}); "
+                          f"run `ncfm eval {version.ref}` with the options you want") from None
+    return eval_job(store, version.ref, eval_config, device, callback, models=list(request.models) or None,
+                    baselines=request.baselines, baseline_seed=request.baseline_seed, clears_pending_eval=True)

@@ -13,8 +13,8 @@ event, always with a ``"stage"`` key:
   "repeats": R, "accuracy": float}`` (``repeat`` from 0; one event per trained network)
 
 A distillation interrupted with Ctrl-C or SIGTERM (a scheduler, ``docker stop``, ``kill``)
-finishes its current iteration, saves a checkpoint and raises :class:`JobInterrupted` (a
-``KeyboardInterrupt``) naming the version to resume and the signal.
+finishes its current iteration, saves a checkpoint, records the version "interrupted" and raises
+:class:`JobInterrupted` (a ``KeyboardInterrupt``) naming the version to resume and the signal.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from ncfm_core.errors import (
 )
 from ncfm_core.jobs.common import (
     check_fingerprint,
-    config_from_manifest,
+    config_from_record,
     load_job_dataset,
 )
 from ncfm_core.jobs.events import JobCallback, emitter, log
@@ -34,11 +34,11 @@ from ncfm_core.jobs.run import (
     DEFAULT_CHECKPOINT_EVERY,
     check_checkpoint_every,
     distill_into,
-    initial_manifest,
+    initial_record,
     run_lock,
     validate_job,
 )
-from ncfm_core.store import ArtifactVersion, Store
+from ncfm_core.store import ArtifactVersion, RunRecord, Store
 
 
 def _resolve_any_status(store: Store, ref: str) -> ArtifactVersion:
@@ -52,15 +52,15 @@ def _resolve_any_status(store: Store, ref: str) -> ArtifactVersion:
 
 
 def _started_on(arguments: dict[str, Any]) -> str | None:
-    """The device the version ``resume_job`` is asked for was run on (its manifest's), which
+    """The device the version ``resume_job`` is asked for was run on (its record's), which
     ``--device auto`` prefers; None when it cannot be read (the job then reports why)."""
     try:
-        return str(_resolve_any_status(arguments["store"], arguments["ref"]).manifest().get("device") or "cpu")
+        return _resolve_any_status(arguments["store"], arguments["ref"]).record().device or "cpu"
     except NcfmError:
         return None
 
 
-def _resume_budget(version: ArtifactVersion, manifest: dict, device: torch.device,
+def _resume_budget(version: ArtifactVersion, record: RunRecord, device: torch.device,
                    gpu_mem: str | None) -> MemoryBudget:
     """The budget a resumed run is capped at, resolved once: ``gpu_mem`` if given, else the
     ``--gpu-mem`` figure the run recorded (None: no budget).
@@ -68,16 +68,14 @@ def _resume_budget(version: ArtifactVersion, manifest: dict, device: torch.devic
     A resumed run keeps its recorded plan (its config), so its images stay exactly those of an
     uninterrupted run; only the allocator cap may change. A new figure below the plan's
     estimate is refused (exit 4)."""
-    recorded = manifest.get("gpu_mem")
-    if gpu_mem is None and isinstance(recorded, str):
-        budget = MemoryBudget.resolve(recorded, device, source="the --gpu-mem this run recorded")
+    if gpu_mem is None and record.gpu_mem is not None:
+        budget = MemoryBudget.resolve(record.gpu_mem, device, source="the --gpu-mem this run recorded")
     else:
         budget = MemoryBudget.resolve(gpu_mem, device)
     if budget.bytes is None:
         return budget
-    plan = manifest.get("plan") if isinstance(manifest.get("plan"), dict) else {}
-    needed = plan.get("estimated_peak_bytes")
-    if isinstance(needed, int) and needed > budget.bytes:
+    needed = None if record.plan is None else record.plan.estimated_peak_bytes
+    if needed is not None and needed > budget.bytes:
         raise BudgetInfeasibleError(
             f"{version.ref} was planned to need {format_bytes(needed)} and a resumed run keeps its plan; "
             f"give --gpu-mem at least {math.ceil(needed / 2**20)}M, or distill again with --gpu-mem {budget.spec}"
@@ -129,8 +127,10 @@ def resume_job(
     checkpoint (from scratch if it has none) to its target, or to ``iterations`` if given. A
     complete version with ``iterations`` above its count is extended into a NEW version whose
     ``parent`` is the old one. A complete version with nothing to do is returned unchanged (a
-    warning event says so). ``data_dir`` overrides where the dataset is read; its fingerprint
-    must match the manifest's. The recorded memory plan is replayed as it is; ``gpu_mem``
+    warning event says so, unless it still owes the evaluation its distill asked for, which the
+    caller runs: :func:`~ncfm_core.jobs.eval.pending_eval_job`). A new version made by extending
+    does not owe its parent's evaluation. ``data_dir`` overrides where the dataset is read; its fingerprint
+    must match the record's. The recorded memory plan is replayed as it is; ``gpu_mem``
     (default: the recorded ``--gpu-mem``) only caps the allocator (see :func:`_resume_budget`).
     Returns the version that holds the result.
     """
@@ -138,35 +138,36 @@ def resume_job(
     if iterations is not None and (isinstance(iterations, bool) or iterations < 0):
         raise ConfigError(f"--iterations must be >= 0, got {iterations!r}")
     version = _resolve_any_status(store, ref)
-    manifest = version.manifest()
-    config = config_from_manifest(version, manifest)
-    done = int(manifest.get("iterations_done") or 0)
-    complete = manifest.get("status") == "complete"
+    record = version.record()
+    config = config_from_record(version, record)
+    done = record.iterations_done
+    complete = record.status == "complete"
 
     if iterations is not None and iterations < done:
         raise ConfigError(f"{version.ref} already has {done} iterations; --iterations must be at least that")
     if complete and (iterations is None or iterations == done):
-        log(emit, f"{version.ref} is already complete at {done} iterations; "
-                   f"pass --iterations N (N > {done}) to continue it into a new version", level="warning")
+        if record.pending_eval is not None:  # its distill was stopped during its evaluation
+            log(emit, f"{version.ref} is already complete at {done} iterations; its evaluation is still to run")
+        else:
+            log(emit, f"{version.ref} is already complete at {done} iterations; "
+                       f"pass --iterations N (N > {done}) to continue it into a new version", level="warning")
         return version
 
     dataset = load_job_dataset(config, data_dir)
-    check_fingerprint(version, manifest, dataset)
+    check_fingerprint(version, record, dataset)
     torch_device = device.device
     # A recorded plan holds decided precisions; a run recorded before cf_precision existed holds
     # "auto" there, decided here by the same rule for the device it continues on.
     config = decide_precisions(config, torch_device)
-    checkpoint_every = check_checkpoint_every(int(manifest.get("checkpoint_every") or DEFAULT_CHECKPOINT_EVERY))
-    recorded_device = str(manifest.get("device") or "cpu")
+    checkpoint_every = check_checkpoint_every(record.checkpoint_every or DEFAULT_CHECKPOINT_EVERY)
+    recorded_device = record.device or "cpu"
     if version.checkpoint_path.exists() and torch.device(recorded_device).type != torch_device.type:
         raise ConfigError(
             f"{version.ref} was checkpointed on {recorded_device}; resume it with --device {recorded_device} "
             f"(random-number states do not carry across device types)"
         )
-    budget = _resume_budget(version, manifest, torch_device, gpu_mem)
-    budget_record = {} if budget.spec is None else {"gpu_mem": budget.spec}
-    plan_record = {key: manifest[key] for key in ("plan", "flops_per_iteration", "gpu_mem") if key in manifest}
-    plan_record.update(budget_record)
+    budget = _resume_budget(version, record, torch_device, gpu_mem)
+    gpu_mem_record = record.gpu_mem if budget.spec is None else budget.spec
 
     if complete:
         if not version.checkpoint_path.exists():
@@ -175,10 +176,10 @@ def resume_job(
         target = int(iterations)
         config = config.replace(iterations=target)
         spec = validate_job(config, dataset)
-        new_manifest = initial_manifest(config, dataset, device, checkpoint_every, parent=version.ref,
-                                         plan_record=plan_record)
-        new_manifest.update(iterations_done=done, checkpoint_iteration=done)
-        child = store.create_version(version.name, new_manifest)
+        child = store.create_version(version.name, initial_record(
+            config, dataset, device, checkpoint_every, parent=version.ref, plan=record.plan,
+            flops_per_iteration=record.flops_per_iteration, gpu_mem=gpu_mem_record,
+        ).replace(iterations_done=done, checkpoint_iteration=done))
         # The child starts with a copy of the parent's checkpoint, so it can itself be resumed
         # even if it dies before writing a checkpoint of its own.
         store_lib.atomic_write_bytes(child.checkpoint_path, version.checkpoint_path.read_bytes())
@@ -188,17 +189,17 @@ def resume_job(
             return distill_into(store, child, config, dataset, spec, torch_device,
                                 checkpoint_every=checkpoint_every, state=state, emit=emit, budget=budget)
 
-    target = int(iterations) if iterations is not None else int(manifest.get("iterations_target") or config.iterations)
+    target = int(iterations) if iterations is not None else (record.iterations_target or config.iterations)
     if target != config.iterations:
         config = config.replace(iterations=target)
     spec = validate_job(config, dataset)
     with run_lock(version):
         # Read the checkpoint only once we own the version: before, a live run could still replace it.
         state = _load_distiller_state(version) if version.checkpoint_path.exists() else None
-        store.update_manifest(version, config=config.to_dict(), device=str(torch_device), device_reason=device.reason,
-                              **budget_record)
+        store.update_record(version, config=config.to_dict(), device=str(torch_device), device_reason=device.reason,
+                            gpu_mem=gpu_mem_record)
         if state is None:
             log(emit, f"{version.ref} has no checkpoint; starting it again from iteration 0", level="warning")
-            store.update_manifest(version, iterations_done=0, checkpoint_iteration=None)
+            store.update_record(version, iterations_done=0, checkpoint_iteration=None)
         return distill_into(store, version, config, dataset, spec, torch_device,
                             checkpoint_every=checkpoint_every, state=state, emit=emit, budget=budget)

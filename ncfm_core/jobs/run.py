@@ -1,14 +1,16 @@
 """One distillation run into a version, shared by ``distill`` and ``resume``: the run lock,
 the pool, the loop with its checkpoints, the results, and what a failure leaves behind.
 
-Any failure is recorded in the manifest (status "failed", the one-line error) and re-raised;
-Ctrl-C becomes :class:`~ncfm_core.jobs.events.JobInterrupted` after a checkpoint."""
+Any failure is recorded in the version's record (status "failed", the one-line error) and
+re-raised; Ctrl-C or SIGTERM is recorded as status "interrupted" after a checkpoint and becomes
+:class:`~ncfm_core.jobs.events.JobInterrupted`."""
 
 from __future__ import annotations
 
 import contextlib
 import math
 import os
+import shlex
 import socket
 import statistics
 import time
@@ -44,7 +46,8 @@ from ncfm_core.jobs.events import (
     signal_of,
 )
 from ncfm_core.pool import PoolSpec
-from ncfm_core.store import ArtifactVersion, Store, utc_now
+from ncfm_core.store import (ArtifactVersion, EvalRequest, PeakMemoryRecord, PlanRecord, PoolRecord, ProcessRecord,
+                             RunRecord, SamplerRecord, SessionTiming, Store, SynsetRecord, Timings, utc_now)
 from ncfm_core.store.synset import save_sampler, save_synset
 from ncfm_core.synset import check_factor
 
@@ -53,13 +56,9 @@ DEFAULT_CHECKPOINT_EVERY = 100
 enough that writing the optimiser states (3x the images) costs little next to the loop."""
 
 
-RUN_LOCK_FILE = ".run.lock"
-"""Held (flock) by the process distilling into a version; the kernel drops it if that
-process dies, so a lock we cannot take means the run is alive somewhere else."""
-
-
-def _peak_memory(device: torch.device) -> tuple[dict[str, Any] | None, int | None, str]:
-    """(``measure_peak(device).to_dict()`` or None, the figure to report, what it measures).
+def _peak_memory(device: torch.device) -> tuple[PeakMemoryRecord | None, int | None, str]:
+    """(``measure_peak(device)`` as recorded, or None; the figure to report; what it measures, a key
+    of ``store.record.PEAK_MEMORY_SOURCES``).
 
     On CUDA the figure is the caching allocator's peak reserved bytes since :func:`reset_peak`
     (what a ``--gpu-mem`` cap applies to); elsewhere the process's peak resident set size,
@@ -74,7 +73,7 @@ def _peak_memory(device: torch.device) -> tuple[dict[str, Any] | None, int | Non
         source = "process_peak_rss"
     else:
         source = "mps_driver_allocated"
-    return peak.to_dict(), peak.peak_bytes, source
+    return PeakMemoryRecord.from_json(peak.to_dict()), peak.peak_bytes, source
 
 
 def validate_job(config: DistillConfig, dataset: ImageDataset) -> PoolSpec:
@@ -91,7 +90,7 @@ def validate_job(config: DistillConfig, dataset: ImageDataset) -> PoolSpec:
 
 @contextlib.contextmanager
 def run_lock(version: ArtifactVersion) -> Iterator[None]:
-    lock = filelock.FileLock(str(version.path / RUN_LOCK_FILE))
+    lock = filelock.FileLock(str(version.run_lock_path))
     try:
         lock.acquire(timeout=0)
     except filelock.Timeout:
@@ -108,7 +107,7 @@ def run_is_alive(version: ArtifactVersion) -> bool | None:
     """Whether a process is distilling into ``version`` right now, told by its run lock: True
     (held), False (free: a version still marked "running" was left by a process that died, e.g.
     SIGKILL or a power loss), None (cannot tell, e.g. a read-only store)."""
-    lock = filelock.FileLock(str(version.path / RUN_LOCK_FILE))
+    lock = filelock.FileLock(str(version.run_lock_path))
     try:
         lock.acquire(timeout=0)
     except filelock.Timeout:
@@ -119,20 +118,33 @@ def run_is_alive(version: ArtifactVersion) -> bool | None:
     return False
 
 
-def shown_status(version: ArtifactVersion, manifest: dict) -> tuple[str, str | None]:
-    """(status to show, hint or None): a "running" version no live process holds is shown as
-    "interrupted", with the command that continues it."""
-    status = str(manifest.get("status", "unknown"))
-    if status != "running" or run_is_alive(version) is not False:
-        return status, None
-    return "interrupted", (f"{version.ref} is marked running but no process is distilling it (the one that did "
-                           f"died); continue it with `ncfm resume {version.ref}`")
+def resume_command(store: Store, version: ArtifactVersion) -> str:
+    """The command line that continues ``version`` (with ``--store`` unless ``store`` is the default one)."""
+    flag = "" if store.root == store_lib.store_root() else f"--store {shlex.quote(str(store.root))} "
+    return f"ncfm {flag}resume {version.ref}"
+
+
+def shown_status(store: Store, version: ArtifactVersion, record: RunRecord) -> tuple[str, str | None]:
+    """(status to show, hint or None), what ``ls``, ``inspect`` and their JSON say. An interrupted
+    run, and a "running" version no live process holds (its process died without a word), are
+    shown as "interrupted", with a hint: where it stopped and the command that continues it."""
+    command = resume_command(store, version)
+    if record.status == "interrupted":
+        if record.checkpoint_iteration is None:
+            return "interrupted", f"stopped before its first checkpoint; `{command}` starts it again"
+        return "interrupted", (f"stopped with a checkpoint at iteration {record.checkpoint_iteration}; continue it "
+                               f"with `{command}`")
+    if record.status != "running" or run_is_alive(version) is not False:
+        return record.status, None
+    return "interrupted", (f"marked running, but no process is distilling it (the one that did died); continue it "
+                           f"with `{command}`")
 
 
 @dataclass
 class _Session:
     """One process's stretch of work on a version (a distill, or one resume)."""
 
+    first_iteration: int = 0  # where it started
     started: float = field(default_factory=time.perf_counter)
     pool_seconds: float = 0.0
     step_seconds: list[float] = field(default_factory=list)
@@ -144,19 +156,17 @@ def _save_checkpoint(store: Store, version: ArtifactVersion, distiller: Distille
     check_finite(version, distiller, session, state)  # a diverged state never replaces the last good one
     digest = store_lib.save_state(version.checkpoint_path, state)
     session.checkpoint_iteration = distiller.iteration
-    store.update_manifest(
+    store.update_record(
         version,
+        lambda record: record.with_hashes({store_lib.CHECKPOINT_RELPATH: digest}),
         iterations_done=distiller.iteration,
         checkpoint_iteration=distiller.iteration,
-        loss_curve=distiller.loss_curve,
-        sha256=_with_hashes(version, {store_lib.CHECKPOINT_RELPATH: digest}),
+        loss_curve=_loss_curve(distiller),
     )
 
 
-def _with_hashes(version: ArtifactVersion, digests: dict[str, str]) -> dict[str, str]:
-    """The manifest's ``sha256`` map (file path relative to the version -> sha256) with ``digests`` set."""
-    old = version.manifest().get("sha256")
-    return {**(old if isinstance(old, dict) else {}), **digests}
+def _loss_curve(distiller: Distiller) -> tuple[tuple[int, float], ...]:
+    return tuple((int(iteration), float(loss)) for iteration, loss in distiller.loss_curve)
 
 
 def _diverged(version: ArtifactVersion, session: _Session, iteration: int, what: str) -> DivergedError:
@@ -210,11 +220,9 @@ def _obtain_pool(store: Store, version: ArtifactVersion, spec: PoolSpec, dataset
     pool, from_cache = parallel.distributed_load_or_train_pool(spec, dataset, device, cache_dir=cache_dir,
                                                                   on_progress=on_progress)
     session.pool_seconds = time.perf_counter() - started
-    store.update_manifest(
-        version,
-        pool={"key": key, "cached": bool(from_cache), "size": spec.size, "epochs": spec.epochs,
-              "seconds": session.pool_seconds, "test_accuracy": list(pool.test_accuracy)},
-    )
+    store.update_record(version, pool=PoolRecord(
+        key=key, cached=bool(from_cache), size=spec.size, epochs=spec.epochs, seconds=session.pool_seconds,
+        test_accuracy=tuple(map(float, pool.test_accuracy))))
     return pool
 
 
@@ -240,12 +248,14 @@ def distill_into(
     pause_at = pause_iteration()
     # A resumed run already has a checkpoint on disk: an interrupt before the first new one
     # must not claim otherwise.
-    session = _Session(checkpoint_iteration=None if state is None else int(state["iteration"]))
+    first = 0 if state is None else int(state["iteration"])
+    session = _Session(first_iteration=first, checkpoint_iteration=None if state is None else first)
     distiller: Distiller | None = None  # set once it holds a whole, consistent state
+    reached = first  # the iteration the loop got to, for the session's timing
     try:
-        store.update_manifest(
-            version, status="running", error=None, interrupted=False, iterations_target=target,
-            process={"pid": os.getpid(), "host": socket.gethostname()},
+        store.update_record(
+            version, status="running", error=None, iterations_target=target,
+            process=ProcessRecord(pid=os.getpid(), host=socket.gethostname()),
             world_size=parallel.current().world_size,
         )
         # Under torchrun the other ranks join here (ncfm_core.parallel); no-ops in one process.
@@ -268,6 +278,8 @@ def distill_into(
         reset_peak(device)
 
         def progress(event: dict[str, Any]) -> None:
+            nonlocal reached
+            reached = int(event["iteration"])
             session.step_seconds.append(event["seconds"])
             check_loss(version, session, event)
             emit(event)
@@ -288,7 +300,7 @@ def distill_into(
         if isinstance(err, _OUT_OF_MEMORY):
             err = _out_of_memory_error(version, session, budget)
         keep = not (distiller is None or distiller.mid_step or isinstance(err, DivergedError))
-        _record_failure(store, version, distiller if keep else None, session, err)
+        _record_failure(store, version, distiller if keep else None, session, err, reached)
         if isinstance(err, KeyboardInterrupt) and not isinstance(err, JobInterrupted):
             raise JobInterrupted(version, session.checkpoint_iteration, signal_of(err)) from None
         if isinstance(err, BudgetInfeasibleError):
@@ -342,33 +354,33 @@ def _out_of_memory_error(version: ArtifactVersion, session: _Session, budget: Me
 
 
 def _record_failure(store: Store, version: ArtifactVersion, distiller: Distiller | None,
-                    session: _Session, err: BaseException) -> None:
-    """Keep what can be kept; never let bookkeeping hide the original error."""
-    interrupted = isinstance(err, KeyboardInterrupt)
+                    session: _Session, err: BaseException, reached: int) -> None:
+    """Keep what can be kept; never let bookkeeping hide the original error. A signal leaves the
+    version "interrupted" (it continues as if never stopped), anything else "failed"."""
     if distiller is not None and distiller.iteration != session.checkpoint_iteration:
         with contextlib.suppress(Exception):
             _save_checkpoint(store, version, distiller, session)
-    if interrupted:
+    if isinstance(err, KeyboardInterrupt):
+        status = "interrupted"
         message = "interrupted (SIGTERM)" if signal_of(err) == "SIGTERM" else "interrupted (Ctrl-C)"
     else:
-        message = f"{type(err).__name__}: {one_line(err)}"
+        status, message = "failed", f"{type(err).__name__}: {one_line(err)}"
     with contextlib.suppress(Exception):
-        timings = _accumulated_timings(version.manifest(), session)
-        store.update_manifest(version, status="failed", error=message, interrupted=interrupted,
-                              failed=utc_now(), timings=timings)
+        store.update_record(version, lambda record: record.replace(
+            status=status, error=message, failed=utc_now(),
+            timings=_accumulated_timings(record, session, reached, status)))
 
 
-def _accumulated_timings(manifest: dict, session: _Session) -> dict[str, Any]:
-    """Timings of ``manifest`` plus this session: totals add up over every session (the distill
-    and each resume) that worked on the version; the median is over the last session only."""
-    old = manifest.get("timings") if isinstance(manifest.get("timings"), dict) else {}
-    median = statistics.median(session.step_seconds) if session.step_seconds else None
-    return {
-        "seconds": float(old.get("seconds", 0.0)) + (time.perf_counter() - session.started),
-        "pool_seconds": float(old.get("pool_seconds", 0.0)) + session.pool_seconds,
-        "sessions": int(old.get("sessions", 0)) + 1,
-        "seconds_per_iteration_median": median if median is not None else old.get("seconds_per_iteration_median"),
-    }
+def _accumulated_timings(record: RunRecord, session: _Session, reached: int, ended: str) -> Timings:
+    """The record's timings plus this session's (see :class:`~ncfm_core.store.Timings`)."""
+    return (record.timings or Timings()).after(SessionTiming(
+        from_iteration=session.first_iteration,
+        to_iteration=reached,
+        seconds=time.perf_counter() - session.started,
+        pool_seconds=session.pool_seconds,
+        seconds_per_iteration_median=statistics.median(session.step_seconds) if session.step_seconds else None,
+        ended=ended,
+    ))
 
 
 def _finish(store: Store, version: ArtifactVersion, distiller: Distiller, dataset: ImageDataset,
@@ -387,54 +399,54 @@ def _finish(store: Store, version: ArtifactVersion, distiller: Distiller, datase
         digests[store_lib.CHECKPOINT_RELPATH] = store_lib.save_state(version.checkpoint_path, distiller.state_dict())
         session.checkpoint_iteration = distiller.iteration
 
-    previous = version.manifest()
     peak, peak_bytes, peak_source = _peak_memory(device)
-    old_peak = previous.get("peak_memory_bytes")
-    if isinstance(old_peak, int) and peak_bytes is not None:
-        peak_bytes = max(peak_bytes, old_peak)
-    final_loss = distiller.loss_curve[-1][1] if distiller.loss_curve else None
-    store.update_manifest(
-        version,
-        status="complete",
-        error=None,
-        interrupted=False,
-        iterations_done=distiller.iteration,
-        checkpoint_iteration=distiller.iteration,
-        finished=utc_now(),
-        timings=_accumulated_timings(previous, session),
-        peak_memory=peak,  # this session's measurement; peak_memory_bytes is the max over sessions
-        peak_memory_bytes=peak_bytes,
-        peak_memory_source=peak_source,
-        loss_curve=distiller.loss_curve,
-        final_loss=final_loss,
-        synset={"file": store_lib.SYNSET_FILE, "stored_images": int(images.shape[0]),
-                "shape": list(images.shape), "factor": config.factor,
-                "decoded_images": int(images.shape[0]) * config.factor**2},
-        sampler={"file": store_lib.SAMPLER_FILE, "learned": bool(sampler)},
-        sha256=_with_hashes(version, digests),
+    curve = _loss_curve(distiller)
+
+    def complete(record: RunRecord) -> RunRecord:
+        # peak_memory is this session's measurement; peak_memory_bytes the largest over sessions.
+        largest = peak_bytes if record.peak_memory_bytes is None or peak_bytes is None \
+            else max(peak_bytes, record.peak_memory_bytes)
+        return record.with_hashes(digests).replace(
+            status="complete",
+            error=None,
+            iterations_done=distiller.iteration,
+            checkpoint_iteration=distiller.iteration,
+            finished=utc_now(),
+            timings=_accumulated_timings(record, session, distiller.iteration, "complete"),
+            peak_memory=peak,
+            peak_memory_bytes=largest,
+            peak_memory_source=peak_source,
+            loss_curve=curve,
+            final_loss=curve[-1][1] if curve else None,
+            synset=SynsetRecord(file=store_lib.SYNSET_FILE, stored_images=int(images.shape[0]),
+                                shape=tuple(images.shape), factor=config.factor,
+                                decoded_images=int(images.shape[0]) * config.factor**2),
+            sampler=SamplerRecord(file=store_lib.SAMPLER_FILE, learned=bool(sampler)),
+        )
+
+    store.update_record(version, complete)
+
+
+def initial_record(config: DistillConfig, dataset: ImageDataset, device: JobDevice, checkpoint_every: int,
+                   parent: str | None, *, plan: PlanRecord | None, flops_per_iteration: float | None,
+                   gpu_mem: str | None, pending_eval: EvalRequest | None = None) -> RunRecord:
+    """The record a new version starts with (``Store.create_version`` adds name, version, created)."""
+    return RunRecord(
+        status="running",
+        config=config.to_dict(),
+        dataset=dataset_record(config, dataset),
+        seed=config.seed,
+        versions=software_versions(),
+        device=str(device.device),
+        device_reason=device.reason,
+        iterations_target=config.iterations,
+        checkpoint_every=checkpoint_every,
+        parent=parent,
+        plan=plan,
+        flops_per_iteration=flops_per_iteration,
+        gpu_mem=gpu_mem,
+        pending_eval=pending_eval,
     )
-
-
-def initial_manifest(config: DistillConfig, dataset: ImageDataset, device: JobDevice,
-                      checkpoint_every: int, parent: str | None,
-                      plan_record: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {
-        "kind": "ncfm-synset",
-        "config": config.to_dict(),
-        "dataset": dataset_record(config, dataset),
-        "seed": config.seed,
-        "versions": software_versions(),
-        "device": str(device.device),
-        "device_reason": device.reason,
-        "status": "running",
-        "iterations_done": 0,
-        "iterations_target": config.iterations,
-        "checkpoint_every": checkpoint_every,
-        "checkpoint_iteration": None,
-        "parent": parent,
-        "evals": [],
-        **(plan_record or {}),  # plan, flops_per_iteration, gpu_mem
-    }
 
 
 def check_checkpoint_every(checkpoint_every: int) -> int:

@@ -2,11 +2,14 @@
 
 Layout under the root (see ``store_root``)::
 
-    <root>/artifacts/<name>/v<N>/manifest.json                 JSON: config, status, metrics, ...
+    <root>/artifacts/<name>/v<N>/manifest.json                 the run's record (``store.record``)
     <root>/artifacts/<name>/v<N>/synset.safetensors            stored-form images, labels
     <root>/artifacts/<name>/v<N>/sampler.safetensors           psi weights
     <root>/artifacts/<name>/v<N>/checkpoint/state.safetensors  everything resume needs
+    <root>/artifacts/<name>/v<N>/.run.lock                      held by the process distilling into it
+    <root>/artifacts/<name>/.lock                              serialises manifest updates of <name>
     <root>/pools/<key>/pool.safetensors                        cached feature-extractor pools
+    <root>/baselines/<key>.json                                cached full-data baselines
 
 Rules this package keeps:
 
@@ -22,21 +25,48 @@ Rules this package keeps:
 
 Modules, each importing only those before it: ``files`` (atomic writes, JSON),
 ``tensors`` (safetensors), ``state`` (nested states), ``layout`` (every file and folder
-name), ``versions`` (names, versions, ``Store``), then the formats of a version's files:
+name), ``record`` (a run's record: the typed manifest, its schema version, reading, migration,
+writing), ``versions`` (names, versions, ``Store``), then the formats of a version's files:
 ``synset`` (synthetic set and sampler) and ``baselines`` (the full-data baseline cache).
 """
 
 from ncfm_core.store.files import atomic_write_bytes, read_json, write_json
 from ncfm_core.store.layout import (
     ARTIFACTS_DIR,
+    BASELINES_DIR,
     CHECKPOINT_DIR,
     CHECKPOINT_FILE,
     CHECKPOINT_RELPATH,
     MANIFEST_FILE,
+    NAME_LOCK_FILE,
     POOL_FILE,
+    POOL_FORMAT,
     POOLS_DIR,
+    RUN_LOCK_FILE,
     SAMPLER_FILE,
     SYNSET_FILE,
+)
+from ncfm_core.store.record import (
+    SCHEMA_VERSION,
+    STATUSES,
+    Accuracy,
+    BaselineRecord,
+    DatasetRecord,
+    EvalRecord,
+    EvalRequest,
+    Normalization,
+    PeakMemoryRecord,
+    PlanRecord,
+    PoolRecord,
+    ProcessRecord,
+    RunRecord,
+    SamplerRecord,
+    SessionTiming,
+    SynsetRecord,
+    Timings,
+    describe_peak_source,
+    read_record,
+    write_record,
 )
 from ncfm_core.store.state import (
     STATE_TREE_FORMAT,
@@ -57,7 +87,6 @@ from ncfm_core.store.synset import (
 from ncfm_core.store.tensors import file_sha256, load_tensors, save_tensors
 from ncfm_core.store.versions import (
     NAME_PATTERN,
-    STATUSES,
     ArtifactVersion,
     Store,
     looks_like_path,
@@ -67,14 +96,37 @@ from ncfm_core.store.versions import (
 )
 
 __all__ = [
+    "SCHEMA_VERSION",
+    "Accuracy",
+    "BaselineRecord",
+    "DatasetRecord",
+    "EvalRecord",
+    "EvalRequest",
+    "Normalization",
+    "PeakMemoryRecord",
+    "PlanRecord",
+    "PoolRecord",
+    "ProcessRecord",
+    "RunRecord",
+    "SamplerRecord",
+    "SessionTiming",
+    "SynsetRecord",
+    "Timings",
+    "describe_peak_source",
+    "read_record",
+    "write_record",
     "ARTIFACTS_DIR",
+    "BASELINES_DIR",
     "CHECKPOINT_DIR",
     "CHECKPOINT_FILE",
     "CHECKPOINT_RELPATH",
     "MANIFEST_FILE",
+    "NAME_LOCK_FILE",
     "NAME_PATTERN",
     "POOLS_DIR",
     "POOL_FILE",
+    "POOL_FORMAT",
+    "RUN_LOCK_FILE",
     "SAMPLER_FILE",
     "SAMPLER_FORMAT",
     "STATE_TREE_FORMAT",

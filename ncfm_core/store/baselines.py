@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from ncfm_core.store.files import read_json, write_json
+from ncfm_core.store.layout import BASELINES_DIR
 
 BASELINE_FORMAT = "ncfm-baseline/1"
-BASELINES_DIR = "baselines"
 # Kept in the cache file for provenance and validation; the reported baseline leaves them out
 # (its protocol is the synthetic set's, shown once).
 CACHE_ONLY_FIELDS = ("format", "key", "dataset_fingerprint", "versions", "protocol")

@@ -1,5 +1,5 @@
 """Artifact names, version directories and the ``Store`` that allocates, resolves and
-updates them.
+updates them (each version's record through ``store.record``).
 
 Version numbers are allocated with ``os.mkdir`` (atomic, fails if the directory exists),
 so two writers never share a version even without the per-name file lock; the lock
@@ -11,13 +11,12 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import difflib
-import json
 import logging
 import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,14 +25,17 @@ import filelock
 
 from ncfm_core.errors import ConfigError, CorruptArtifactError, NcfmError, NotFoundError
 from ncfm_core.platform import user_dir
-from ncfm_core.store.files import atomic_write_bytes, read_json, write_json
+from ncfm_core.store.files import atomic_write_bytes
+from ncfm_core.store.record import EvalRecord, RunRecord, read_record, write_record
 from ncfm_core.store.tensors import file_sha256
 from ncfm_core.store.layout import (
     ARTIFACTS_DIR,
     CHECKPOINT_DIR,
     CHECKPOINT_FILE,
     MANIFEST_FILE,
+    NAME_LOCK_FILE,
     POOLS_DIR,
+    RUN_LOCK_FILE,
     SAMPLER_FILE,
     SYNSET_FILE,
 )
@@ -44,10 +46,7 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 """Artifact names and pool keys: 1-128 of letters, digits, '.', '_', '-'; first a letter
 or digit (so no hidden files and no option-like names); '..' is rejected separately."""
 
-STATUSES = ("running", "complete", "failed")
-
 _VERSION_DIR = re.compile(r"^v([0-9]+)$")
-_LOCK_FILE = ".lock"
 _LOCK_PATIENCE_S = 10.0
 
 
@@ -118,19 +117,23 @@ class ArtifactVersion:
     def checkpoint_path(self) -> Path:
         return self.path / CHECKPOINT_DIR / CHECKPOINT_FILE
 
-    def manifest(self) -> dict:
-        """The manifest as a dict, validated (:func:`read_manifest`; ``NotFoundError`` /
-        ``CorruptArtifactError``)."""
-        return read_manifest(self.manifest_path)
+    @property
+    def run_lock_path(self) -> Path:
+        """The lock the process distilling into this version holds (``jobs.run.run_lock``)."""
+        return self.path / RUN_LOCK_FILE
 
-    def verify_sha256(self, relpath: str, manifest: dict) -> None:
-        """Check the file ``relpath`` against the sha256 the manifest recorded for it when it was
+    def record(self) -> RunRecord:
+        """The version's record, read from its manifest, migrated and validated
+        (:func:`~ncfm_core.store.record.read_record`; ``NotFoundError`` / ``CorruptArtifactError``)."""
+        return read_record(self.manifest_path)
+
+    def verify_sha256(self, relpath: str, record: RunRecord) -> None:
+        """Check the file ``relpath`` against the sha256 ``record`` holds for it since it was
         written (nothing to check for versions made before hashes were recorded, or a missing
         file, which its loader reports). A mismatch is a one-line ``CorruptArtifactError``."""
-        recorded = manifest.get("sha256")
-        expected = recorded.get(relpath) if isinstance(recorded, dict) else None
+        expected = record.sha256.get(relpath)
         path = self.path / relpath
-        if not isinstance(expected, str) or not path.is_file():
+        if expected is None or not path.is_file():
             return
         actual = file_sha256(path)
         if actual != expected:
@@ -138,60 +141,6 @@ class ArtifactVersion:
                 f"{path}: content does not match the sha256 in {MANIFEST_FILE} ({actual[:12]}... != "
                 f"{expected[:12]}...): the file was changed or damaged; restore or delete this file"
             )
-
-
-MAX_MANIFEST_BYTES = 16 * 2**20
-"""The largest manifest read: ncfm's own stay far below (kilobytes, plus a record per eval);
-a larger file is damaged or not ours, and is refused before it is read (or rewritten) whole."""
-
-_INT, _NUM, _STR, _BOOL, _DICT, _LIST = (int,), (int, float), (str,), (bool,), (dict,), (list,)
-_MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
-    "kind": _STR, "name": _STR, "version": _INT, "status": _STR, "created": _STR, "finished": _STR,
-    "failed": _STR, "error": _STR, "parent": _STR, "device": _STR, "device_reason": _STR, "gpu_mem": _STR,
-    "peak_memory_source": _STR, "interrupted": _BOOL, "seed": _INT, "iterations_done": _INT,
-    "iterations_target": _INT, "checkpoint_every": _INT, "checkpoint_iteration": _INT, "world_size": _INT,
-    "peak_memory_bytes": _INT, "flops_per_iteration": _NUM, "final_loss": _NUM, "config": _DICT,
-    "dataset": _DICT, "versions": _DICT, "pool": _DICT, "plan": _DICT, "timings": _DICT, "synset": _DICT,
-    "sampler": _DICT, "sha256": _DICT, "process": _DICT, "peak_memory": _DICT, "evals": _LIST,
-    "loss_curve": _LIST,
-}
-"""The type of each field ncfm writes (None is allowed for every one but name, version, status)."""
-_REQUIRED = ("name", "version", "status")
-
-
-def read_manifest(path: Path) -> dict:
-    """Read and validate a version's ``manifest.json``: at most ``MAX_MANIFEST_BYTES``, a JSON
-    object with ``name``, ``version`` and ``status``, every known field of its type (see
-    ``_MANIFEST_TYPES``), non-negative counts. Anything else is a one-line
-    ``CorruptArtifactError`` (exit 1) naming the field and the file."""
-    path = Path(path)
-
-    def corrupt(reason: str) -> CorruptArtifactError:
-        return CorruptArtifactError(f"{path}: {reason}; restore or delete this file")
-
-    with contextlib.suppress(OSError):
-        size = path.stat().st_size
-        if size > MAX_MANIFEST_BYTES:
-            raise corrupt(f"{size} bytes is more than any ncfm manifest ({MAX_MANIFEST_BYTES // 2**20} MiB at most)")
-    manifest = read_json(path)
-    for field in _REQUIRED:
-        if manifest.get(field) is None:
-            raise corrupt(f"field {field!r} is missing")
-    for field, kinds in _MANIFEST_TYPES.items():
-        value = manifest.get(field)
-        if value is None:
-            continue
-        wrong_bool = isinstance(value, bool) and bool not in kinds
-        if wrong_bool or not isinstance(value, kinds):
-            wanted = " or ".join("number" if k is float else k.__name__ for k in kinds if k is not int or len(kinds) == 1)
-            raise corrupt(f"field {field!r} is {json.dumps(value)[:40]}, expected {wanted}")
-        if kinds is _INT and value < 0:
-            raise corrupt(f"field {field!r} is {value}, expected a count >= 0")
-    if manifest["status"] not in STATUSES:
-        raise corrupt(f"field 'status' is {json.dumps(manifest['status'])[:40]}, expected one of {', '.join(STATUSES)}")
-    if any(not (isinstance(k, str) and isinstance(v, str)) for k, v in (manifest.get("sha256") or {}).items()):
-        raise corrupt("field 'sha256' must map file names to hex digests")
-    return manifest
 
 
 def utc_now() -> str:
@@ -216,7 +165,7 @@ class Store:
     def _name_lock(self, name: str) -> Iterator[None]:
         name_dir = self.artifacts_dir / name
         name_dir.mkdir(parents=True, exist_ok=True)
-        lock = filelock.FileLock(str(name_dir / _LOCK_FILE))
+        lock = filelock.FileLock(str(name_dir / NAME_LOCK_FILE))
         try:
             lock.acquire(timeout=_LOCK_PATIENCE_S)
         except filelock.Timeout:
@@ -255,13 +204,10 @@ class Store:
             if entry.is_dir() and NAME_PATTERN.match(entry.name) and ".." not in entry.name
         )
 
-    def create_version(self, name: str, manifest: dict) -> ArtifactVersion:
-        """Allocate ``v<N+1>`` for ``name`` and write its manifest: a copy of ``manifest`` with
-        ``name``, ``version``, ``created`` (ISO-8601 UTC) and ``status`` (default "running")."""
+    def create_version(self, name: str, record: RunRecord) -> ArtifactVersion:
+        """Allocate ``v<N+1>`` for ``name`` and write its manifest: ``record`` with ``name``,
+        ``version`` and ``created`` (ISO-8601 UTC) set."""
         validate_name(name)
-        status = manifest.get("status", "running")
-        if status not in STATUSES:
-            raise ConfigError(f"invalid manifest status {status!r}; use one of {', '.join(STATUSES)}")
         (self.artifacts_dir / name).mkdir(parents=True, exist_ok=True)
         with self._name_lock(name):
             # mkdir is the allocation: it fails if a concurrent writer (lock or no lock,
@@ -275,33 +221,34 @@ class Store:
                     break
                 except FileExistsError:
                     continue
-            full = dict(manifest)
-            full.update(name=name, version=number, created=utc_now(), status=status)
-            write_json(version_dir / MANIFEST_FILE, full)
+            try:
+                write_record(version_dir / MANIFEST_FILE, record.replace(name=name, version=number, created=utc_now()))
+            except BaseException:
+                shutil.rmtree(version_dir, ignore_errors=True)  # no version without a record
+                raise
         return ArtifactVersion(name, number, version_dir)
 
-    def update_manifest(self, version: ArtifactVersion, **fields: Any) -> dict:
-        """Set ``fields`` in the manifest of ``version`` (read-modify-write under the name's
-        lock, atomic write); returns the new manifest."""
-        if "status" in fields and fields["status"] not in STATUSES:
-            raise ConfigError(f"invalid manifest status {fields['status']!r}; use one of {', '.join(STATUSES)}")
+    def update_record(self, version: ArtifactVersion, edit: Callable[[RunRecord], RunRecord] | None = None,
+                      /, **fields: Any) -> RunRecord:
+        """Change the record of ``version``: ``edit(record)`` if given, then ``fields`` set
+        (read-modify-write under the name's lock, atomic write); returns the new record."""
         with self._name_lock(version.name):
-            manifest = version.manifest()
-            manifest.update(fields)
-            write_json(version.manifest_path, manifest)
-        return manifest
+            record = version.record()
+            if edit is not None:
+                record = edit(record)
+            record = record.replace(**fields)
+            write_record(version.manifest_path, record)
+        return record
 
-    def append_eval(self, version: ArtifactVersion, record: dict) -> dict:
-        """Append ``record`` to the manifest's ``"evals"`` list (created if absent), under
-        the lock; returns the new manifest."""
-        with self._name_lock(version.name):
-            manifest = version.manifest()
-            evals = manifest.get("evals")
-            if not isinstance(evals, list):
-                evals = []
-            manifest["evals"] = [*evals, record]
-            write_json(version.manifest_path, manifest)
-        return manifest
+    def append_eval(self, version: ArtifactVersion, evaluation: EvalRecord, *,
+                    clears_pending_eval: bool = False) -> RunRecord:
+        """Append ``evaluation`` to the record's ``evals`` (and, with ``clears_pending_eval``, drop
+        the ``pending_eval`` it answers, in the same write); returns the new record."""
+        def append(record: RunRecord) -> RunRecord:
+            pending = None if clears_pending_eval else record.pending_eval
+            return record.replace(evals=(*record.evals, evaluation), pending_eval=pending)
+
+        return self.update_record(version, append)
 
     def check_writable(self, version: ArtifactVersion) -> None:
         """Before long work whose result goes into ``version``'s manifest: take (and release) the
@@ -369,9 +316,9 @@ class Store:
         if match and NAME_PATTERN.match(directory.parent.name):
             return ArtifactVersion(directory.parent.name, int(match.group(1)), directory)
         # A version directory copied elsewhere: trust what its manifest says.
-        manifest = read_manifest(directory / MANIFEST_FILE)
-        name, number = manifest.get("name"), manifest.get("version")
-        if not (isinstance(name, str) and NAME_PATTERN.match(name) and isinstance(number, int)):
+        record = read_record(directory / MANIFEST_FILE)
+        name, number = record.name, record.version
+        if not (NAME_PATTERN.match(name) and ".." not in name and number >= 1):
             raise CorruptArtifactError(
                 f"{directory / MANIFEST_FILE}: has no valid name/version; restore or delete this file"
             )
@@ -394,9 +341,10 @@ class Store:
         self._raise_unknown_name(name)
         described = []
         corrupt: CorruptArtifactError | None = None
-        for version in reversed(self.versions(name)):
+        versions = self.versions(name)
+        for version in reversed(versions):
             try:
-                status = version.manifest().get("status", "unknown")
+                status = version.record().status
             except (NotFoundError, CorruptArtifactError) as err:
                 log.warning("skipping %s: %s", version.ref, err)
                 status = "unreadable manifest"
@@ -407,21 +355,22 @@ class Store:
             described.append(f"v{version.version} ({status})")
         if corrupt is not None:  # a damaged file, not an unfinished run: say which (exit 1)
             raise corrupt
+        newest = versions[-1].ref
         raise NotFoundError(
             f"{name} has no complete version ({', '.join(reversed(described))}); "
-            f"pick one with {name}@vN or finish it with `ncfm resume {name}@vN`"
+            f"finish the newest with `ncfm resume {newest}`, or name a version, e.g. {newest}"
         )
 
-    def scan(self) -> tuple[list[tuple[ArtifactVersion, dict]], list[str]]:
-        """Every version in the store with its manifest, sorted by name and number, plus a
+    def scan(self) -> tuple[list[tuple[ArtifactVersion, RunRecord]], list[str]]:
+        """Every version in the store with its record, sorted by name and number, plus a
         warning string per version whose manifest is missing or unreadable (never raises
         for a broken entry)."""
-        found: list[tuple[ArtifactVersion, dict]] = []
+        found: list[tuple[ArtifactVersion, RunRecord]] = []
         warnings: list[str] = []
         for name in self.names():
             for version in self.versions(name):
                 try:
-                    found.append((version, version.manifest()))
+                    found.append((version, version.record()))
                 except (NotFoundError, CorruptArtifactError) as err:
                     warnings.append(f"{version.ref}: {err}")
         return found, warnings
