@@ -288,9 +288,12 @@ def apply_levers(net: nn.Module, levers: KernelLevers) -> nn.Module:
     for parent in list(net.modules()):
         for name, child in list(parent.named_children()):
             if _is_pool_2x2(child) and _pool_kernel(child) != levers.pool:
-                setattr(parent, name, _pool_module(levers.pool))
+                replacement = _pool_module(levers.pool)
             elif _is_instance_norm(child) and _norm_kernel(child) != levers.norm:
-                setattr(parent, name, _norm_module(levers.norm, child))
+                replacement = _norm_module(levers.norm, child)
+            else:
+                continue
+            setattr(parent, name, replacement.train(child.training))
     return net
 
 

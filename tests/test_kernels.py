@@ -265,6 +265,18 @@ def test_cuda_autocast_policy_puts_group_norm_in_fp32_and_leaves_instance_norm_a
     assert not has("aten::avg_pool2d", "AutocastCUDA")  # the pool runs in its input's dtype either way
 
 
+def convnet_with_random_norms(channels: int, size: int, seed: int) -> nn.Module:
+    """Today's ConvNet (width 128, depth by size) whose norms' affine parameters are random
+    around (1, 0), as in a trained network, rather than exactly (1, 0)."""
+    torch.manual_seed(seed)
+    net = create_network("convnet", in_channels=channels, num_classes=10, image_size=size)
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            if ".norm." in name:
+                param.normal_(1.0 if name.endswith("weight") else 0.0, 0.3)
+    return net
+
+
 class GroupNormAsCudaAutocast(nn.GroupNorm):
     """GroupNorm as CUDA autocast runs it (fp32 policy): input cast up, fp32 output."""
 
@@ -279,12 +291,7 @@ def test_bf16_features_of_the_batchnorm_path_against_todays_cuda_path(channels, 
     where today's CUDA path normalises in fp32. Measured feature error against fp32 (relative L2,
     worst sample of 256): digits 4.5e-3 vs 3.8e-3, CIFAR 5.7e-3 vs 4.7e-3, i.e. ~1.2x: the bf16
     convolutions make most of the error either way. Bound: 1.5x, and 1e-2 absolute."""
-    torch.manual_seed(8)
-    net = create_network("convnet", in_channels=channels, num_classes=10, image_size=size)
-    with torch.no_grad():
-        for name, param in net.named_parameters():
-            if ".norm." in name:
-                param.normal_(1.0 if name.endswith("weight") else 0.0, 0.3)
+    net = convnet_with_random_norms(channels, size, seed=8)
     todays_cuda = copy.deepcopy(net)
     for block in todays_cuda.blocks:
         norm = GroupNormAsCudaAutocast(block.norm.num_groups, block.norm.num_channels)
@@ -315,7 +322,7 @@ def todays_modules(net: nn.Module) -> list[type]:
 
 @pytest.mark.parametrize("levers", EVERY_LEVERS, ids=lambda lv: lv.describe())
 def test_switching_keeps_parameters_state_dict_and_switches_back(levers):
-    net = create_network("convnet", in_channels=3, num_classes=10, image_size=32)
+    net = create_network("convnet", in_channels=3, num_classes=10, image_size=32).eval()
     before = todays_modules(net)
     parameters = dict(net.named_parameters())
     state = net.state_dict()
@@ -330,15 +337,17 @@ def test_switching_keeps_parameters_state_dict_and_switches_back(levers):
     assert {type(m) for m in pools} == {{"native": nn.AvgPool2d, "broadcast": BroadcastGradAvgPool2x2,
                                          "reshape": ReshapeAvgPool2x2}[levers.pool]}
     assert {type(m) for m in norms} == {nn.GroupNorm if levers.norm == "groupnorm" else InstanceNormViaBatchNorm}
+    assert not any(m.training for m in net.modules())  # the new layers keep the network's mode
     apply_levers(net, KernelLevers())
     assert todays_modules(net) == before and levers_of(net) == KernelLevers()
-    assert all(isinstance(m, nn.GroupNorm) and m.num_groups == 128 for m in net.modules() if isinstance(m, nn.GroupNorm))
+    assert all(m.num_groups == m.num_channels == 128 for m in net.modules() if isinstance(m, nn.GroupNorm))
 
 
 def test_levers_touch_only_plain_average_pools_and_instance_norms():
     levers = KernelLevers(pool="broadcast", norm="batchnorm")
     shape = dict(in_channels=3, num_classes=4, image_size=32)
-    for name, untouched in (("convnet_bn", nn.BatchNorm2d), ("alexnet", nn.MaxPool2d), ("resnet18", nn.AdaptiveAvgPool2d)):
+    others = (("convnet_bn", nn.BatchNorm2d), ("alexnet", nn.MaxPool2d), ("resnet18", nn.AdaptiveAvgPool2d))
+    for name, untouched in others:
         net = create_network(name, **shape)
         count = sum(isinstance(m, untouched) for m in net.modules())
         apply_levers(net, levers)
@@ -362,12 +371,7 @@ def test_convnet_with_levers_computes_todays_function(channels, size, levers):
     broadcast pool and group norm; otherwise features within 2e-6 of the largest in fp32
     (measured 4.6e-7), and in float64 everything within 1e-12. (fp32 gradients are compared in
     float64: a ReLU input that lands within rounding of zero flips its gradient in one of them.)"""
-    torch.manual_seed(10)
-    today = create_network("convnet", in_channels=channels, num_classes=10, image_size=size)
-    with torch.no_grad():
-        for name, param in today.named_parameters():
-            if ".norm." in name:
-                param.normal_(1.0 if name.endswith("weight") else 0.0, 0.3)
+    today = convnet_with_random_norms(channels, size, seed=10)
     lever = apply_levers(copy.deepcopy(today), levers)
     x = torch.rand(16, channels, size, size, generator=torch.Generator().manual_seed(11))
 
@@ -383,7 +387,8 @@ def test_convnet_with_levers_computes_todays_function(channels, size, levers):
         for a, b in zip(fp32_lever, fp32_today):
             assert torch.equal(a, b)
     assert relative_error(fp32_lever[0], fp32_today[0]) <= 2e-6
-    f64_today, f64_lever = run(copy.deepcopy(today).double(), x.double()), run(copy.deepcopy(lever).double(), x.double())
+    f64_today = run(copy.deepcopy(today).double(), x.double())
+    f64_lever = run(copy.deepcopy(lever).double(), x.double())
     # (a convolution's bias before an instance norm has gradient 0 in exact arithmetic: rounding
     # noise, so the absolute tolerance is relative to the largest gradient, not to its own)
     scale = max(float(t.abs().max()) for t in f64_today)
