@@ -89,6 +89,8 @@ class KernelLevers:
     def from_dict(cls, data: dict[str, Any]) -> KernelLevers:
         """The levers a record holds; a lever it does not name keeps today's path (a record
         written before that lever existed)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"kernel levers must be a mapping of lever to choice, got {data!r}")
         unknown = sorted(set(data) - set(_CHOICES))
         if unknown:
             raise ConfigError(f"unknown kernel lever(s) {', '.join(unknown)}: written by a newer ncfm?")

@@ -89,6 +89,8 @@ def test_levers_from_a_foreign_record_are_refused():
         KernelLevers.from_dict({"pool": "native", "compile": True})
     with pytest.raises(ConfigError, match="'pool' is 3"):
         KernelLevers.from_dict({"pool": 3})
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        KernelLevers.from_dict(["pool", "native"])  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="unknown norm kernel"):
         KernelLevers(norm="instance")
 
@@ -503,3 +505,25 @@ def test_a_distiller_switched_after_construction_runs_todays_iterations():
     for levers in (KernelLevers(pool="reshape"), KernelLevers(pool="broadcast", norm="batchnorm")):
         # measured 4.4e-6 (reshape) and 7.7e-7; one Adam step of a pixel is 1e-2
         torch.testing.assert_close(images_after(levers), today, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("levers", EVERY_LEVERS[1:], ids=lambda lv: lv.describe())
+def test_levers_on_a_channels_last_network(levers):
+    """The distiller's channels_last option puts weights and images in NHWC: every lever takes
+    them and computes what today's path computes on them."""
+    today = convnet_with_random_norms(3, 32, seed=18).to(memory_format=torch.channels_last)
+    lever = apply_levers(copy.deepcopy(today), levers)
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(19)).contiguous(
+        memory_format=torch.channels_last)
+    grads = []
+    for net in (today, lever):
+        images = x.clone().requires_grad_()
+        features = net.features(images)
+        features.sin().sum().backward()
+        grads.append((features.detach(), images.grad))
+    # measured: 0 (broadcast), 1.6e-6 (reshape), 3.1e-6 with the batch-norm path, whose
+    # instance_norm makes an NCHW copy where the CPU's channels_last group norm sums in another order
+    assert relative_error(grads[1][0], grads[0][0]) <= 1e-5
+    assert relative_error(grads[1][1], grads[0][1]) <= 1e-4  # fp32; see the ReLU flip note above
+    if levers.pool == "broadcast" and levers.norm == "groupnorm":
+        assert torch.equal(grads[1][0], grads[0][0]) and torch.equal(grads[1][1], grads[0][1])
