@@ -10,6 +10,8 @@ median of the timed ones (CUDA: synchronised around each iteration). The fake tr
     uv run python benchmarks/distill_speed.py                   # CPU default, a few minutes
     uv run python benchmarks/distill_speed.py --device cuda     # paper settings on a GPU
     uv run python benchmarks/distill_speed.py --device cuda --gpu-mem 2.5G
+    uv run python benchmarks/distill_speed.py --device cuda --classes 100 --ipc 50 --real-per-class 500 \
+        --freqs 4096 --ablations kernels --only-ablations            # issue 23's kernel levers
 
 On CPU the defaults are cut down (CIFAR-10 shape, IPC 1 and 10, 32 real images per class, 1
 warm-up + 2 timed iterations) so the run ends in minutes; the table says so, and a second table
@@ -34,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kit  # noqa: E402
 
-from ncfm_core import devices, memory_model, planner  # noqa: E402
+from ncfm_core import devices, kernels, memory_model, planner  # noqa: E402
 from ncfm_core.data import DatasetShape  # noqa: E402
 from ncfm_core.config import DistillConfig, make_config  # noqa: E402
 from ncfm_core.data import load_dataset  # noqa: E402
@@ -61,21 +63,25 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "cf_precision=tf32": {"cf_precision": "tf32"},  # a CUDA lever: on CPU the same fp32 run
     "real side no_grad (pre-#14)": {"_real_side_mode": "no_grad"},
     "CUDA default plan (frugal)": {"_cuda_frugal_plan": True},  # the chunks the CUDA chooser picks
+    # issue 23's kernel levers (ncfm_core.kernels), switched into the built distiller's networks
+    **{name: {"_kernels": levers} for name, levers in kit.KERNEL_VARIANTS.items() if levers != "default"},
 }
 # (the frugal CUDA plan is left out: for the small CPU configuration it is the fastest plan itself)
 LEVER_ABLATIONS = ("baseline,2x real/class (pre-cap cost),cf_precision=tf32,real side no_grad (pre-#14),"
                    "baseline (again)")
+KERNEL_ABLATIONS = ",".join(kit.KERNEL_VARIANTS)  # today's path, each lever alone, all together, today's again
 
 
 def ablation_distiller(spec: dict[str, Any], name: str, dataset, shape: DatasetShape, device: torch.device,
                        limit: int | None) -> tuple[Distiller, Any]:
     """The distiller and plan of one ablation variant: config overrides, plus the levers that
     are not config fields (a larger real draw, the real side's autograd mode, the plan the CUDA
-    time model would choose for this configuration with 140 GiB free)."""
+    time model would choose for this configuration with 140 GiB free, the kernel levers)."""
     variant = dict(ABLATIONS[name])
     factor = variant.pop("_real_per_class_factor", 1)
     mode = variant.pop("_real_side_mode", None)
     frugal = variant.pop("_cuda_frugal_plan", False)
+    levers = kernels.parse_levers(variant.pop("_kernels", "default"))
     config = paper_config(spec["classes"], spec["ipc"], spec["real_per_class"] * factor, spec["freqs"], True,
                           **variant)
     plan = planner.plan_run(decide_precisions(config, device), shape, device, limit)
@@ -86,7 +92,20 @@ def ablation_distiller(spec: dict[str, Any], name: str, dataset, shape: DatasetS
     distiller = Distiller(config, dataset, untrained_pool(config, dataset), device)
     if mode == "no_grad":
         distiller._real_side_mode = torch.no_grad
+    use_kernel_levers(distiller, levers)
     return distiller, plan
+
+
+def use_kernel_levers(distiller: Distiller, levers: kernels.KernelLevers) -> None:
+    """Run ``distiller``'s networks with ``levers``' kernels, until the config carries them
+    (issue 23, phase 2). Called after construction, before the first step: the extractor and
+    the teacher are switched in place (``kernels.apply_levers``), which keeps every parameter
+    object and state-dict key, so the pool's per-iteration blend (``Pool.blend_into``, by key)
+    and the teacher's load still write the weights the new layers read, and the distiller's
+    list of ConvNet blocks (it holds the blocks, whose pool and norm children are swapped) runs
+    the new layers."""
+    for net in (distiller.extractor, distiller.teacher):
+        kernels.apply_levers(net, levers)
 
 
 # ----------------------------------------------------------------------------- one configuration
@@ -218,9 +237,11 @@ def run_ablation_worker(spec: dict[str, Any]) -> dict[str, Any]:
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             entry = variants[name]
-            took = kit.timed(entry["distiller"].step, device)
+            took, step_peak = step_with_peak(entry["distiller"], device)
             entry["seconds"].append(took.wall)
             entry["cpu_seconds"].append(took.cpu)
+            if step_peak is not None:
+                entry["step_peak_bytes"] = max(entry.get("step_peak_bytes", 0), step_peak)
     results = {}
     for name, entry in variants.items():
         distiller = entry.pop("distiller")
@@ -229,10 +250,24 @@ def run_ablation_worker(spec: dict[str, Any]) -> dict[str, Any]:
             "spec": spec,
             "precision": distiller.precision,
             "channels_last": distiller.channels_last,
+            "kernels": kernels.levers_of(distiller.extractor).to_dict(),
             "median_seconds": statistics.median(entry["seconds"]),
             "median_cpu_seconds": statistics.median(entry["cpu_seconds"]),
         }
     return {"variants": results}
+
+
+def step_with_peak(distiller: Distiller, device: torch.device) -> tuple[kit.Timed, int | None]:
+    """One timed step, and on CUDA the most memory it allocated above what was allocated before
+    it (its own working set: the variants of an ablation share one process, so the process's
+    peak holds every variant's images and optimiser state). None elsewhere."""
+    if device.type != "cuda":
+        return kit.timed(distiller.step, device), None
+    kit.sync(device)
+    resting = torch.cuda.memory_allocated(device)
+    devices.reset_peak(device)
+    took = kit.timed(distiller.step, device)
+    return took, devices.measure_peak(device).allocated_bytes - resting
 
 
 def spawn(spec: dict[str, Any]) -> dict[str, Any]:
@@ -322,23 +357,25 @@ def results_table(results: list[dict[str, Any]]) -> list[str]:
 
 
 def ablation_table(results: list[tuple[str, dict[str, Any]]]) -> list[str]:
-    base = next((r for name, r in results if name == "baseline"), None)
+    """One row per variant; speed ratios are against the first row (time first / time row)."""
+    first = results[0][1] if results else None
     lines = [
-        "| variant | precision | channels_last | plan (real chunk, classes/pass, ckpt) | s/iter (median) "
-        "| CPU s/iter | speed vs baseline (wall, CPU) | first-step loss | warm-up s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | precision | channels_last | kernels | plan (real chunk, classes/pass, ckpt) | s/iter (median) "
+        "| CPU s/iter | speed vs first row (wall, CPU) | step peak above rest | first-step loss | warm-up s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results:
         plan = r["plan"]
-        ratio = "-" if base is None else (
-            f"{kit.ratio(base['median_seconds'], r['median_seconds'])}, "
-            f"{kit.ratio(base['median_cpu_seconds'], r['median_cpu_seconds'])}"
-        )
+        ratio = (f"{kit.ratio(first['median_seconds'], r['median_seconds'])}, "
+                 f"{kit.ratio(first['median_cpu_seconds'], r['median_cpu_seconds'])}")
         loss = "-" if r["first_loss"] is None else f"{r['first_loss']:.6f}"
+        step_peak = r.get("step_peak_bytes")
         lines.append(
             f"| {name} | {r['precision']} | {'on' if r['channels_last'] else 'off'} "
+            f"| {kernels.KernelLevers.from_dict(r.get('kernels', {})).describe()} "
             f"| {plan['real_chunk']}, {plan['class_chunk']}, {'on' if plan['activation_checkpointing'] else 'off'} "
-            f"| {kit.fmt_seconds(r['median_seconds'])} | {kit.fmt_seconds(r['median_cpu_seconds'])} | {ratio} | {loss} "
+            f"| {kit.fmt_seconds(r['median_seconds'])} | {kit.fmt_seconds(r['median_cpu_seconds'])} | {ratio} "
+            f"| {'-' if step_peak is None else devices.format_bytes(step_peak)} | {loss} "
             f"| {', '.join(kit.fmt_seconds(s) for s in r['warmup_seconds'])} |"
         )
     return lines
@@ -420,11 +457,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ablations",
                         help="comma-separated variants run on the first IPC and shape, psi on (choices: "
                         f"{', '.join(ABLATIONS)}; '' for none; 'levers' for issue 14's: {LEVER_ABLATIONS}; "
+                        f"'kernels' for issue 23's kernel levers: {KERNEL_ABLATIONS}; "
                         "default: baseline,channels_last,bf16,"
                         "class_chunk=1,checkpointing,baseline (again) on CPU; on GPU fp32 and compile instead of bf16)")
+    parser.add_argument("--only-ablations", action="store_true",
+                        help="measure only the ablation variants, not the shape x IPC x psi rows")
     parser.add_argument("--no-cudnn-benchmark", action="store_true", help="leave cudnn.benchmark off on CUDA")
     parser.add_argument("--json-out", type=Path,
-                        help="also write the raw figures here: {results: [...], ablations: {name: ...}}")
+                        help="also write the raw figures here: {results: [...], ablations: {name: ...}, "
+                        "ablation_order: [name, ...]}")
     args = parser.parse_args(argv)
 
     if args.worker:
@@ -443,19 +484,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.ablations is None:
         args.ablations = ("baseline,channels_last,fp32,compile,class_chunk=1,checkpointing" if gpu
                           else "baseline,channels_last,bf16,class_chunk=1,checkpointing,baseline (again)")
-    if args.ablations == "levers":
-        args.ablations = LEVER_ABLATIONS
+    args.ablations = {"levers": LEVER_ABLATIONS, "kernels": KERNEL_ABLATIONS}.get(args.ablations, args.ablations)
     ablations = [a for a in args.ablations.split(",") if a]
     unknown = [a for a in ablations if a not in ABLATIONS]
     if unknown:
         parser.error(f"unknown ablation(s) {unknown}; choose from {', '.join(ABLATIONS)}")
+    if args.only_ablations and not ablations:
+        parser.error("--only-ablations measures the ablation variants: name some with --ablations")
     kit.set_threads(args.threads)
 
     common = dict(device=str(device), real_per_class=real_per_class, freqs=args.freqs, iters=iters, warmup=warmup,
                   gpu_mem=args.gpu_mem, threads=args.threads, cudnn_benchmark=not args.no_cudnn_benchmark)
     started = time.perf_counter()
     results = []
-    for c in classes:
+    for c in [] if args.only_ablations else classes:
         for ipc in ipcs:
             for psi in psis:
                 spec = dict(common, classes=c, ipc=ipc, psi=psi, overrides={})
@@ -502,11 +544,10 @@ def main(argv: list[str] | None = None) -> int:
         + ("Peak on CUDA: `max_memory_allocated` / `max_memory_reserved` during the loop." if gpu else
            "Peak on CPU: peak RSS of the whole worker process (interpreter, torch and the data included), in "
            "brackets its growth during the iterations; 'estimate' is the planner's model of tensor memory."),
-        "",
-        *results_table(results),
-        "",
     ]
+    body.append("")
     if results:
+        body += [*results_table(results), ""]
         sampler = statistics.median(r["sampler_seconds"] for r in results)
         argsort = statistics.median(r["argsort_sampler_seconds"] for r in results)
         body += [
@@ -520,9 +561,14 @@ def main(argv: list[str] | None = None) -> int:
             f"### What helps ({first['classes']} classes, IPC {first['ipc']}, psi on, "
             f"{first['real_per_class']} real/class)",
             "",
-            "Each variant changes one thing from the device's defaults; all run in one process, timed in "
+            "Each variant changes one thing from the device's defaults (or, where its name says so, several); "
+            "all run in one process, timed in "
             "interleaved rounds so that drifting machine load hits them alike. 'CPU s' is the process's CPU "
-            "time, less sensitive than wall time to other work on a shared machine. The first-step loss "
+            "time, less sensitive than wall time to other work on a shared machine. 'kernels' are the "
+            "network's kernel levers (`ncfm_core.kernels`). 'Step peak above rest' (CUDA): the most memory a "
+            "step allocated above what was allocated before it, i.e. its own working set (the variants "
+            "share a process, so the process's peak also holds every variant's images and optimiser state). "
+            "The first-step loss "
             "shows what a change does to the numbers: the same seed draws the same data, so fp32 variants "
             "agree to rounding and low precision shows its error.",
             "",
@@ -542,7 +588,8 @@ def main(argv: list[str] | None = None) -> int:
     write_section(args.out, device.type, body)
     if args.json_out is not None:
         kit.write_json(args.json_out, {"device": str(device), "results": results,
-                                       "ablations": dict(ablation_results)})
+                                       "ablations": dict(ablation_results),  # keys sorted in the file:
+                                       "ablation_order": [name for name, _ in ablation_results]})
     print("\n".join(body))
     kit.log(f"wrote {args.out}")
     return 0

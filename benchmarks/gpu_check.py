@@ -21,6 +21,13 @@ Steps:
 6. ``inspect``: ``--json``; status complete, the images finite, the recorded device indexed.
 7. ``speed`` and ``speed-2.5G``: ``benchmarks/distill_speed.py`` at CIFAR-100 IPC 50, psi on,
    with the planner's default plan and under ``--gpu-mem 2.5G``.
+8. ``kernels`` and ``kernels-2.5G``: ``distill_speed.py --ablations kernels`` at the authors' work
+   (CIFAR-100 shape, IPC 50, 500 real images per class, F = 4096, psi on), default plan and
+   ``--gpu-mem 2.5G``: today's path, each kernel lever alone, all together, today's path again,
+   interleaved in one process. Sized for the whole check to stay under 8 minutes on an H200:
+   6 variants x (2 warm-up + 5 timed) steps at ~0.7 s (default plan) and ~1.1 s (2.5G) per
+   step today is ~30 s and ~45 s of steps, plus ~20 s each to start (CUDA, the fake data, six
+   distillers, cuDNN autotuning in the warm-up).
 
 ``--device cpu --smoke`` runs the same steps at toy sizes on a CPU (CI runs it), where the
 CUDA tests skip and the budget check is skipped (a CPU peak is the process's RSS).
@@ -66,6 +73,7 @@ class Sizes:
     eval_epochs: int
     eval_network: tuple[str, ...]
     speed: tuple[str, ...]
+    kernels: tuple[str, ...]
 
     @classmethod
     def for_run(cls, smoke: bool) -> Sizes:
@@ -75,11 +83,15 @@ class Sizes:
                              "--real-per-class", "3"),
                        eval_epochs=1, eval_network=("--width", "8"),
                        speed=("--classes", "10", "--ipc", "1", "--psi", "on", "--iters", "1", "--warmup", "0",
-                              "--real-per-class", "4", "--freqs", "16", "--ablations", ""))
+                              "--real-per-class", "4", "--freqs", "16", "--ablations", ""),
+                       kernels=("--classes", "10", "--ipc", "1", "--iters", "1", "--warmup", "0",
+                                "--real-per-class", "4", "--freqs", "16", "--ablations", "kernels", "--only-ablations"))
         return cls(ipc=50, per_class=500, test_per_class=100, iterations=50,
                    pool=("--pool-size", "2", "--pool-epochs", "1"),
                    eval_epochs=3, eval_network=(),
-                   speed=("--classes", "100", "--ipc", "50", "--psi", "on", "--ablations", ""))
+                   speed=("--classes", "100", "--ipc", "50", "--psi", "on", "--ablations", ""),
+                   kernels=("--classes", "100", "--ipc", "50", "--real-per-class", "500", "--freqs", "4096",
+                            "--iters", "5", "--warmup", "2", "--ablations", "kernels", "--only-ablations"))
 
 
 class Check:
@@ -223,6 +235,25 @@ class Check:
                     self.fail(step, f"peak {_gib(peak['reserved_bytes'])} is over the budget {_gib(limit)}")
         self.report(step)
 
+    def kernels(self, name: str, budget: str | None) -> None:
+        """The kernel levers' ablation (issue 23): each variant's s/iter and its speed against
+        the first row (today's path); fails if any variant's first loss is not finite."""
+        figures_file = self.logs / f"{name}.json"
+        argv = [sys.executable, str(ROOT / "benchmarks" / "distill_speed.py"), "--device", self.device,
+                *self.sizes.kernels, "--out", str(self.logs / f"{name}.md"), "--json-out", str(figures_file)]
+        step, _ = self.run(name, argv + (["--gpu-mem", budget] if budget else []), timeout=150)
+        if step.status == "passed":
+            figures = json.loads(figures_file.read_text())
+            rows = [(variant, figures["ablations"][variant]) for variant in figures["ablation_order"]]
+            first = rows[0][1]["median_seconds"]
+            for variant, row in rows:
+                step.figures[variant] = f"{row['median_seconds']:.3f} s ({first / row['median_seconds']:.2f}x)"
+            broken = [variant for variant, row in rows
+                      if row["first_loss"] is None or not math.isfinite(row["first_loss"])]
+            if broken:
+                self.fail(step, f"first loss not finite: {', '.join(broken)}")
+        self.report(step)
+
     # -- the whole check ----------------------------------------------------------------------
 
     def all(self) -> int:
@@ -238,6 +269,8 @@ class Check:
                 self.steps.append(Step(name, "skipped", detail="distill failed"))
         self.speed("speed", None)
         self.speed("speed-2.5G", self.budget)
+        self.kernels("kernels", None)
+        self.kernels("kernels-2.5G", self.budget)
         return self.summarise()
 
     def summarise(self) -> int:

@@ -51,6 +51,18 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 BENCHMARK_PAGES = DOCS / "benchmarks"
 
+# The kernel levers' ablation (issue 23), as ``ncfm_core.kernels.parse_levers`` reads each value:
+# today's path, each lever alone, all of them together, today's path again (the spread between
+# the two identical rows is the noise). distill_speed.py and kernel_speed.py both run it.
+KERNEL_VARIANTS: dict[str, str] = {
+    "baseline": "default",
+    "pool=broadcast": "pool=broadcast",
+    "pool=reshape": "pool=reshape",
+    "norm=batchnorm": "norm=batchnorm",
+    "all kernel levers": "pool=broadcast,norm=batchnorm",
+    "baseline (again)": "default",
+}
+
 
 # ----------------------------------------------------------------------------- command, log
 

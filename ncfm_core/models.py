@@ -12,6 +12,11 @@ Weights use PyTorch's default initialisation, as the DC/DSA/DM/MTT/NCFM code doe
 Networks without BatchNorm are pure functions of their parameters and buffers, so
 ``torch.func.stack_module_state`` + ``functional_call`` + ``vmap`` can run several copies
 at once.
+
+Which kernels compute the 2x2 average pools and the instance norms is a choice of
+:class:`ncfm_core.kernels.KernelLevers` (``create_network(..., levers=)``, or
+:func:`ncfm_core.kernels.apply_levers` on a built network): the same function and the same
+state dict whichever is chosen; the default is the plain ``nn.AvgPool2d`` / ``nn.GroupNorm``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ncfm_core.errors import ConfigError
+from ncfm_core.kernels import KernelLevers, apply_levers
 
 __all__ = [
     "AlexNet",
@@ -105,14 +111,17 @@ def create_network(
     image_size: int,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    levers: KernelLevers | None = None,
     **kwargs,
 ) -> ImageClassifier:
     """Build a registered network.
 
     ``mean``/``std`` are per-channel statistics of ``[0, 1]`` images (length
-    ``in_channels``); ``None`` means 0.5 for every channel. Extra keyword arguments are
-    the network's own options (e.g. ``depth``, ``width``, ``norm`` for ConvNet).
-    Unknown names or options raise :class:`ConfigError`.
+    ``in_channels``); ``None`` means 0.5 for every channel. ``levers`` picks the kernels of
+    its 2x2 average pools and instance norms (None: the defaults); they change neither the
+    function nor the state dict. Extra keyword arguments are the network's own options (e.g.
+    ``depth``, ``width``, ``norm`` for ConvNet). Unknown names or options raise
+    :class:`ConfigError`.
     """
     key = name.strip().lower()
     factory = _NETWORKS.get(key)
@@ -138,7 +147,7 @@ def create_network(
     std = _channel_stat(std, in_channels, "std", default=0.5)
     if any(s <= 0 for s in std):
         raise ConfigError(f"std must be positive for every channel, got {std}")
-    return factory(
+    net = factory(
         in_channels=in_channels,
         num_classes=num_classes,
         image_size=image_size,
@@ -146,6 +155,7 @@ def create_network(
         std=std,
         **kwargs,
     )
+    return net if levers is None else apply_levers(net, levers)
 
 
 def _channel_stat(

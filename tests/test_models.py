@@ -234,3 +234,16 @@ def test_variants_fix_their_option_and_refuse_an_override(name, fixed):
         assert sum(isinstance(m, torch.nn.Conv2d) for m in net.modules()) == 3
     with pytest.raises(ConfigError, match=f"no option.*{fixed}"):
         create_network(name, **shape, **{fixed: "instance" if fixed == "norm" else 2})
+
+
+def test_levers_are_not_a_network_option_and_the_default_is_todays_modules():
+    """create_network(levers=) picks kernels, not a network's shape: the registry's options stay
+    as they are, and the default levers build exactly the modules built without any."""
+    from ncfm_core.kernels import KernelLevers
+
+    shape = dict(in_channels=3, num_classes=10, image_size=32)
+    assert "levers" not in network_options("convnet")
+    plain, default = create_network("convnet", **shape), create_network("convnet", **shape, levers=KernelLevers())
+    assert [type(m) for m in plain.modules()] == [type(m) for m in default.modules()]
+    assert sum(isinstance(m, nn.AvgPool2d) for m in default.modules()) == 3
+    assert plain.state_dict().keys() == default.state_dict().keys()
