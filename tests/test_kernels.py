@@ -480,11 +480,13 @@ def test_a_distiller_switched_after_construction_runs_todays_iterations():
     from ncfm_core.config import make_config
     from ncfm_core.data import load_dataset
     from ncfm_core.distill import Distiller
+    from ncfm_core.jobs.plan import decide_precisions
     from ncfm_core.pool import Pool, PoolSpec
 
     dataset = load_dataset("fake", num_classes=3, channels=1, image_size=8, train_per_class=12, test_per_class=2)
     config = make_config("fake", 2, factor=2, width=8, pool_size=2, pool_epochs=0, real_per_class=6, num_freqs=32,
                          iterations=3, seed=5)
+    config = decide_precisions(config, "cpu")  # as every job's plan does before the loop
     spec = PoolSpec.from_config(config, dataset)
     states = []
     for seed in range(4):  # two members, each with initial weights unlike its trained ones
