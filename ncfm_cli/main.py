@@ -112,7 +112,7 @@ def run() -> None:
         signal.signal(signal.SIGTERM, sigterm_as_interrupt)
     try:
         app(standalone_mode=True)
-    except (NcfmError, KeyboardInterrupt) as err:
+    except (NcfmError, OSError, KeyboardInterrupt) as err:
         if os.environ.get("NCFM_DEBUG") == "1":
             raise
         sys.exit(report_error(err, wants_json(sys.argv[1:])))

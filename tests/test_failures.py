@@ -369,24 +369,24 @@ def test_eval_refuses_an_unwritable_store_before_training(store_copy, monkeypatc
 
     monkeypatch.setattr(versions_module, "atomic_write_bytes", read_only)
     monkeypatch.setattr(eval_jobs, "evaluate_models", no_training)
-    line = error_line(invoke("--store", store_copy, "eval", "digits-ipc1", *EVAL_TINY, expect=1))
+    line = error_line(invoke("--store", store_copy, "eval", "digits-ipc1", *EVAL_TINY, expect=7))
     assert "Read-only file system" in line and "writable" in line
 
 
 @pytest.mark.parametrize("json_output", [True, False])
-def test_a_result_that_cannot_be_recorded_is_printed_and_exits_1(store_copy, monkeypatch, json_output):
+def test_a_result_that_cannot_be_recorded_is_printed_and_exits_7(store_copy, monkeypatch, json_output):
     def disk_full(self, version, record):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(Store, "append_eval", disk_full)
     args = ["--store", store_copy, "eval", "digits-ipc1", *EVAL_TINY, *(["--json"] if json_output else [])]
-    result = invoke(*args, expect=1)
+    result = invoke(*args, expect=7)
     line = error_line(result)
     assert "No space left on device" in line and "not saved" in line
     if json_output:
         printed = one_json(result)
         assert math.isfinite(printed["accuracy"]["mean"]) and printed["artifact"] == "digits-ipc1@v1"
-        assert printed["error"]["exit_code"] == 1 and "No space left" in printed["error"]["message"]
+        assert printed["error"]["exit_code"] == 7 and "No space left" in printed["error"]["message"]
     else:
         assert "mean +- std" in result.stdout
     assert Store(store_copy).resolve("digits-ipc1").manifest()["evals"] == []

@@ -31,6 +31,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(handle.fileno())
         os.replace(temp_path, path)
         fsync_directory(path.parent)
+    except OSError as err:
+        if err.filename is None and err.errno is not None:  # a failed write (disk full) names no file
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             temp_path.unlink()

@@ -24,7 +24,7 @@ from typing import Any
 
 import filelock
 
-from ncfm_core.errors import ConfigError, CorruptArtifactError, NcfmError, NotFoundError
+from ncfm_core.errors import ConfigError, CorruptArtifactError, NcfmError, NotFoundError, StorageError
 from ncfm_core.platform import user_dir
 from ncfm_core.store.files import atomic_write_bytes, read_json, write_json
 from ncfm_core.store.tensors import file_sha256
@@ -277,7 +277,11 @@ class Store:
                     continue
             full = dict(manifest)
             full.update(name=name, version=number, created=utc_now(), status=status)
-            write_json(version_dir / MANIFEST_FILE, full)
+            try:
+                write_json(version_dir / MANIFEST_FILE, full)
+            except BaseException:  # e.g. a full disk: leave no version without a manifest behind
+                shutil.rmtree(version_dir, ignore_errors=True)
+                raise
         return ArtifactVersion(name, number, version_dir)
 
     def update_manifest(self, version: ArtifactVersion, **fields: Any) -> dict:
@@ -313,9 +317,9 @@ class Store:
                 atomic_write_bytes(probe, b"")
                 probe.unlink()
         except OSError as err:
-            raise NcfmError(
+            raise StorageError(
                 f"{version.path}: cannot write there ({err.strerror or err}), so a result could not be recorded; "
-                f"make the store writable (or pass --store with a writable copy) and run again"
+                f"make the store writable (or use a writable copy of it) and run again"
             ) from None
 
     def delete_version(self, version: ArtifactVersion) -> None:
