@@ -106,6 +106,109 @@ def _swap(path: Path, kind: str) -> None:
         server.close()
 
 
+# ----------------------------------------------------------------------------- 1. no hangs
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dir", "devnull", "socket"])
+def test_every_store_reader_refuses_what_is_not_a_regular_file(store_copy, kind):
+    """Manifest, synset, sampler, checkpoint, the JSON and tensor readers and the hash: each
+    refuses a FIFO (without blocking on it), a folder, a device and a socket, naming the file."""
+    version = _version(store_copy)
+    readers = [
+        (version / "manifest.json", lambda p: Store(store_copy).resolve(f"{NAME}@v1").manifest()),
+        (version / "synset.safetensors", load_synset),
+        (version / "sampler.safetensors", load_tensors),
+        (version / "checkpoint" / "state.safetensors", load_state),
+        (version / "synset.safetensors", file_sha256),
+        (version / "manifest.json", read_json),
+    ]
+    for path, read in readers:
+        saved = path.read_bytes() if path.is_file() else None
+        _swap(path, kind)
+        with time_limit(20), pytest.raises(CorruptArtifactError, match="not a regular file") as caught:
+            read(path)
+        assert str(path) in str(caught.value)
+        if path.is_dir() and not path.is_symlink():
+            path.rmdir()
+        else:
+            path.unlink()
+        if saved is not None:
+            path.write_bytes(saved)
+
+
+def test_a_fifo_manifest_and_a_dev_zero_manifest_do_not_stop_ls(store_copy):
+    """`ncfm ls` blocked forever on a FIFO manifest and read /dev/zero until memory ran out."""
+    for number, kind in ((2, "fifo"), (3, "devzero")):
+        shutil.copytree(_version(store_copy), _version(store_copy, number))
+        _swap(_version(store_copy, number) / "manifest.json", kind)
+    proc = run_ncfm("--store", store_copy, "ls", "--json")
+    assert proc.returncode == 0, proc.stderr
+    listing = json.loads(proc.stdout)
+    assert [row["artifact"] for row in listing["artifacts"]] == [f"{NAME}@v1"]
+    warnings = " ".join(listing["warnings"])
+    assert f"{NAME}@v2" in warnings and "FIFO" in warnings
+    assert f"{NAME}@v3" in warnings and "character device" in warnings
+
+
+def test_a_fifo_synset_does_not_stop_export(store_copy, tmp_path):
+    _swap(_version(store_copy) / "synset.safetensors", "fifo")
+    proc = run_ncfm("--store", store_copy, "export", NAME, "--format", "npz", "--out", tmp_path / "out")
+    assert proc.returncode == 1 and "synset.safetensors: is a FIFO" in last_error(proc)
+    assert not (tmp_path / "out").exists()
+
+
+def test_json_reads_are_bounded_by_what_is_read_not_by_stat(tmp_path, monkeypatch):
+    path = tmp_path / "big.json"
+    path.write_bytes(b'{"a": "' + b"x" * 5000 + b'"}')
+    with pytest.raises(CorruptArtifactError, match="more than any ncfm record"):
+        read_json(path, max_bytes=4096, what="record")
+    real_fstat = os.fstat
+    monkeypatch.setattr(files_module.os, "fstat",
+                        lambda fd: os.stat_result((*real_fstat(fd)[:6], 0, *real_fstat(fd)[7:])))  # claims 0 bytes
+    with pytest.raises(CorruptArtifactError, match="more than 4096 bytes"):
+        read_json(path, max_bytes=4096, what="record")
+
+
+# ----------------------------------------------------------------------------- 2. one bad version
+
+
+def test_unreadable_versions_are_warnings_and_ls_exits_0(store_copy):
+    """100,000 nested lists (RecursionError), a hand-made v01 (listed v1 twice) and a v0."""
+    nested = _version(store_copy, 2)
+    shutil.copytree(_version(store_copy), nested)
+    (nested / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    shutil.copytree(_version(store_copy), store_copy / "artifacts" / NAME / "v01")
+    shutil.copytree(_version(store_copy), store_copy / "artifacts" / NAME / "v0")
+    result = invoke("--store", store_copy, "ls", "--json")
+    listing = one_json(result)
+    assert [row["artifact"] for row in listing["artifacts"]] == [f"{NAME}@v1"]
+    warnings = listing["warnings"]
+    assert any(f"{NAME}@v2" in w and "nested too deeply" in w for w in warnings), warnings
+    assert any(w.endswith("v01: not a version folder ncfm made (versions are v1, v2, ...); ignored") for w in warnings)
+    assert [v.version for v in Store(store_copy).versions(NAME)] == [1, 2]  # v01 and v0 are not versions
+    assert "unexpected" not in result.stderr
+
+
+def test_an_unreadable_manifest_is_a_warning_in_ls(store_copy, monkeypatch):
+    """Permission denied (as root a mode of 0000 is still readable: the denial is simulated;
+    test_permission_denied_as_a_real_user_is_a_warning_and_a_one_line_error does it for real)."""
+    shutil.copytree(_version(store_copy), _version(store_copy, 2))
+    denied = _version(store_copy, 2) / "manifest.json"
+    real_open = os.open
+
+    def open_denied(path, flags, *args):
+        if Path(path) == denied:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(files_module.os, "open", open_denied)
+    listing = one_json(invoke("--store", store_copy, "ls", "--json"))
+    assert [row["artifact"] for row in listing["artifacts"]] == [f"{NAME}@v1"]
+    assert any(f"{NAME}@v2: {denied}: permission denied" in w for w in listing["warnings"]), listing["warnings"]
+    line = error_line(invoke("--store", store_copy, "inspect", f"{NAME}@v2", expect=7))
+    assert f"{denied}: permission denied (Permission denied)" in line
+
+
 def _drop_dac() -> list[str]:
     """A prefix that runs a command as root without the capabilities that bypass file permissions,
     so a mode of 0000 is refused as it is for any user; skip where that is not possible."""
@@ -115,6 +218,29 @@ def _drop_dac() -> list[str]:
     if subprocess.run([*wrap, "true"], capture_output=True).returncode != 0:
         pytest.skip("setpriv cannot drop capabilities here")
     return wrap
+
+
+def test_permission_denied_as_a_real_user_is_a_warning_and_a_one_line_error(store_copy, tmp_path):
+    wrap = _drop_dac()
+    shutil.copytree(_version(store_copy), _version(store_copy, 2))
+    (_version(store_copy, 2) / "manifest.json").chmod(0)
+    proc = run_ncfm("--store", store_copy, "ls", "--json", wrap=wrap)
+    assert proc.returncode == 0, proc.stderr
+    assert any(f"{NAME}@v2" in w and "permission denied" in w for w in json.loads(proc.stdout)["warnings"])
+    # a store the user may read but not write: reading works, writing says what to do
+    for folder in [store_copy, *store_copy.rglob("*")]:
+        if folder.is_dir():
+            folder.chmod(0o555)
+    try:
+        proc = run_ncfm("--store", store_copy, "distill", "digits", "--ipc", "1", "--iterations", "1", *TINY, wrap=wrap)
+        assert proc.returncode == 7, proc.stderr
+        assert "permission denied" in last_error(proc) and "give this user access" in last_error(proc)
+        proc = run_ncfm("--store", store_copy, "export", NAME, "--format", "npz", "--out", tmp_path / "out", wrap=wrap)
+        assert proc.returncode == 0, proc.stderr
+    finally:
+        for folder in [store_copy, *store_copy.rglob("*")]:
+            if folder.is_dir():
+                folder.chmod(0o755)
 
 
 # ----------------------------------------------------------------------------- 3. the name lock
@@ -150,6 +276,12 @@ def holding(script: str, *args: object):
 # ----------------------------------------------------------------------------- 4. checked before any work
 
 DISTILL = ["distill", "digits", "--ipc", "1", "--iterations", "2", *TINY]
+
+
+@pytest.mark.parametrize("ref", [f"{NAME}@v\u00b2", f"{NAME}@v\u0661", f"{NAME}@v" + "9" * 5000, f"{NAME}@v-1"])
+def test_a_version_that_is_not_ascii_digits_is_an_invalid_reference(store_copy, ref):
+    line = error_line(invoke("--store", store_copy, "inspect", ref, expect=2))
+    assert "invalid version" in line and len(line) < 300
 
 
 # issue 21, section 4: a table of bad requests, through the command line and through the API
@@ -228,3 +360,49 @@ def _rewrite_tensors(store: Path, relpath: str, change) -> Path:
         version = Store(store).resolve(f"{NAME}@v1")
         Store(store).update_manifest(version, sha256={**version.manifest()["sha256"], relpath: digest})
     return path
+
+
+@pytest.mark.parametrize(("relpath", "change", "command", "words"), [
+    ("checkpoint/state.safetensors", lambda m: {**m, "ncfm_state_tree": "[" * 100_000 + "]" * 100_000},
+     ["resume", f"{NAME}@v1", "--iterations", "6"], "broken state tree"),
+    ("synset.safetensors", lambda m: {**m, "class_names": "[" * 100_000 + "]" * 100_000},
+     ["export", NAME, "--format", "npz", "--out", "{out}"], "malformed metadata"),
+    ("pools/", lambda m: {**m, "spec": "{not json"},
+     ["eval", NAME, *EVAL_TINY, "--soft-labels"], "not a pool for this dataset and network"),
+    ("pools/", lambda m: {**m, "test_accuracy": "[" * 100_000 + "]" * 100_000},
+     ["eval", NAME, *EVAL_TINY, "--soft-labels"], "not a pool for this dataset and network"),
+])
+def test_crafted_metadata_is_a_one_line_corrupt_error(store_copy, tmp_path, relpath, change, command, words):
+    path = _rewrite_tensors(store_copy, relpath, change)
+    args = [str(tmp_path / "out") if arg == "{out}" else arg for arg in command]
+    line = error_line(invoke("--store", store_copy, *args, expect=1))
+    assert str(path) in line and words in line
+
+
+def test_a_manifest_number_of_5000_digits_is_corrupt_not_unexpected(store_copy):
+    path = _version(store_copy) / "manifest.json"
+    path.write_text(path.read_text().replace('"seed": 0', '"seed": 1' + "0" * 5000))
+    line = error_line(invoke("--store", store_copy, "inspect", f"{NAME}@v1", expect=1))
+    assert str(path) in line and "not valid JSON" in line
+    assert any(str(path) in w for w in one_json(invoke("--store", store_copy, "ls", "--json"))["warnings"])
+
+
+def test_a_decompression_bomb_in_a_folder_dataset_is_a_one_line_error(tmp_path):
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    for label in ("a", "b"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for index in range(3):
+            Image.new("RGB", (8, 8), (index * 40, 0, 0)).save(tmp_path / "data" / label / f"{index}.png")
+    bomb = tmp_path / "data" / "a" / "bomb.png"  # claims 20000 x 20000 pixels in 100 bytes
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
+    line = error_line(invoke("--store", tmp_path / "store", "distill", f"folder:{tmp_path / 'data'}", "--ipc", "1",
+                             "--iterations", "1", *TINY, expect=1))
+    assert f"cannot read image {bomb}" in line and "decompression bomb" in line

@@ -24,7 +24,15 @@ from typing import Any
 
 import filelock
 
-from ncfm_core.errors import ConfigError, CorruptArtifactError, NcfmError, NotFoundError, StorageError
+from ncfm_core.errors import (
+    ConfigError,
+    CorruptArtifactError,
+    NcfmError,
+    NotFoundError,
+    StorageError,
+    one_line,
+    storage_error,
+)
 from ncfm_core.platform import user_dir
 from ncfm_core.store.files import atomic_write_bytes, read_json, write_json
 from ncfm_core.store.tensors import file_sha256
@@ -46,7 +54,11 @@ or digit (so no hidden files and no option-like names); '..' is rejected separat
 
 STATUSES = ("running", "complete", "failed")
 
-_VERSION_DIR = re.compile(r"^v([0-9]+)$")
+_VERSION_DIR = re.compile(r"^v([1-9][0-9]{0,17})$")
+"""A version folder: ``v1``, ``v2``, ... exactly as ncfm names them (ASCII digits, no leading zero,
+at most 18 of them), so a hand-made ``v01`` is never a second ``v1``."""
+_LOOKS_LIKE_VERSION = re.compile(r"^[vV][0-9]+$", re.ASCII)
+_VERSION_REF = re.compile(r"^[vV]?([0-9]{1,18})$", re.ASCII)
 _LOCK_FILE = ".lock"
 _LOCK_PATIENCE_S = 10.0
 
@@ -169,11 +181,7 @@ def read_manifest(path: Path) -> dict:
     def corrupt(reason: str) -> CorruptArtifactError:
         return CorruptArtifactError(f"{path}: {reason}; restore or delete this file")
 
-    with contextlib.suppress(OSError):
-        size = path.stat().st_size
-        if size > MAX_MANIFEST_BYTES:
-            raise corrupt(f"{size} bytes is more than any ncfm manifest ({MAX_MANIFEST_BYTES // 2**20} MiB at most)")
-    manifest = read_json(path)
+    manifest = read_json(path, max_bytes=MAX_MANIFEST_BYTES, what="manifest")
     for field in _REQUIRED:
         if manifest.get(field) is None:
             raise corrupt(f"field {field!r} is missing")
@@ -239,6 +247,13 @@ class Store:
             if match and entry.is_dir():
                 numbers.append(int(match.group(1)))
         return sorted(numbers)
+
+    def _stray_version_dirs(self, name: str) -> list[str]:
+        """Folders of ``name`` that look like versions but are not named as ncfm names them
+        (``v01``, ``V2``): never read as versions, only reported."""
+        name_dir = self.artifacts_dir / name
+        return sorted(entry.name for entry in name_dir.iterdir()
+                      if _LOOKS_LIKE_VERSION.match(entry.name) and not _VERSION_DIR.match(entry.name))
 
     def versions(self, name: str) -> list[ArtifactVersion]:
         """Every version directory of ``name``, sorted by number (empty if none)."""
@@ -357,10 +372,11 @@ class Store:
         validate_name(name)
         if not at:
             return self._latest_complete(name)
-        digits = version_text[1:] if version_text[:1] in ("v", "V") else version_text
-        if not digits.isdigit():
-            raise ConfigError(f"invalid version {version_text!r} in {ref!r}: use name@vN, e.g. {name}@v1")
-        number = int(digits)
+        match = _VERSION_REF.match(version_text)  # ASCII digits only: int() would take '²' and fail
+        if match is None:
+            raise ConfigError(f"invalid version {one_line(version_text, limit=40)!r} in the reference: use "
+                              f"name@vN, e.g. {name}@v1")
+        number = int(match.group(1))
         if number not in self._version_numbers(name):
             self._raise_unknown_name(name)
             existing = ", ".join(f"v{n}" for n in self._version_numbers(name))
@@ -397,15 +413,15 @@ class Store:
     def _latest_complete(self, name: str) -> ArtifactVersion:
         self._raise_unknown_name(name)
         described = []
-        corrupt: CorruptArtifactError | None = None
+        corrupt: Exception | None = None
         for version in reversed(self.versions(name)):
             try:
                 status = version.manifest().get("status", "unknown")
-            except (NotFoundError, CorruptArtifactError) as err:
-                log.warning("skipping %s: %s", version.ref, err)
+            except (NotFoundError, CorruptArtifactError, OSError) as err:
+                log.warning("skipping %s: %s", version.ref, _unreadable(err))
                 status = "unreadable manifest"
-                if isinstance(err, CorruptArtifactError) and corrupt is None:
-                    corrupt = err
+                if not isinstance(err, NotFoundError) and corrupt is None:
+                    corrupt = err  # damaged, or not readable by this user
             if status == "complete":
                 return version
             described.append(f"v{version.version} ({status})")
@@ -418,16 +434,24 @@ class Store:
 
     def scan(self) -> tuple[list[tuple[ArtifactVersion, dict]], list[str]]:
         """Every version in the store with its manifest, sorted by name and number, plus a
-        warning string per version whose manifest is missing or unreadable (never raises
-        for a broken entry)."""
+        warning string per version (or name) that cannot be read, whatever the reason (missing,
+        damaged, not a regular file, nested too deeply, permission denied), and per folder that
+        only looks like a version (``v01``). One bad entry never hides the others."""
         found: list[tuple[ArtifactVersion, dict]] = []
         warnings: list[str] = []
         for name in self.names():
-            for version in self.versions(name):
+            try:
+                versions = self.versions(name)
+                warnings.extend(f"{self.artifacts_dir / name / stray}: not a version folder ncfm made (versions "
+                                f"are v1, v2, ...); ignored" for stray in self._stray_version_dirs(name))
+            except Exception as err:  # one unreadable name must not hide the rest
+                warnings.append(f"{name}: cannot list its versions ({_unreadable(err)})")
+                continue
+            for version in versions:
                 try:
                     found.append((version, version.manifest()))
-                except (NotFoundError, CorruptArtifactError) as err:
-                    warnings.append(f"{version.ref}: {err}")
+                except Exception as err:  # a broken version is a warning, never the end of ls
+                    warnings.append(f"{version.ref}: {_unreadable(err)}")
         return found, warnings
 
     # -- pools
@@ -436,3 +460,12 @@ class Store:
         """``<root>/pools/<key>`` for a pool cache key (validated like a name; not created)."""
         validate_name(key, what="pool key")
         return self.pools_dir / key
+
+
+def _unreadable(err: Exception) -> str:
+    """Why an entry could not be read, in one line: an ncfm error's own text, else the reason."""
+    if isinstance(err, NcfmError):
+        return one_line(err, limit=None)
+    if isinstance(err, OSError):
+        return one_line(storage_error(err), limit=None)
+    return f"{type(err).__name__}: {one_line(err)}"
