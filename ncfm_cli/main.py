@@ -15,7 +15,7 @@ from ncfm_cli.eval import EVAL_EPILOG, eval_command
 from ncfm_cli.export import EXPORT_EPILOG, export_command
 from ncfm_cli.inspect import INSPECT_EPILOG, inspect_command
 from ncfm_cli.ls import LS_EPILOG, ls_command
-from ncfm_cli.options import JsonOption, QuietOption, StoreOption, VerboseOption
+from ncfm_cli.options import JsonOption, LockTimeoutOption, QuietOption, StoreOption, VerboseOption
 from ncfm_cli.output import CLICK_ERROR, EXIT_CODES_HELP, GlobalOptions, report_error, wants_json
 from ncfm_cli.resume import RESUME_EPILOG, resume_command
 from ncfm_core import __version__
@@ -85,6 +85,7 @@ def _version_callback(value: bool) -> None:
 def main(
     ctx: typer.Context,
     store: StoreOption = None,
+    lock_timeout: LockTimeoutOption = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
     verbose: VerboseOption = False,
@@ -100,7 +101,7 @@ def main(
 
         ncfm distill digits --ipc 10 --eval
     """
-    ctx.obj = GlobalOptions(store=store, json=json_output, quiet=quiet, verbose=verbose)
+    ctx.obj = GlobalOptions(store=store, json=json_output, quiet=quiet, verbose=verbose, lock_timeout=lock_timeout)
 
 
 def run() -> None:

@@ -22,6 +22,16 @@ StoreOption = Annotated[
         show_default=False,
     ),
 ]
+LockTimeoutOption = Annotated[
+    Optional[float],
+    typer.Option(
+        "--lock-timeout",
+        metavar="SECONDS",
+        help="How long to wait for an artifact's lock held by another ncfm process before giving up with exit "
+        "code 6 (who holds it is said every 10 s). Default: $NCFM_LOCK_TIMEOUT, else 120.",
+        show_default=False,
+    ),
+]
 JsonOption = Annotated[
     bool,
     typer.Option("--json", help="Print exactly one JSON object on stdout; no progress bars."),

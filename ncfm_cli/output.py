@@ -64,9 +64,10 @@ class GlobalOptions:
     json: bool = False
     quiet: bool = False
     verbose: bool = False
+    lock_timeout: float | None = None  # None: $NCFM_LOCK_TIMEOUT, else the store's default
 
     def open_store(self) -> Store:
-        return Store(self.store)
+        return Store(self.store, lock_timeout=self.lock_timeout)
 
     def store_flag(self) -> str:
         """The ``--store DIR`` part to repeat in suggested commands ('' for the default store)."""

@@ -31,6 +31,7 @@ import ncfm_core
 from ncfm_core.errors import ConfigError, CorruptArtifactError
 from ncfm_core.store import Store, file_sha256, load_state, load_synset, load_tensors, read_json, save_synset
 from ncfm_core.store import files as files_module
+from ncfm_core.store import locks as locks_module
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -271,6 +272,49 @@ def holding(script: str, *args: object):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_held_name_lock_is_reported_and_given_up_on(store_copy, monkeypatch, caplog):
+    monkeypatch.setattr(locks_module, "LOCK_REPORT_EVERY_S", 0.3)
+    with holding(HOLD_LOCK, store_copy, NAME) as holder:
+        started = time.monotonic()
+        result = invoke("--store", store_copy, "--lock-timeout", "1.5", "eval", NAME, *EVAL_TINY, expect=6)
+        waited = time.monotonic() - started
+        line = error_line(result)
+    assert "gave up after waiting" in line and f"PID {holder.pid}" in line and "--lock-timeout" in line
+    assert "(python -c " in line  # the holder's command line
+    waiting = [r.getMessage() for r in caplog.records if "still waiting for the lock" in r.getMessage()]
+    assert len(waiting) >= 3 and all(f"held by PID {holder.pid}" in message for message in waiting), waiting
+    assert waited < 60  # it gave up, it did not wait forever
+    assert Store(store_copy).resolve(NAME).manifest()["evals"] == []  # nothing trained, nothing recorded
+
+
+def test_a_lock_holder_without_a_record_is_unknown(store_copy, monkeypatch):
+    monkeypatch.setenv("NCFM_LOCK_TIMEOUT", "0")
+    lock = store_copy / "artifacts" / NAME / ".lock"
+    with holding(HOLD_FOREIGN_LOCK, lock):
+        result = invoke("--store", store_copy, "--json", "resume", f"{NAME}@v1", "--iterations", "6", expect=6)
+    error = one_json(result)["error"]
+    assert error["exit_code"] == 6 and error["type"] == "StoreBusyError"
+    assert "held by an unknown process" in error["message"]
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "inf", "abc"])
+def test_the_lock_timeout_is_a_finite_number_of_seconds(store_copy, monkeypatch, value):
+    if value != "abc":
+        line = error_line(invoke("--store", store_copy, "--lock-timeout", value, "ls", expect=2))
+        assert "lock_timeout (--lock-timeout) must be a finite number" in line
+    monkeypatch.setenv("NCFM_LOCK_TIMEOUT", value)
+    line = error_line(invoke("--store", store_copy, "ls", expect=2))
+    assert "$NCFM_LOCK_TIMEOUT must be a finite number" in line
+
+
+def test_a_lock_path_that_is_a_folder_is_a_one_line_error(store_copy):
+    lock = store_copy / "artifacts" / NAME / ".lock"
+    lock.unlink()
+    lock.mkdir()
+    line = error_line(invoke("--store", store_copy, "eval", NAME, *EVAL_TINY, expect=1))
+    assert ".lock: cannot be used as a lock" in line
 
 
 # ----------------------------------------------------------------------------- 4. checked before any work

@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import filelock
-
 from ncfm_core.errors import (
     ConfigError,
     CorruptArtifactError,
@@ -35,6 +33,7 @@ from ncfm_core.errors import (
 )
 from ncfm_core.platform import user_dir
 from ncfm_core.store.files import atomic_write_bytes, read_json, write_json
+from ncfm_core.store.locks import name_lock, resolve_lock_timeout
 from ncfm_core.store.tensors import file_sha256
 from ncfm_core.store.layout import (
     ARTIFACTS_DIR,
@@ -60,7 +59,6 @@ at most 18 of them), so a hand-made ``v01`` is never a second ``v1``."""
 _LOOKS_LIKE_VERSION = re.compile(r"^[vV][0-9]+$", re.ASCII)
 _VERSION_REF = re.compile(r"^[vV]?([0-9]{1,18})$", re.ASCII)
 _LOCK_FILE = ".lock"
-_LOCK_PATIENCE_S = 10.0
 
 
 # ----------------------------------------------------------------------------- paths, names
@@ -208,12 +206,15 @@ def utc_now() -> str:
 
 
 class Store:
-    """The artifact store under ``root`` (default: ``store_root()``)."""
+    """The artifact store under ``root`` (default: ``store_root()``). ``lock_timeout``: seconds
+    to wait for a name's lock held by another process before giving up with ``StoreBusyError``
+    (default: ``$NCFM_LOCK_TIMEOUT``, else ``locks.DEFAULT_LOCK_TIMEOUT_S``)."""
 
-    def __init__(self, root: Path | str | None = None) -> None:
+    def __init__(self, root: Path | str | None = None, lock_timeout: float | None = None) -> None:
         self.root = store_root(root)
         self.artifacts_dir = self.root / ARTIFACTS_DIR
         self.pools_dir = self.root / POOLS_DIR
+        self.lock_timeout = resolve_lock_timeout(lock_timeout)
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
@@ -224,16 +225,8 @@ class Store:
     def _name_lock(self, name: str) -> Iterator[None]:
         name_dir = self.artifacts_dir / name
         name_dir.mkdir(parents=True, exist_ok=True)
-        lock = filelock.FileLock(str(name_dir / _LOCK_FILE))
-        try:
-            lock.acquire(timeout=_LOCK_PATIENCE_S)
-        except filelock.Timeout:
-            log.warning("still waiting for the lock %s (another ncfm process is writing %s)", lock.lock_file, name)
-            lock.acquire()
-        try:
+        with name_lock(name_dir / _LOCK_FILE, self.lock_timeout, what=name):
             yield
-        finally:
-            lock.release()
 
     # -- versions
 
