@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -98,11 +97,7 @@ def build_eval_config(
     teacher_member: int | None = None,
 ) -> EvalConfig:
     """The named evaluation protocol (default ``ncfm``) with the options given on top
-    (``None``: the protocol's value)."""
-    if lr is not None and not (0 < lr <= 10 and math.isfinite(lr)):
-        raise ConfigError(f"--lr must be a finite number in (0, 10], got {lr}")
-    if not soft_labels and (temperature is not None or teacher_member is not None):
-        raise ConfigError("--temperature and --teacher-member only apply with --soft-labels; add --soft-labels")
+    (``None``: the protocol's value); the library checks every one (``protocol_config``)."""
     return protocol_config(
         protocol or "ncfm",
         repeats=repeats,
@@ -112,12 +107,12 @@ def build_eval_config(
         seed=seed,
         width=width,
         batch_size=batch_size,
-        optimizer=None if optimizer is None else optimizer.strip().lower(),
+        optimizer=optimizer,
         weight_decay=weight_decay,
         momentum=momentum,
         cutmix_prob=cutmix_prob,
         random_resized_crop=rrc,
-        repeat_mode=None if repeat_mode is None else repeat_mode.strip().lower(),
+        repeat_mode=repeat_mode,
         best_over_epochs=best_over_epochs,
         soft_labels=soft_labels,
         temperature=temperature,

@@ -11,6 +11,15 @@ from typing import Annotated, Optional
 
 import typer
 
+
+def folder_path(text: str) -> Path:
+    """A folder option's value as a path; an empty one is a usage error (``Path("")`` would
+    silently mean the current folder)."""
+    if not str(text).strip():
+        raise typer.BadParameter("is an empty path; give a folder")
+    return Path(text)
+
+
 # -- global options (the app callback) ------------------------------------------------------
 
 StoreOption = Annotated[
@@ -73,6 +82,8 @@ DataDirOption = Annotated[
     typer.Option(
         "--data-dir",
         help="Where the dataset lives (default: $NCFM_DATA_DIR, else the user cache directory).",
+        parser=folder_path,
+        metavar="DIR",
         show_default=False,
     ),
 ]

@@ -322,10 +322,57 @@ def test_a_lock_path_that_is_a_folder_is_a_one_line_error(store_copy):
 DISTILL = ["distill", "digits", "--ipc", "1", "--iterations", "2", *TINY]
 
 
+@pytest.mark.parametrize(("args", "words"), [
+    (["--seed", "-1"], "seed (--seed) must be an integer in [0, 4294967295], got -1"),
+    (["--seed", str(2**80)], "seed (--seed) must be an integer"),
+    (["--init", "evil"], "init (--init) must be one of real, mix, noise"),
+    (["--gpu-mem", "1e400"], "memory size '1e400' is too large"),
+    (["--lr", "inf"], "image_lr (--lr) must be a finite number in (0, 10]"),
+    (["--alpha", "nan"], "alpha (--alpha) must be a finite number in [0, 1]"),
+    (["--calib-weight", "1e400"], "calib_weight (--calib-weight) must be a finite number in [0, 1000]"),
+    (["--calib-weight", "-1"], "calib_weight (--calib-weight)"),
+    (["--data-dir", ""], "empty path"),
+])
+def test_a_bad_distill_request_is_exit_2_and_leaves_no_version(tmp_path, args, words):
+    result = invoke("--store", tmp_path, *DISTILL, *args, expect=2)
+    assert words in (error_line(result) if words != "empty path" else result.stderr)  # parse errors: click's box
+    assert not (tmp_path / "artifacts").exists() or Store(tmp_path).names() == []
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--seed", str(10**23)], "seed (--seed) must be an integer"),
+    (["--seed", "-1"], "seed (--seed)"),
+    (["--baseline", "random", "--baseline-seed", "-5"], "baseline_seed (--baseline-seed)"),
+    (["--weight-decay", "inf"], "weight_decay (--weight-decay) must be a finite number >= 0, got inf"),
+    (["--weight-decay", "2000"], "weight_decay (--weight-decay) 2000 is too large for lr (--lr) 0.001"),
+    (["--lr", "nan"], "lr (--lr) must be a finite number in (0, 10]"),
+    (["--momentum", "5"], "momentum (--momentum) must be a finite number in [0, 1)"),
+    (["--cutmix-prob", "nan"], "Invalid value for '--cutmix-prob'"),  # typer's own range check
+    (["--cutmix-prob", "inf"], "Invalid value for '--cutmix-prob'"),
+    (["--soft-labels", "--temperature", "1e30"], "temperature (--temperature) must be a finite number in (0, 100]"),
+    (["--temperature", "1"], "only apply with soft labels"),
+    (["--repeats", str(10**11)], "repeats (--repeats) 100000000000 is more than 1000"),
+    (["--min-acc", "nan"], "--min-acc must be a fraction in [0, 1]"),
+])
+def test_a_bad_eval_request_is_exit_2_before_any_work(store_copy, monkeypatch, args, words):
+    import ncfm_core.jobs.eval as eval_jobs
+
+    monkeypatch.setattr(eval_jobs, "load_job_dataset", lambda *a, **k: pytest.fail("the dataset was loaded"))
+    result = invoke("--store", store_copy, "eval", NAME, *EVAL_TINY, *args, expect=2)
+    assert words in (result.stderr if words.startswith("Invalid value") else error_line(result))
+    assert Store(store_copy).resolve(NAME).manifest()["evals"] == []
+
+
 @pytest.mark.parametrize("ref", [f"{NAME}@v\u00b2", f"{NAME}@v\u0661", f"{NAME}@v" + "9" * 5000, f"{NAME}@v-1"])
 def test_a_version_that_is_not_ascii_digits_is_an_invalid_reference(store_copy, ref):
     line = error_line(invoke("--store", store_copy, "inspect", ref, expect=2))
     assert "invalid version" in line and len(line) < 300
+
+
+def test_config_and_loop_agree_on_init_modes():
+    from ncfm_core import config, synset
+
+    assert config.INIT_MODES == synset.INIT_MODES
 
 
 # issue 21, section 4: a table of bad requests, through the command line and through the API
@@ -353,6 +400,40 @@ BAD_EVAL = [
     (["--batch-size", "0"], {"batch_size": 0}),
     (["--optimizer", "lion"], {"optimizer": "lion"}),
 ]
+
+
+@pytest.mark.parametrize(("cli", "api"), BAD_DISTILL)
+def test_the_api_refuses_the_distill_requests_the_cli_refuses(tmp_path, cli, api):
+    invoke("--store", tmp_path / "cli", *DISTILL, *cli, expect=2)
+    options = {"iterations": 2, "pool_size": 1, "pool_epochs": 0, "num_freqs": 16, "real_per_class": 4, "width": 8,
+               **api}
+    with pytest.raises(ConfigError):
+        ncfm_core.distill("digits", 1, store=tmp_path / "api", device="cpu", **options)
+    for store in ("cli", "api"):
+        assert not (tmp_path / store).exists() or Store(tmp_path / store).names() == []
+
+
+@pytest.mark.parametrize(("cli", "api"), BAD_EVAL)
+def test_the_api_refuses_the_eval_requests_the_cli_refuses(store_copy, cli, api):
+    invoke("--store", store_copy, "eval", NAME, *EVAL_TINY, *cli, expect=2)
+    settings = {"epochs": 1, "repeats": 1, **api}
+    with pytest.raises(ConfigError):
+        ncfm_core.evaluate(NAME, store=store_copy, device="cpu", **settings)
+    assert Store(store_copy).resolve(NAME).manifest()["evals"] == []
+
+
+def test_core_messages_name_the_field_and_the_flag():
+    from ncfm_core.config import make_config
+    from ncfm_core.evaluate import protocol_config
+
+    with pytest.raises(ConfigError, match=r"^image_lr \(--lr\) must be"):
+        make_config("digits", 1, image_lr=-1.0)
+    with pytest.raises(ConfigError, match=r"^num_freqs \(--freqs\) must be"):
+        make_config("digits", 1, num_freqs=0)
+    with pytest.raises(ConfigError, match=r"^pool_lr must be"):  # no command-line option: the field alone
+        make_config("digits", 1, pool_lr=0.0)
+    with pytest.raises(ConfigError, match=r"^weight_decay \(--weight-decay\) must be"):
+        protocol_config("ncfm", weight_decay=-1.0)
 
 
 def test_a_simulated_full_disk_is_a_one_line_error_and_leaves_no_version(store_copy, monkeypatch):
