@@ -27,7 +27,8 @@ StoreOption = Annotated[
     typer.Option(
         "--store",
         help="Artifact store directory. Default: $NCFM_HOME, else the user data directory.",
-        file_okay=False,
+        parser=folder_path,
+        metavar="DIR",
         show_default=False,
     ),
 ]

@@ -351,7 +351,7 @@ def test_an_export_killed_midway_leaves_nothing_under_the_target(tmp_path, monke
     for target in (tmp_path / "fresh", previous):
         calls["n"] = 0
         with pytest.raises(KeyboardInterrupt):
-            export_module.export_synset(images, labels, names, target, fmt, factor=1)
+            export_module.export_synset(images, labels, names, target, fmt, factor=1, replace=True)
     assert not (tmp_path / "fresh").exists()
     after = {p.relative_to(previous): p.read_bytes() for p in previous.rglob("*") if p.is_file()}
     assert after == before

@@ -436,6 +436,75 @@ def test_core_messages_name_the_field_and_the_flag():
         protocol_config("ncfm", weight_decay=-1.0)
 
 
+# ----------------------------------------------------------------------------- 5. no silent wrong results
+
+
+def test_export_into_another_export_is_refused_unless_replaced(store_copy, tmp_path):
+    out = tmp_path / "out"
+    invoke("--store", store_copy, "export", NAME, "--format", "imagefolder", "--out", out)
+    first = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    (out / "train" / "000_0" / "9999.png").write_bytes(b"stale")  # what a merge would keep
+    line = error_line(invoke("--store", store_copy, "export", NAME, "--format", "png", "--out", out, expect=2))
+    assert "already holds an export" in line and "--replace" in line
+    result = invoke("--store", store_copy, "export", NAME, "--format", "png", "--out", out, "--replace")
+    assert "replaced" in result.stdout and "imagefolder" in result.stdout
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert not any(name.startswith("train/") for name in files) and files != first
+    record = json.loads((out / "ncfm-export.json").read_text())
+    assert record["format"] == "png" and len([f for f in files if f.endswith(".png")]) == record["images"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "store"]  # nothing left aside
+
+
+def test_empty_paths_are_refused(store_copy, tmp_path, monkeypatch):
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    result = invoke("--store", store_copy, "export", NAME, "--format", "npz", "--out", "", expect=2)
+    assert "Invalid value for '--out': is an empty path" in result.stderr
+    monkeypatch.setenv("NCFM_HOME", str(store_copy))
+    error = one_json(invoke("--json", "--store", "", "ls", expect=2))["error"]
+    assert "Invalid value for '--store': is an empty path" in error["message"]
+    assert list(here.iterdir()) == []  # nothing written where '' would have pointed
+    with pytest.raises(ConfigError, match="empty path"):
+        Store("")
+
+
+def test_exporting_into_an_empty_folder_through_a_symlink_works(store_copy, tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    invoke("--store", store_copy, "export", NAME, "--format", "npz", "--out", tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / "synset.npz").is_file()
+
+
+# ----------------------------------------------------------------------------- 6. the file system refuses
+
+
+def test_a_class_name_of_300_characters_exports(store_copy, tmp_path):
+    version = Store(store_copy).resolve(NAME)
+    synset = load_synset(version.synset_path)
+    names = ["c" * 300, *synset.class_names[1:]]
+    digest = save_synset(version.synset_path, synset.images, synset.labels, factor=synset.factor, ipc=synset.ipc,
+                         class_names=names, mean=synset.mean, std=synset.std)
+    Store(store_copy).update_manifest(version, sha256={**version.manifest()["sha256"], "synset.safetensors": digest})
+    for fmt in ("png", "imagefolder", "grid"):
+        invoke("--store", store_copy, "export", NAME, "--format", fmt, "--out", tmp_path / fmt)
+    assert any(len(p.name) <= 104 and p.name.endswith(p.name[-8:]) for p in (tmp_path / "png").iterdir())
+
+
+def test_names_too_long_and_files_in_the_way_are_one_line_errors(store_copy, tmp_path):
+    long = tmp_path / ("x" * 300)
+    line = error_line(invoke("--store", long, "ls", expect=7))
+    assert "too long for the file system" in line
+    line = error_line(invoke("--store", store_copy, "export", NAME, "--format", "npz", "--out", long / "out",
+                             expect=7))
+    assert "too long for the file system" in line
+    (tmp_path / "file").write_text("x")
+    line = error_line(invoke("--store", tmp_path / "file" / "store", *DISTILL, expect=7))
+    assert "a part of this path is a file, not a folder" in line
+    line = error_line(invoke("--store", tmp_path / "file", "ls", expect=2))
+    assert "is not a folder" in line
+
+
 def test_a_simulated_full_disk_is_a_one_line_error_and_leaves_no_version(store_copy, monkeypatch):
     import ncfm_core.store.versions as versions_module
 

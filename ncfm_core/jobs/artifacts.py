@@ -6,13 +6,17 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ncfm_core.export import decoded_by_default, export_synset
+from ncfm_core.errors import ConfigError
+from ncfm_core.export import (
+    EXPORT_FORMATS,
+    check_export_target,
+    decoded_by_default,
+    export_record,
+    export_synset,
+)
 from ncfm_core.jobs.common import open_complete_synset
 from ncfm_core.jobs.run import shown_status
-from ncfm_core.store import ArtifactVersion, Store, atomic_write_bytes, write_json
-
-EXPORT_INFO_FILE = "ncfm-export.json"
-EXPORT_README_FILE = "README.txt"
+from ncfm_core.store import ArtifactVersion, Store
 
 
 def export_job(
@@ -22,51 +26,28 @@ def export_job(
     out_dir: Path | str,
     *,
     decoded: bool | None = None,
+    replace: bool = False,
 ) -> dict[str, Any]:
-    """Write the synthetic set of ``ref`` under ``out_dir`` in format ``fmt`` (see
+    """Write the synthetic set of ``ref`` into the folder ``out_dir`` in format ``fmt`` (see
     ``ncfm_core.export``; ``decoded=None``: decoded for the training formats imagefolder, pt and
     npz, stored for png and grid), plus ``ncfm-export.json`` and ``README.txt`` saying what was
     written (form, image count, factor, class names, the normalisation the networks used).
-    Returns ``{artifact, path, format, decoded, form, images, factor, mean, std, out, files}``."""
+    ``out_dir`` must be new or empty, or hold an earlier ncfm export and ``replace`` be set (it is
+    then replaced whole); checked before anything is read. Returns ``{artifact, path, format,
+    decoded, form, images, stored_images, factor, class_names, mean, std, out, files,
+    replaced}`` (``replaced``: the record of the export it replaced, or None)."""
+    if fmt not in EXPORT_FORMATS:
+        raise ConfigError(f"unknown export format {fmt!r}; choose one of: {', '.join(EXPORT_FORMATS)}")
+    replaced = check_export_target(out_dir, replace)
     version, _, synset = open_complete_synset(store, ref)
     decoded = decoded_by_default(fmt) if decoded is None else decoded
-    out = Path(out_dir)
-    files = export_synset(synset.images, synset.labels, synset.class_names, out, fmt,
-                          factor=synset.factor, decoded=decoded)
-    factor = 1 if decoded or synset.factor == 1 else synset.factor
-    count = int(synset.images.shape[0]) * (synset.factor**2 if decoded else 1)
-    info = {
-        "artifact": version.ref,
-        "format": fmt,
-        "decoded": decoded,
-        "form": "decoded" if decoded else "stored",
-        "images": count,
-        "factor": factor,
-        "class_names": list(synset.class_names),
-        "mean": None if synset.mean is None else list(synset.mean),
-        "std": None if synset.std is None else list(synset.std),
-    }
-    write_json(out / EXPORT_INFO_FILE, info)
-    atomic_write_bytes(out / EXPORT_README_FILE, _export_readme(info, synset.factor).encode())
-    return {**info, "path": str(version.path), "out": str(out.absolute()), "files": [str(f) for f in files]}
-
-
-def _export_readme(info: dict[str, Any], stored_factor: int) -> str:
-    if info["decoded"]:
-        form = (f"DECODED training images: each stored image ({stored_factor} x {stored_factor} tiles) became "
-                f"{stored_factor**2} images, upsampled to full size; train on these." if stored_factor > 1
-                else "training images (this artifact has no multi-formation: stored = decoded).")
-    else:
-        form = (f"STORED images: each holds {stored_factor} x {stored_factor} tiles; decode before training "
-                f"(ncfm export --decoded, or ncfm_core.open_synthetic)." if stored_factor > 1
-                else "stored images (no multi-formation: stored = decoded).")
-    norm = ("networks normalise [0, 1] pixels with mean " + ", ".join(f"{v:.4f}" for v in info["mean"])
-            + " and std " + ", ".join(f"{v:.4f}" for v in info["std"])) if info["mean"] else \
-        "normalisation: not recorded (artifact made before ncfm recorded it)"
-    return (f"{info['artifact']}, exported by ncfm as {info['format']}\n"
-            f"{info['images']} {form}\n"
-            f"pixels in [0, 1] (PNG: 0..255); {norm}\n"
-            f"details: {EXPORT_INFO_FILE}\n")
+    extra = {"artifact": version.ref, "mean": None if synset.mean is None else list(synset.mean),
+             "std": None if synset.std is None else list(synset.std)}
+    files = export_synset(synset.images, synset.labels, synset.class_names, out_dir, fmt,
+                          factor=synset.factor, decoded=decoded, replace=replace, info=extra)
+    info = export_record(fmt, int(synset.images.shape[0]), synset.factor, decoded, synset.class_names, extra)
+    return {**info, "path": str(version.path), "out": str(Path(out_dir).expanduser().absolute()),
+            "files": [str(f) for f in files], "replaced": replaced}
 
 
 def _file_sizes(directory: Path) -> dict[str, int]:

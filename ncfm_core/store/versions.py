@@ -67,9 +67,14 @@ _LOCK_FILE = ".lock"
 def store_root(explicit: str | os.PathLike | None = None) -> Path:
     """The store root: ``explicit`` (the ``--store`` option), else ``$NCFM_HOME``, else
     ``platformdirs.user_data_dir("ncfm")``. Read at call time so tests and long-lived
-    processes see the current environment. Returns an absolute path (not created)."""
-    if explicit is not None and str(explicit) != "":
+    processes see the current environment. Returns an absolute path (not created).
+    An empty ``explicit`` path is a ``ConfigError``: it would silently mean the current folder."""
+    if explicit is not None and not str(explicit).strip():
+        raise ConfigError("store (--store) is an empty path; give a folder, or leave it out to use $NCFM_HOME")
+    if explicit is not None:
         root = Path(explicit)
+        if os.path.lexists(root) and not root.is_dir():
+            raise ConfigError(f"store (--store) {root} is not a folder; give the store's folder (or a new one)")
     elif os.environ.get("NCFM_HOME"):
         root = Path(os.environ["NCFM_HOME"])
     else:
