@@ -18,6 +18,7 @@ from ncfm_cli.ls import LS_EPILOG, ls_command
 from ncfm_cli.options import JsonOption, LockTimeoutOption, QuietOption, StoreOption, VerboseOption
 from ncfm_cli.output import CLICK_ERROR, EXIT_CODES_HELP, GlobalOptions, report_error, wants_json
 from ncfm_cli.resume import RESUME_EPILOG, resume_command
+from ncfm_cli.verify import VERIFY_EPILOG, verify_command
 from ncfm_core import __version__
 from ncfm_core.errors import NcfmError
 from ncfm_core.jobs.events import sigterm_as_interrupt
@@ -73,6 +74,7 @@ app.command("eval", cls=_Command, epilog=EVAL_EPILOG)(eval_command)
 app.command("export", cls=_Command, epilog=EXPORT_EPILOG)(export_command)
 app.command("inspect", cls=_Command, epilog=INSPECT_EPILOG)(inspect_command)
 app.command("ls", cls=_Command, epilog=LS_EPILOG)(ls_command)
+app.command("verify", cls=_Command, epilog=VERIFY_EPILOG)(verify_command)
 
 
 def _version_callback(value: bool) -> None:

@@ -476,6 +476,33 @@ def test_exporting_into_an_empty_folder_through_a_symlink_works(store_copy, tmp_
     assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / "synset.npz").is_file()
 
 
+@pytest.mark.parametrize("relpath", ["synset.safetensors", "sampler.safetensors", "checkpoint/state.safetensors"])
+def test_verify_finds_a_changed_byte_in_every_file_kind(store_copy, relpath):
+    result = invoke("--store", store_copy, "verify", NAME, "--json")
+    assert one_json(result)["ok"] is True
+    path = _version(store_copy) / relpath
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0x01
+    path.write_bytes(bytes(raw))
+    result = invoke("--store", store_copy, "verify", NAME, "--json", expect=1)
+    printed = one_json(result)
+    assert printed["ok"] is False and printed["files"][relpath]["status"] == "changed"
+    assert printed["error"]["exit_code"] == 1 and str(path) in printed["error"]["message"]
+    assert [name for name, entry in printed["files"].items() if entry["status"] != "ok"] == [relpath]
+    line = error_line(invoke("--store", store_copy, "verify", NAME, expect=1))
+    assert str(path) in line and "changed" in line
+
+
+def test_verify_reports_missing_and_non_regular_files(store_copy):
+    (_version(store_copy) / "sampler.safetensors").unlink()
+    _swap(_version(store_copy) / "checkpoint" / "state.safetensors", "fifo")
+    with time_limit(60):
+        printed = one_json(invoke("--store", store_copy, "verify", f"{NAME}@v1", "--json", expect=1))
+    assert printed["files"]["sampler.safetensors"]["status"] == "missing"
+    assert printed["files"]["checkpoint/state.safetensors"]["status"] == "unreadable"
+    assert "FIFO" in printed["files"]["checkpoint/state.safetensors"]["reason"]
+
+
 # ----------------------------------------------------------------------------- 6. the file system refuses
 
 
@@ -525,6 +552,45 @@ def _tmpfs_wrap(mount_point: Path) -> list[str]:
     if shutil.which("unshare") is None or subprocess.run([*wrap, "true"], capture_output=True).returncode != 0:
         pytest.skip("cannot mount a tmpfs here (needs root in a mount namespace)")
     return wrap
+
+
+def test_a_read_only_and_a_full_file_system_on_a_real_tmpfs(store_copy, tmp_path):
+    mount_point = tmp_path / "mnt"
+    mount_point.mkdir()
+    wrap = _tmpfs_wrap(mount_point)
+    out = tmp_path / "results"
+    out.mkdir()
+    script = textwrap.dedent(f"""
+        set -u
+        cp -r {store_copy} {mount_point}/store
+        run() {{ name=$1; shift; {sys.executable} -m ncfm_cli "$@" >{out}/$name.out 2>{out}/$name.err; echo $? >{out}/$name.rc; }}
+        head -c 4M /dev/zero > {mount_point}/fill 2>/dev/null
+        run full_distill --store {mount_point}/store distill digits --ipc 1 --iterations 1 {' '.join(TINY)} --name full
+        run full_export --store {mount_point}/store export {NAME} --format npz --out {mount_point}/exported
+        rm {mount_point}/fill
+        mount -o remount,ro {mount_point}
+        run ro_distill --store {mount_point}/store distill digits --ipc 1 --iterations 1 {' '.join(TINY)}
+        run ro_eval --store {mount_point}/store eval {NAME} {' '.join(EVAL_TINY)}
+        run ro_ls --store {mount_point}/store ls --json
+        run ro_verify --store {mount_point}/store verify {NAME}
+    """)
+    proc = subprocess.run([*wrap, "sh", "-c", script], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+
+    def outcome(name: str) -> tuple[int, str]:
+        stderr = (out / f"{name}.err").read_text()
+        assert "Traceback" not in stderr and "unexpected" not in stderr, stderr
+        return int((out / f"{name}.rc").read_text()), stderr.strip().splitlines()[-1] if stderr.strip() else ""
+
+    for name in ("full_distill", "full_export"):
+        code, line = outcome(name)
+        assert code == 7 and "no space left on the device" in line, (name, line)
+    for name in ("ro_distill", "ro_eval"):
+        code, line = outcome(name)
+        assert code == 7 and "read-only" in line.lower(), (name, line)
+    for name in ("ro_ls", "ro_verify"):
+        assert outcome(name)[0] == 0, name
 
 
 def test_running_out_of_memory_is_exit_4_with_a_one_line_error(store_copy, monkeypatch):

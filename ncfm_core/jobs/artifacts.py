@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ncfm_core.errors import ConfigError
+from ncfm_core.errors import ConfigError, NcfmError, one_line, storage_error
 from ncfm_core.export import (
     EXPORT_FORMATS,
     check_export_target,
@@ -16,7 +16,7 @@ from ncfm_core.export import (
 )
 from ncfm_core.jobs.common import open_complete_synset
 from ncfm_core.jobs.run import shown_status
-from ncfm_core.store import ArtifactVersion, Store
+from ncfm_core.store import CHECKPOINT_RELPATH, SAMPLER_FILE, SYNSET_FILE, ArtifactVersion, Store, file_sha256
 
 
 def export_job(
@@ -48,6 +48,50 @@ def export_job(
     info = export_record(fmt, int(synset.images.shape[0]), synset.factor, decoded, synset.class_names, extra)
     return {**info, "path": str(version.path), "out": str(Path(out_dir).expanduser().absolute()),
             "files": [str(f) for f in files], "replaced": replaced}
+
+
+VERIFIED_FILES = (SYNSET_FILE, SAMPLER_FILE, CHECKPOINT_RELPATH)
+"""The files a complete version records the sha256 of."""
+
+
+def _checked_file(version: ArtifactVersion, relpath: str, expected: str | None) -> dict[str, Any]:
+    """One file of ``version`` against the sha256 its manifest recorded: ``{status, sha256,
+    expected, reason}``, status one of ok, changed, missing, unreadable, not recorded."""
+    entry: dict[str, Any] = {"status": "ok", "sha256": None, "expected": expected, "reason": None}
+    parts = Path(relpath).parts
+    if Path(relpath).is_absolute() or ".." in parts or not parts:  # a manifest must not point outside
+        return {**entry, "status": "unreadable", "reason": "not a path inside the version folder"}
+    try:
+        entry["sha256"] = file_sha256(version.path / relpath)
+    except NcfmError as err:
+        missing = type(err).__name__ == "NotFoundError"
+        return {**entry, "status": "missing" if missing else "unreadable", "reason": one_line(err)}
+    except OSError as err:
+        return {**entry, "status": "unreadable", "reason": one_line(storage_error(err))}
+    if expected is None:
+        return {**entry, "status": "not recorded", "reason": "the manifest records no sha256 for it (an older ncfm)"}
+    if entry["sha256"] != expected:
+        return {**entry, "status": "changed", "reason": "its sha256 differs from the one recorded when it was written"}
+    return entry
+
+
+def verify_job(store: Store, ref: str) -> dict[str, Any]:
+    """Check every file of ``ref`` whose sha256 its manifest records (the synthetic set, the
+    sampler, the checkpoint; every one, read whole, whether or not a command would load it), plus
+    those a complete version should have. Returns ``{artifact, path, status, ok, files: {path:
+    {status, sha256, expected, reason}}, problems: [line, ...]}``; ``ok`` is False when a file is
+    changed, missing or unreadable ("not recorded": a version from before hashes, not a
+    problem). Raises only for what stops the check itself (no such version, a damaged manifest)."""
+    version = store.resolve(ref)
+    manifest = version.manifest()
+    recorded = dict(manifest.get("sha256") or {})
+    expected_files = VERIFIED_FILES if manifest.get("status") == "complete" else ()
+    names = sorted(set(recorded) | set(expected_files))
+    files = {name: _checked_file(version, name, recorded.get(name)) for name in names}
+    problems = [f"{version.path / name}: {entry['status']} ({entry['reason']})"
+                for name, entry in files.items() if entry["status"] not in ("ok", "not recorded")]
+    return {"artifact": version.ref, "path": str(version.path), "status": manifest.get("status"),
+            "ok": not problems, "files": files, "problems": problems}
 
 
 def _file_sizes(directory: Path) -> dict[str, int]:
