@@ -64,8 +64,9 @@ EVAL_EPILOG = (
     "acc(synthetic) and LRS are fractions (percentages and points in the table). The random "
     "subset has the synthetic set's stored IPC (same storage). "
     "Exit codes: 0 ok; 1 failure (e.g. a corrupt synset.safetensors); 2 invalid option; "
-    "3 artifact not found; 5 mean accuracy below --min-acc (the result is printed and "
-    "recorded first)."
+    "3 artifact not found; 4 out of memory; 5 mean accuracy below --min-acc (the result is printed and "
+    "recorded first); 6 the artifact's lock held by another process past --lock-timeout; 7 the file "
+    "system refused (permission, read-only, disk full; a finished result is printed first)."
 )
 
 

@@ -24,7 +24,8 @@ from ncfm_core.jobs import inspect_job
 INSPECT_EPILOG = (
     "--json prints the manifest itself plus artifact, path and file_sizes (bytes); the normalisation "
     "the networks apply to [0, 1] pixels is dataset.normalization. "
-    "Exit codes: 0 ok; 1 corrupt manifest; 2 invalid reference; 3 not found."
+    "Exit codes: 0 ok; 1 corrupt manifest; 2 invalid reference; 3 not found; 7 the file system refused "
+    "(e.g. permission denied)."
 )
 
 

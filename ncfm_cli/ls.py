@@ -11,7 +11,9 @@ from ncfm_core.jobs import list_job
 
 LS_EPILOG = (
     "Versions whose manifest cannot be read are listed as warnings on stderr (and under "
-    "\"warnings\" with --json) instead of failing. Exit codes: 0 ok; 1 failure."
+    "\"warnings\" with --json) instead of failing, whatever the reason (damaged, not a regular file, "
+    "permission denied). Exit codes: 0 ok (also with warnings); 1 failure; 2 invalid option; 7 the file "
+    "system refused (e.g. the store's own folder cannot be read)."
 )
 
 
