@@ -58,9 +58,10 @@ DISTILL_EPILOG = (
     "fraction of the device), else the free memory minus a margin; --dry-run shows the plan and writes "
     "nothing. Exit codes: 0 ok; 1 failure; 2 invalid option (e.g. --ipc larger than a class); "
     "3 dataset files not found; 4 memory budget too small (the message states the minimum) or out of "
-    "memory under it; 5 with --eval, accuracy below --min-acc; 130 interrupted by Ctrl-C after saving "
-    "a checkpoint (the message names the `ncfm resume` command that continues it, --eval included); "
-    "143 the same for SIGTERM."
+    "memory under it; 5 with --eval, accuracy below --min-acc; 6 the artifact's lock held by another "
+    "process past --lock-timeout; 7 the file system refused (permission, read-only, disk full); "
+    "130 interrupted by Ctrl-C after saving a checkpoint (the message names the `ncfm resume` command "
+    "that continues it, --eval included); 143 the same for SIGTERM."
 )
 
 _SET = "Synthetic set"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -65,8 +64,9 @@ EVAL_EPILOG = (
     "acc(synthetic) and LRS are fractions (percentages and points in the table). The random "
     "subset has the synthetic set's stored IPC (same storage). "
     "Exit codes: 0 ok; 1 failure (e.g. a corrupt synset.safetensors); 2 invalid option; "
-    "3 artifact not found; 5 mean accuracy below --min-acc (the result is printed and "
-    "recorded first)."
+    "3 artifact not found; 4 out of memory; 5 mean accuracy below --min-acc (the result is printed and "
+    "recorded first); 6 the artifact's lock held by another process past --lock-timeout; 7 the file "
+    "system refused (permission, read-only, disk full; a finished result is printed first)."
 )
 
 
@@ -98,11 +98,7 @@ def build_eval_config(
     teacher_member: int | None = None,
 ) -> EvalConfig:
     """The named evaluation protocol (default ``ncfm``) with the options given on top
-    (``None``: the protocol's value)."""
-    if lr is not None and not (0 < lr <= 10 and math.isfinite(lr)):
-        raise ConfigError(f"--lr must be a finite number in (0, 10], got {lr}")
-    if not soft_labels and (temperature is not None or teacher_member is not None):
-        raise ConfigError("--temperature and --teacher-member only apply with --soft-labels; add --soft-labels")
+    (``None``: the protocol's value); the library checks every one (``protocol_config``)."""
     return protocol_config(
         protocol or "ncfm",
         repeats=repeats,
@@ -112,12 +108,12 @@ def build_eval_config(
         seed=seed,
         width=width,
         batch_size=batch_size,
-        optimizer=None if optimizer is None else optimizer.strip().lower(),
+        optimizer=optimizer,
         weight_decay=weight_decay,
         momentum=momentum,
         cutmix_prob=cutmix_prob,
         random_resized_crop=rrc,
-        repeat_mode=None if repeat_mode is None else repeat_mode.strip().lower(),
+        repeat_mode=repeat_mode,
         best_over_epochs=best_over_epochs,
         soft_labels=soft_labels,
         temperature=temperature,

@@ -29,7 +29,8 @@ INSPECT_EPILOG = (
     "--json prints the manifest itself (older layouts migrated to the current schema_version) plus "
     "artifact, path and file_sizes (bytes), and hint (the command that continues an interrupted run); "
     "the normalisation the networks apply to [0, 1] pixels is dataset.normalization. "
-    "Exit codes: 0 ok; 1 corrupt manifest; 2 invalid reference; 3 not found."
+    "Exit codes: 0 ok; 1 corrupt manifest; 2 invalid reference; 3 not found; 7 the file system refused "
+    "(e.g. permission denied)."
 )
 
 

@@ -13,7 +13,9 @@ LS_EPILOG = (
     "An interrupted run (Ctrl-C, SIGTERM, or a process that died) is listed as interrupted, with "
     "the command that continues it below the table (\"hint\" with --json). Versions whose manifest "
     "cannot be read are listed as warnings on stderr (and under \"warnings\" with --json) instead of "
-    "failing. Exit codes: 0 ok; 1 failure."
+    "failing, whatever the reason (damaged, not a regular file, permission denied). Exit codes: 0 ok "
+    "(also with warnings); 1 failure; 2 invalid option; 7 the file system refused (e.g. the store's own "
+    "folder cannot be read)."
 )
 
 

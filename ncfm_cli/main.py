@@ -15,9 +15,10 @@ from ncfm_cli.eval import EVAL_EPILOG, eval_command
 from ncfm_cli.export import EXPORT_EPILOG, export_command
 from ncfm_cli.inspect import INSPECT_EPILOG, inspect_command
 from ncfm_cli.ls import LS_EPILOG, ls_command
-from ncfm_cli.options import JsonOption, QuietOption, StoreOption, VerboseOption
+from ncfm_cli.options import JsonOption, LockTimeoutOption, QuietOption, StoreOption, VerboseOption
 from ncfm_cli.output import CLICK_ERROR, EXIT_CODES_HELP, GlobalOptions, report_error, wants_json
 from ncfm_cli.resume import RESUME_EPILOG, resume_command
+from ncfm_cli.verify import VERIFY_EPILOG, verify_command
 from ncfm_core import __version__
 from ncfm_core.errors import NcfmError
 from ncfm_core.jobs.events import sigterm_as_interrupt
@@ -73,6 +74,7 @@ app.command("eval", cls=_Command, epilog=EVAL_EPILOG)(eval_command)
 app.command("export", cls=_Command, epilog=EXPORT_EPILOG)(export_command)
 app.command("inspect", cls=_Command, epilog=INSPECT_EPILOG)(inspect_command)
 app.command("ls", cls=_Command, epilog=LS_EPILOG)(ls_command)
+app.command("verify", cls=_Command, epilog=VERIFY_EPILOG)(verify_command)
 
 
 def _version_callback(value: bool) -> None:
@@ -85,6 +87,7 @@ def _version_callback(value: bool) -> None:
 def main(
     ctx: typer.Context,
     store: StoreOption = None,
+    lock_timeout: LockTimeoutOption = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
     verbose: VerboseOption = False,
@@ -100,7 +103,7 @@ def main(
 
         ncfm distill digits --ipc 10 --eval
     """
-    ctx.obj = GlobalOptions(store=store, json=json_output, quiet=quiet, verbose=verbose)
+    ctx.obj = GlobalOptions(store=store, json=json_output, quiet=quiet, verbose=verbose, lock_timeout=lock_timeout)
 
 
 def run() -> None:
@@ -112,7 +115,7 @@ def run() -> None:
         signal.signal(signal.SIGTERM, sigterm_as_interrupt)
     try:
         app(standalone_mode=True)
-    except (NcfmError, KeyboardInterrupt) as err:
+    except (NcfmError, OSError, KeyboardInterrupt) as err:
         if os.environ.get("NCFM_DEBUG") == "1":
             raise
         sys.exit(report_error(err, wants_json(sys.argv[1:])))

@@ -11,6 +11,15 @@ from typing import Annotated, Optional
 
 import typer
 
+
+def folder_path(text: str) -> Path:
+    """A folder option's value as a path; an empty one is a usage error (``Path("")`` would
+    silently mean the current folder)."""
+    if not str(text).strip():
+        raise typer.BadParameter("is an empty path; give a folder")
+    return Path(text)
+
+
 # -- global options (the app callback) ------------------------------------------------------
 
 StoreOption = Annotated[
@@ -18,7 +27,18 @@ StoreOption = Annotated[
     typer.Option(
         "--store",
         help="Artifact store directory. Default: $NCFM_HOME, else the user data directory.",
-        file_okay=False,
+        parser=folder_path,
+        metavar="DIR",
+        show_default=False,
+    ),
+]
+LockTimeoutOption = Annotated[
+    Optional[float],
+    typer.Option(
+        "--lock-timeout",
+        metavar="SECONDS",
+        help="How long to wait for an artifact's lock held by another ncfm process before giving up with exit "
+        "code 6 (who holds it is said every 10 s). Default: $NCFM_LOCK_TIMEOUT, else 120.",
         show_default=False,
     ),
 ]
@@ -63,6 +83,8 @@ DataDirOption = Annotated[
     typer.Option(
         "--data-dir",
         help="Where the dataset lives (default: $NCFM_DATA_DIR, else the user cache directory).",
+        parser=folder_path,
+        metavar="DIR",
         show_default=False,
     ),
 ]

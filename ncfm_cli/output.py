@@ -40,15 +40,17 @@ from rich.table import Table
 
 from ncfm_core import parallel
 from ncfm_core.devices import format_bytes
-from ncfm_core.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_TERMINATED, NcfmError, one_line
+from ncfm_core.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_TERMINATED, NcfmError, as_user_error, one_line
 from ncfm_core.jobs import JobInterrupted
 from ncfm_core.jobs.events import signal_of
 from ncfm_core.store import Store, Timings, describe_peak_source
 
 EXIT_CODES_HELP = (
-    "Exit codes: 0 success; 1 failure (one-line reason on stderr; set NCFM_DEBUG=1 for the "
-    "traceback); 2 usage error or invalid option; 3 artifact, version, dataset or file not found; "
-    "4 memory budget too small; 5 accuracy below --min-acc; 130 interrupted by Ctrl-C "
+    "Exit codes: 0 success; 1 failure (one-line reason on stderr, e.g. a damaged store file; set "
+    "NCFM_DEBUG=1 for the traceback); 2 usage error or invalid option; 3 artifact, version, dataset or "
+    "file not found; 4 memory budget too small or out of memory; 5 accuracy below --min-acc; 6 a store "
+    "lock held by another process past --lock-timeout; 7 the file system refused (permission denied, "
+    "read-only, disk full, name too long); 130 interrupted by Ctrl-C "
     "(a checkpoint is saved first; continue with `ncfm resume REF`); 143 stopped by SIGTERM "
     "(likewise). With --json every error also prints {\"error\": {type, message, exit_code}} on stdout."
 )
@@ -62,9 +64,10 @@ class GlobalOptions:
     json: bool = False
     quiet: bool = False
     verbose: bool = False
+    lock_timeout: float | None = None  # None: $NCFM_LOCK_TIMEOUT, else the store's default
 
     def open_store(self) -> Store:
-        return Store(self.store)
+        return Store(self.store, lock_timeout=self.lock_timeout)
 
     def store_flag(self) -> str:
         """The ``--store DIR`` part to repeat in suggested commands ('' for the default store)."""
@@ -362,6 +365,7 @@ def is_main() -> bool:
 
 def exit_code_for(err: BaseException) -> int:
     """The documented exit code of an exception that reached the command line."""
+    err = as_user_error(err)
     if isinstance(err, KeyboardInterrupt):
         return EXIT_TERMINATED if signal_of(err) == "SIGTERM" else EXIT_INTERRUPTED
     if isinstance(err, NcfmError):
@@ -372,7 +376,9 @@ def exit_code_for(err: BaseException) -> int:
 
 
 def error_line(err: BaseException) -> str:
-    """The one line a failed command prints on stderr (the only place errors become text)."""
+    """The one line a failed command prints on stderr (the only place errors become text): an
+    ``OSError`` or running out of memory as :func:`ncfm_core.errors.as_user_error` words it."""
+    err = as_user_error(err)
     if isinstance(err, KeyboardInterrupt):
         return "interrupted (SIGTERM)" if signal_of(err) == "SIGTERM" else "interrupted"
     if isinstance(err, NcfmError):
@@ -401,7 +407,7 @@ def error_object(err: BaseException, message: str | None = None) -> dict[str, An
     """What ``--json`` prints on stdout for a failed command: ``{"error": {type, message, exit_code}}``
     (``message`` is the stderr line without ``error: ``)."""
     text = message if message is not None else error_line(err).removeprefix("error: ")
-    return {"error": {"type": type(err).__name__, "message": text, "exit_code": exit_code_for(err)}}
+    return {"error": {"type": type(as_user_error(err)).__name__, "message": text, "exit_code": exit_code_for(err)}}
 
 
 def report_error(err: BaseException, json_output: bool, message: str | None = None) -> int:

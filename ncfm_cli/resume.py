@@ -30,7 +30,9 @@ RESUME_EPILOG = (
     "Exit codes: 0 ok (also when there is nothing to do); 1 failure (e.g. a corrupt checkpoint); "
     "5 the carried-over evaluation below its --min-acc; "
     "2 invalid option; 3 artifact not found; 4 --gpu-mem below the recorded plan's estimate, or out "
-    "of memory under it (the checkpoint is kept); 130 (Ctrl-C) or 143 (SIGTERM) interrupted again (resume again)."
+    "of memory under it (the checkpoint is kept); 6 the artifact's lock held by another process past "
+    "--lock-timeout; 7 the file system refused (permission, read-only, disk full); 130 (Ctrl-C) or 143 "
+    "(SIGTERM) interrupted again (resume again)."
 )
 
 

@@ -132,44 +132,116 @@ def make_config(dataset: str, ipc: int, **overrides: Any) -> DistillConfig:
 MAX_LR = 10.0
 """The largest learning rate accepted: pixels live in [0, 1], so a step beyond this is no longer
 a learning rate (and far larger figures overflow float32)."""
+MAX_SEED = 2**32 - 1
+"""The largest seed: every seed ncfm derives from it (``seed * 1000 + member`` for the pool,
+``seed + r`` for evaluation repeats) stays far inside what torch's generators accept (64 bits)."""
+MAX_CALIB_WEIGHT = 1000.0
+"""The largest calibration weight: the cross-entropy it weighs is of order 1, so beyond this it
+only drowns the matching loss (and far larger figures overflow the loss)."""
+INIT_MODES = ("real", "mix", "noise")  # the same as ncfm_core.synset.INIT_MODES (config imports no torch)
+MIXTURE_SCALES = (0.05, 20.0)  # psi's per-component scale range (ncfm_core.sampler.MixtureSampler defaults)
+
+FLAGS = {
+    "ipc": "--ipc", "data_dir": "--data-dir", "image_size": "--image-size", "network": "--network", "depth": "--depth",
+    "width": "--width", "factor": "--factor", "init": "--init", "image_lr": "--lr", "matching": "--matching",
+    "iterations": "--iterations", "real_per_class": "--real-per-class", "num_freqs": "--freqs", "alpha": "--alpha",
+    "sampler": "--sampler", "num_components": "--components", "calib_weight": "--calib-weight",
+    "pool_size": "--pool-size", "pool_epochs": "--pool-epochs", "seed": "--seed", "real_chunk": "--real-chunk",
+    "class_chunk": "--class-chunk", "precision": "--precision", "activation_checkpointing": "--checkpointing",
+    "channels_last": "--channels-last", "compile": "--compile",
+}
+"""The ``ncfm distill`` option of each :class:`DistillConfig` field that has one."""
 
 
-def _finite(value: float) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def option_name(field: str, flags: dict[str, str] = FLAGS) -> str:
+    """How messages name a setting, so they read right from Python and from the command line:
+    the field, then its command-line option (``image_lr (--lr)``); the bare field if it has none."""
+    flag = flags.get(field)
+    return f"{field} ({flag})" if flag else field
+
+
+def _number(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+def _interval(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    if low is not None and high is not None:
+        return f" in {'(' if low_open else '['}{_number(low)}, {_number(high)}{')' if high_open else ']'}"
+    if low is not None:
+        return f" {'>' if low_open else '>='} {_number(low)}"
+    if high is not None:
+        return f" {'<' if high_open else '<='} {_number(high)}"
+    return ""
+
+
+def check_range(name: str, value: Any, low: float | None = None, high: float | None = None, *,
+                low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:
+    """``ConfigError`` naming ``name`` unless ``value`` is a number (an int with ``integer``; never a
+    bool), finite, and within ``[low, high]`` (an end is left out when None, excluded when open)."""
+    kind = "an integer" if integer else "a finite number"
+    fits_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    good = fits_type and not isinstance(value, bool) and (integer or math.isfinite(value))
+    if good:
+        below = low is not None and (value <= low if low_open else value < low)
+        above = high is not None and (value >= high if high_open else value > high)
+        good = not (below or above)
+    if not good:
+        shown = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else f"{value:.3g}"
+        raise ConfigError(f"{name} must be {kind}{_interval(low, high, low_open, high_open)}, got {shown}")
+
+
+def check_seed(name: str, seed: Any) -> None:
+    """A seed is an integer in [0, MAX_SEED]: a negative one is refused by the manifest, a huge one
+    by torch, and both only after work has been done."""
+    check_range(name, seed, 0, MAX_SEED, integer=True)
+
+
+def check_weight_decay(name: str, weight_decay: Any, lr_name: str, lr: float) -> None:
+    """Weight decay: finite, >= 0, and lr * weight_decay < 1: every step scales the weights by
+    1 - lr * weight_decay, which at 1 or more zeroes or flips them (a silent chance-level result)."""
+    check_range(name, weight_decay, 0)
+    if lr * weight_decay >= 1:
+        raise ConfigError(f"{name} {weight_decay:g} is too large for {lr_name} {lr:g}: each step scales the weights "
+                          f"by 1 - lr * weight_decay, so lr * weight_decay must stay below 1")
 
 
 def validate(config: DistillConfig) -> DistillConfig:
-    """Range checks with messages that name the option; returns the config unchanged."""
+    """Every range check on a distillation, before any work, with messages that name the setting
+    (``field (--flag)``, :func:`option_name`); returns the config unchanged."""
     # Imported here, not at the top: the losses' modules import this one (DistillConfig), and
     # importing ncfm_core.matching registers them; by the first validate() both are loaded.
     from ncfm_core.matching import matching_names, unknown_matching_message
 
-    for option, value in (("--lr", config.image_lr), ("--alpha", config.alpha), ("--calib-weight", config.calib_weight),
-                          ("sampler_lr", config.sampler_lr), ("sampler_init_scale", config.sampler_init_scale),
-                          ("loss_scale", config.loss_scale), ("pool_lr", config.pool_lr),
-                          ("pool_momentum", config.pool_momentum), ("pool_weight_decay", config.pool_weight_decay)):
-        if not _finite(value):
-            raise ConfigError(f"{option} must be a finite number, got {value!r}")
+    name = option_name
+    counts = [("ipc", 1), ("iterations", 0), ("factor", 1), ("num_freqs", 1), ("real_per_class", 1),
+              ("pool_size", 1), ("pool_epochs", 0), ("pool_batch", 1), ("width", 1), ("lr_patience", 0)]
+    for field, low in counts:
+        check_range(name(field), getattr(config, field), low, integer=True)
+    for field in ("depth", "image_size", "real_chunk", "num_components", "class_chunk"):
+        if getattr(config, field) is not None:
+            check_range(name(field), getattr(config, field), 1, integer=True)
+    if config.image_size is not None and config.image_size > MAX_IMAGE_SIZE:
+        raise ConfigError(image_size_message(config.image_size))
+    check_seed(name("seed"), config.seed)
+    check_range(name("image_lr"), config.image_lr, 0, MAX_LR, low_open=True)
+    check_range(name("sampler_lr"), config.sampler_lr, 0, MAX_LR, low_open=True)
+    check_range(name("pool_lr"), config.pool_lr, 0, MAX_LR, low_open=True)
+    check_range(name("alpha"), config.alpha, 0, 1)
+    check_range(name("calib_weight"), config.calib_weight, 0, MAX_CALIB_WEIGHT)
+    check_range(name("loss_scale"), config.loss_scale, 0, low_open=True)
+    check_range(name("pool_momentum"), config.pool_momentum, 0, 1, high_open=True)
+    check_weight_decay(name("pool_weight_decay"), config.pool_weight_decay, name("pool_lr"), config.pool_lr)
+    if config.sampler:  # psi's scales live in MIXTURE_SCALES; the fixed Gaussian only needs a positive one
+        check_range(name("sampler_init_scale"), config.sampler_init_scale, *MIXTURE_SCALES)
+    else:
+        check_range(name("sampler_init_scale"), config.sampler_init_scale, 0, low_open=True)
+    if config.data_dir is not None and not str(config.data_dir).strip():
+        raise ConfigError(f"{name('data_dir')} is an empty path; give a folder, or leave it out for the default")
     checks = [
-        (config.image_size is None or config.image_size >= 1, "--image-size must be >= 1"),
-        (config.image_size is None or config.image_size <= MAX_IMAGE_SIZE, image_size_message(config.image_size or 0)),
-        (config.image_lr <= MAX_LR, f"--lr {config.image_lr:g} is too large: use a learning rate in (0, {MAX_LR:g}]"),
-        (config.calib_weight >= 0, "--calib-weight must be >= 0"),
-        (config.ipc >= 1, "--ipc must be >= 1"),
-        (config.iterations >= 0, "--iterations must be >= 0"),
-        (config.factor >= 1, "--factor must be >= 1"),
-        (0.0 <= config.alpha <= 1.0, "--alpha must lie in [0, 1]"),
-        (config.num_freqs >= 1, "--freqs must be >= 1"),
-        (config.real_per_class >= 1, "--real-per-class must be >= 1"),
-        (config.pool_size >= 1, "--pool-size must be >= 1"),
-        (config.pool_epochs >= 0, "--pool-epochs must be >= 0"),
-        (config.image_lr > 0, "--lr must be > 0"),
+        (config.init in INIT_MODES, f"{name('init')} must be one of {', '.join(INIT_MODES)}, got {config.init!r}"),
         (config.matching in matching_names(), unknown_matching_message(config.matching)),
-        (config.real_chunk is None or config.real_chunk >= 1, "--real-chunk must be >= 1"),
-        (config.num_components is None or config.num_components >= 1, "--components must be >= 1"),
-        (config.class_chunk is None or config.class_chunk >= 1, "--class-chunk must be >= 1"),
-        (config.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
-        (config.cf_precision in CF_PRECISIONS, f"cf_precision must be one of {', '.join(CF_PRECISIONS)}"),
+        (config.precision in PRECISIONS, f"{name('precision')} must be one of {', '.join(PRECISIONS)}"),
+        (config.cf_precision in CF_PRECISIONS, f"{name('cf_precision')} must be one of {', '.join(CF_PRECISIONS)}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -214,10 +214,16 @@ def parse_memory(spec: str, total_bytes: int | None = None) -> int:
         raise ConfigError(
             f"cannot read memory size {spec!r}; write e.g. 2.5G, 800M, 1.5GiB, 512MB or a fraction such as 0.3"
         )
-    number = float(match.group(1)) * 10.0 ** int(match.group(2) or 0)
+    exponent = match.group(2) or "0"
+    try:  # 1e400 (or an exponent of 5000 digits) overflows: a size no device has
+        number = float(match.group(1)) * 10.0 ** int(exponent if len(exponent) < 6 else exponent[0] + "999")
+    except OverflowError:
+        number = math.inf
     unit = match.group(3)
-    if not number > 0 or not math.isfinite(number):
+    if not number > 0:
         raise ConfigError(f"memory size {spec!r} must be positive")
+    if not math.isfinite(number * _UNIT_BYTES.get(unit, 1)):
+        raise ConfigError(f"memory size {spec!r} is too large; write e.g. 2.5G, or all for the whole free memory")
     if unit:
         size = int(number * _UNIT_BYTES[unit])
     elif number <= 1.0:

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ncfm_core import augment
+from ncfm_core.config import MAX_LR, check_range, check_seed, check_weight_decay, option_name
 from ncfm_core.data import ImageDataset, check_ipc
 from ncfm_core.errors import ConfigError
 from ncfm_core.models import create_network, supported_options
@@ -49,6 +50,27 @@ if TYPE_CHECKING:
     from ncfm_core.pool import Pool
 
 REPEAT_MODES = ("auto", "batched", "sequential")
+MAX_REPEATS = 1000
+"""The most networks one evaluation trains: each is built and kept up front (and trained for
+every epoch), so far more is a typo that would exhaust memory, not a protocol."""
+MAX_TEMPERATURE = 100.0
+"""The largest soft-label temperature: beyond it the teacher's targets are uniform to float
+precision, and T^2 scales the loss towards overflow."""
+
+EVAL_FLAGS = {
+    "model": "--model", "epochs": "--epochs", "lr": "--lr", "optimizer": "--optimizer",
+    "weight_decay": "--weight-decay", "momentum": "--momentum", "batch_size": "--batch-size",
+    "repeats": "--repeats", "seed": "--seed", "width": "--width", "protocol": "--protocol",
+    "cutmix_prob": "--cutmix-prob", "random_resized_crop": "--rrc", "soft_labels": "--soft-labels",
+    "temperature": "--temperature", "teacher_member": "--teacher-member", "best_over_epochs": "--best-over-epochs",
+    "repeat_mode": "--repeat-mode",
+}
+"""The ``ncfm eval`` option of each :class:`EvalConfig` field that has one."""
+
+
+def eval_option_name(field: str) -> str:
+    """``field (--flag)`` for an evaluation setting (:func:`ncfm_core.config.option_name`)."""
+    return option_name(field, EVAL_FLAGS)
 
 # Bump when a change to training or evaluation code changes results, so cached baselines
 # computed by older code stop matching.
@@ -132,15 +154,32 @@ class EvalConfig:
     repeat_mode: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.repeats < 1:
-            raise ConfigError("--repeats must be >= 1")
+        """Every range check on an evaluation request, before any work (``ConfigError`` naming
+        the setting as ``field (--flag)``, :func:`ncfm_core.config.option_name`)."""
+        name = eval_option_name
+        for field, low in (("repeats", 1), ("epochs", 0), ("batch_size", 1), ("width", 1), ("teacher_member", 0)):
+            check_range(name(field), getattr(self, field), low, integer=True)
+        if self.repeats > MAX_REPEATS:
+            raise ConfigError(f"{name('repeats')} {self.repeats} is more than {MAX_REPEATS}: each repeat trains "
+                              "and keeps a whole network")
+        if self.depth is not None:
+            check_range(name("depth"), self.depth, 1, integer=True)
+        check_seed(name("seed"), self.seed)
+        check_range(name("lr"), self.lr, 0, MAX_LR, low_open=True)
+        check_weight_decay(name("weight_decay"), self.weight_decay, name("lr"), self.lr)
+        check_range(name("momentum"), self.momentum, 0, 1, high_open=True)
+        check_range(name("cutmix_prob"), self.cutmix_prob, 0, 1)
+        check_range(name("rrc_min_scale"), self.rrc_min_scale, 0, 1, low_open=True)
+        check_range(name("temperature"), self.temperature, 0, MAX_TEMPERATURE, low_open=True)
+        if not self.soft_labels and (self.temperature != 1.0 or self.teacher_member != 0):
+            raise ConfigError(f"{name('temperature')} and {name('teacher_member')} only apply with soft labels; "
+                              f"set {name('soft_labels')}")
         if self.protocol not in PROTOCOLS:
-            raise ConfigError(f"unknown protocol {self.protocol!r}; choose one of: {', '.join(PROTOCOLS)}")
+            raise ConfigError(f"unknown {name('protocol')} {self.protocol!r}; choose one of: {', '.join(PROTOCOLS)}")
         if self.repeat_mode not in REPEAT_MODES:
-            raise ConfigError(f"unknown repeat mode {self.repeat_mode!r}; choose one of: {', '.join(REPEAT_MODES)}")
-        if self.teacher_member < 0:
-            raise ConfigError(f"teacher member must be >= 0, got {self.teacher_member}")
-        self.train_settings(True)  # validates optimizer, schedule, rates and augmentation knobs
+            raise ConfigError(f"unknown {name('repeat_mode')} {self.repeat_mode!r}; choose one of: "
+                              f"{', '.join(REPEAT_MODES)}")
+        self.train_settings(True)  # validates optimizer and schedule
 
     def to_dict(self) -> dict[str, Any]:
         """Every field, JSON-ready: the effective protocol recorded with results."""
@@ -193,12 +232,19 @@ def protocol_config(name: str, **overrides: Any) -> EvalConfig:
     """
     key = name.strip().lower()
     if key not in PROTOCOLS:
-        raise ConfigError(f"unknown protocol {name!r}; choose one of: {', '.join(PROTOCOLS)}")
+        raise ConfigError(f"unknown {eval_option_name('protocol')} {name!r}; choose one of: {', '.join(PROTOCOLS)}")
     known = {f.name for f in dataclasses.fields(EvalConfig)} - {"protocol"}
     given = {k: v for k, v in overrides.items() if v is not None}
     unknown = sorted(set(given) - known)
     if unknown:
         raise ConfigError(f"unknown evaluation setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+    for field in ("optimizer", "repeat_mode"):  # names as people type them: " SGD" is sgd
+        if isinstance(given.get(field), str):
+            given[field] = given[field].strip().lower()
+    if not given.get("soft_labels") and ("temperature" in given or "teacher_member" in given):
+        # given at all (even at its default value): it would silently do nothing
+        raise ConfigError(f"{eval_option_name('temperature')} and {eval_option_name('teacher_member')} only apply "
+                          f"with soft labels; set {eval_option_name('soft_labels')}")
     return EvalConfig(**{**PROTOCOLS[key], **given, "protocol": key})
 
 

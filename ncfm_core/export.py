@@ -19,12 +19,25 @@ trained on); png and grid write the stored form (tiles side by side) by default.
 ``factor`` in pt/npz is the multi-formation factor of the images as written: 1 after
 decoding, else the factor of the stored form. Pixels are written as ``round(x * 255)``
 after clamping to [0, 1]. Class names become folder names with every character outside
-``[A-Za-z0-9._ -]`` replaced by ``_``.
+``[A-Za-z0-9._ -]`` replaced by ``_``, cut to ``MAX_FOLDER_NAME`` characters (a cut name ends in
+``~`` and 8 hex digits of the full name's sha256, so two long names stay apart).
+
+Every export also writes ``ncfm-export.json`` (what was written: format, form, image count,
+factor, class names, plus what the caller adds, e.g. the artifact) and ``README.txt``.
+
+An export owns its folder: it is written into a hidden staging folder beside the target and
+moved into place whole. A target that does not exist or is empty is simply taken. A target that
+holds anything else is refused, unless ``replace=True`` (``--replace``) AND it holds an earlier
+ncfm export (its ``ncfm-export.json``): then the old folder is swapped out by two renames and
+deleted. Merging into a folder is never done: files of an older export would sit beside a record
+that does not describe them. A symbolic link to a folder exports into the folder it names.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import math
 import os
 import re
@@ -32,15 +45,16 @@ import secrets
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from ncfm_core.errors import ConfigError
+from ncfm_core.errors import ConfigError, NcfmError
 from ncfm_core.store import atomic_write_bytes
-from ncfm_core.store.files import fsync_directory
+from ncfm_core.store.files import fsync_directory, read_json
 
 EXPORT_FORMATS = ("png", "grid", "imagefolder", "pt", "npz")
 TRAINING_FORMATS = ("imagefolder", "pt", "npz")
@@ -50,6 +64,12 @@ GRID_MIN_CELL = 64
 GRID_PAD = 2
 """Pixels between grid cells and around the grid."""
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._ -]")
+MAX_FOLDER_NAME = 100
+"""The longest folder name made from a class name (file systems allow 255 bytes)."""
+EXPORT_INFO_FILE = "ncfm-export.json"
+"""Written into every export: what it holds; also what marks a folder as an ncfm export."""
+EXPORT_README_FILE = "README.txt"
+_MAX_INFO_BYTES = 2**20
 
 
 def _to_uint8(images: Tensor) -> np.ndarray:
@@ -64,9 +84,16 @@ def _to_pil(pixels: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels))
 
 
+def _short_name(name: str) -> str:
+    """``name`` (already safe), cut to :data:`MAX_FOLDER_NAME` with a digest of the whole."""
+    if len(name) <= MAX_FOLDER_NAME:
+        return name
+    return f"{name[:MAX_FOLDER_NAME - 9]}~{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
 def _folder_names(class_names: Sequence[str]) -> list[str]:
-    """File-system-safe, distinct folder names, one per class."""
-    safe = [_UNSAFE_CHARS.sub("_", str(name)).strip(" .") or "class" for name in class_names]
+    """File-system-safe, distinct folder names of at most ``MAX_FOLDER_NAME`` characters, one per class."""
+    safe = [_short_name(_UNSAFE_CHARS.sub("_", str(name)).strip(" .") or "class") for name in class_names]
     counts: dict[str, int] = {}
     for name in safe:
         counts[name] = counts.get(name, 0) + 1
@@ -131,6 +158,85 @@ def decoded_by_default(fmt: str) -> bool:
     return fmt in TRAINING_FORMATS
 
 
+def _out_path(out_dir: Path | str) -> Path:
+    """``out_dir`` as a path; an empty one (which would mean the current folder) is refused."""
+    if not str(out_dir).strip():
+        raise ConfigError("out (--out) is an empty path; give the folder to export into, e.g. synthetic/")
+    return Path(out_dir).expanduser()
+
+
+def previous_export(folder: Path) -> dict[str, Any] | None:
+    """The ``ncfm-export.json`` of an earlier export in ``folder``, None if it holds none (or
+    an unreadable one: then it is not known to be ours)."""
+    try:
+        info = read_json(folder / EXPORT_INFO_FILE, max_bytes=_MAX_INFO_BYTES, what="export record")
+    except (NcfmError, OSError):
+        return None
+    return info if info.get("format") in EXPORT_FORMATS else None
+
+
+def check_export_target(out_dir: Path | str, replace: bool = False) -> dict[str, Any] | None:
+    """Before any work: whether an export may go to ``out_dir`` (see the module docstring);
+    returns the record of the earlier export it will replace (None: nothing to replace).
+    ``ConfigError`` for an empty path, a target that is not a folder or is the current folder,
+    and a non-empty folder unless ``replace`` and it holds an ncfm export."""
+    given = _out_path(out_dir)
+    target = Path(os.path.realpath(given))
+    try:
+        here = Path.cwd().resolve()
+    except OSError:
+        here = None
+    if here is not None and (target == here or target in here.parents):
+        raise ConfigError(f"out (--out) {given} is the current folder or holds it: an export replaces its folder "
+                          "whole; give a new folder, e.g. synthetic/")
+    if not os.path.lexists(target):
+        return None
+    if not target.is_dir():
+        raise ConfigError(f"out (--out) {given} exists and is not a folder; give a new or empty folder")
+    if not any(target.iterdir()):
+        return None
+    previous = previous_export(target)
+    if previous is None:
+        raise ConfigError(f"out (--out) {given} is not empty and holds no ncfm export ({EXPORT_INFO_FILE}); "
+                          "ncfm replaces only its own exports: give a new or empty folder")
+    if not replace:
+        raise ConfigError(f"out (--out) {given} already holds an export (of {previous.get('artifact', 'unknown')}, "
+                          f"{previous.get('format')}); add replace=True (--replace) to replace it whole, or give a "
+                          "new folder")
+    return previous
+
+
+def export_record(fmt: str, stored_images: int, factor: int, decoded: bool, class_names: Sequence[str],
+                  info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What ``ncfm-export.json`` says of an export of ``stored_images`` images (``factor``:
+    their multi-formation factor): format, form, the image count and factor as written, the
+    class names, and ``info`` (e.g. the artifact and its normalisation)."""
+    return {"format": fmt, "decoded": bool(decoded), "form": "decoded" if decoded else "stored",
+            "images": stored_images * (factor**2 if decoded else 1), "stored_images": stored_images,
+            "factor": 1 if decoded else factor, "class_names": [str(name) for name in class_names], **(info or {})}
+
+
+def export_readme(info: dict[str, Any], stored_factor: int) -> str:
+    """The ``README.txt`` beside an export: what its images are and how the networks saw them."""
+    artifact = info.get("artifact") or "a synthetic set"
+    if info["decoded"]:
+        form = (f"DECODED training images: each stored image ({stored_factor} x {stored_factor} tiles) became "
+                f"{stored_factor**2} images, upsampled to full size; train on these." if stored_factor > 1
+                else "training images (no multi-formation: stored = decoded).")
+    else:
+        form = (f"STORED images: each holds {stored_factor} x {stored_factor} tiles; decode before training "
+                f"(ncfm export --decoded, or ncfm_core.open_synthetic)." if stored_factor > 1
+                else "stored images (no multi-formation: stored = decoded).")
+    mean, std = info.get("mean"), info.get("std")
+    norm = ("networks normalise [0, 1] pixels with mean " + ", ".join(f"{v:.4f}" for v in mean)
+            + " and std " + ", ".join(f"{v:.4f}" for v in std)) if mean and std else \
+        "normalisation: not recorded (artifact made before ncfm recorded it)"
+    return (f"{artifact}, exported by ncfm as {info['format']}\n"
+            f"{info['images']} {form}\n"
+            f"pixels in [0, 1] (PNG: 0..255); {norm}\n"
+            f"details: {EXPORT_INFO_FILE}\n")
+
+
 def export_synset(
     images: Tensor,
     labels: Tensor,
@@ -140,15 +246,21 @@ def export_synset(
     *,
     factor: int = 1,
     decoded: bool | None = None,
+    replace: bool = False,
+    info: dict[str, Any] | None = None,
 ) -> list[Path]:
-    """Write a synthetic set under ``out_dir`` in format ``fmt``; returns the files written.
+    """Write a synthetic set into the folder ``out_dir`` in format ``fmt``, with
+    ``ncfm-export.json`` (what was written, plus ``info``) and ``README.txt``; returns the
+    files of the format written.
 
     images (M, C, H, W) float in [0, 1], stored form; labels (M,) int64 indices into
     ``class_names``. With ``decoded=True`` the multi-formation images are first decoded with
-    ``factor`` into (M * factor^2, C, H, W); ``None``: :func:`decoded_by_default`. ``out_dir`` is created; files of the same name
-    are overwritten, other files are left alone. ``ConfigError`` for an unknown format or
-    inputs that do not fit together.
+    ``factor`` into (M * factor^2, C, H, W); ``None``: :func:`decoded_by_default`. ``out_dir``
+    must be new or empty, or hold an earlier ncfm export and ``replace`` be set (see
+    :func:`check_export_target`); the export then takes its place whole. ``ConfigError`` for an
+    unknown format, a refused target or inputs that do not fit together, before anything is written.
     """
+    check_export_target(out_dir, replace)
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose one of: {', '.join(EXPORT_FORMATS)}")
     if images.dim() != 4:
@@ -168,13 +280,21 @@ def export_synset(
 
     if decoded is None:
         decoded = decoded_by_default(fmt)
+    record = export_record(fmt, int(images.shape[0]), factor, decoded, class_names, info)
     if decoded:
         from ncfm_core.synset import decode_synset  # lazy: export must not pull in the loop
 
         images, labels = decode_synset(images.detach(), labels, factor)
     written_factor = 1 if decoded else factor
     images = images.detach().to("cpu", torch.float32)
-    return _staged(Path(out_dir), lambda stage: _write_format(fmt, images, labels, class_names, written_factor, stage))
+
+    def write(stage: Path) -> list[Path]:
+        files = _write_format(fmt, images, labels, class_names, written_factor, stage)
+        atomic_write_bytes(stage / EXPORT_README_FILE, export_readme(record, factor).encode())
+        atomic_write_bytes(stage / EXPORT_INFO_FILE, (json.dumps(record, sort_keys=True, indent=2) + "\n").encode())
+        return files
+
+    return _staged(_out_path(out_dir), write, replace)
 
 
 def _write_format(fmt: str, images: Tensor, labels: Tensor, class_names: Sequence[str], written_factor: int,
@@ -216,34 +336,34 @@ def _write_format(fmt: str, images: Tensor, labels: Tensor, class_names: Sequenc
     return [path]
 
 
-def _staged(out_dir: Path, write: Callable[[Path], list[Path]]) -> list[Path]:
-    """Run ``write`` into a hidden staging folder beside ``out_dir``, then move what it wrote into
-    place by renames: the whole folder when ``out_dir`` is new (or empty), else file by file and
-    new class folders whole (other files in ``out_dir`` are left alone). A process killed while
-    writing leaves ``out_dir`` as it was (and at worst the hidden ``.<name>.export-*.tmp``
-    folder), never a half-written file under its final name. Returns the final paths."""
-    given, out_dir = out_dir, out_dir.absolute()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = out_dir.parent / f".{out_dir.name}.export-{secrets.token_hex(4)}.tmp"
+def _staged(given: Path, write: Callable[[Path], list[Path]], replace: bool) -> list[Path]:
+    """Run ``write`` into a hidden staging folder beside the target, then put it in the target's
+    place: one rename when the target is new or an empty folder; when it holds an earlier export
+    (and ``replace``), the old folder is renamed aside, the new one renamed in, the old one
+    deleted. A process killed while writing leaves the target as it was (and at worst a hidden
+    ``.ncfm-export-*.tmp`` folder beside it), never a half-written export. A symbolic link to a
+    folder exports into the folder it names. Returns the final paths (under ``given``)."""
+    target = Path(os.path.realpath(given))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    stage = target.parent / f".ncfm-export-{secrets.token_hex(4)}.tmp"
+    aside = target.parent / f".ncfm-replaced-{secrets.token_hex(4)}.tmp"
     stage.mkdir()
+    swapped = False
     try:
         written = write(stage)
-        if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
-            os.replace(stage, out_dir)  # replaces an empty folder too (POSIX)
+        if check_export_target(given, replace) is None:  # again: it may have changed while we wrote
+            os.replace(stage, target)  # a new name, or over an empty folder (POSIX)
         else:
-            if not out_dir.is_dir():
-                raise ConfigError(f"--out {out_dir} is a file; pass a folder")
-            _merge_into(stage, out_dir)
-        fsync_directory(out_dir.parent)
+            os.rename(target, aside)
+            try:
+                os.rename(stage, target)
+            except BaseException:
+                os.rename(aside, target)
+                raise
+            swapped = True
+        fsync_directory(target.parent)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+        if swapped:
+            shutil.rmtree(aside, ignore_errors=True)
     return [given / path.relative_to(stage) for path in written]
-
-
-def _merge_into(source: Path, target: Path) -> None:
-    for entry in sorted(source.iterdir()):
-        destination = target / entry.name
-        if entry.is_dir() and destination.is_dir():
-            _merge_into(entry, destination)
-        else:
-            os.replace(entry, destination)  # one rename: the old file or the new, whole

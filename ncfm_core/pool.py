@@ -148,13 +148,18 @@ class Pool:
                     {f"m{i}.{kind}.{k}": (tuple(v.shape), v.dtype) for k, v in reference.items()}
                 )
         tensors, meta = store.load_tensors(path, expected, device=str(device))
-        if meta.get("format") != POOL_FORMAT or json.loads(meta.get("spec", "{}")) != json.loads(
+        try:  # metadata is not covered by the tensors' digest: anything may be there
+            stored_spec, accuracy = json.loads(meta.get("spec", "{}")), json.loads(meta.get("test_accuracy", "[]"))
+        except (ValueError, RecursionError):
+            stored_spec, accuracy = None, None
+        if meta.get("format") != POOL_FORMAT or stored_spec != json.loads(
             json.dumps(spec.__dict__, sort_keys=True)
-        ):
+        ) or not (isinstance(accuracy, list) and len(accuracy) == spec.size
+                  and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in accuracy)):
             raise CorruptArtifactError(f"{path}: not a pool for this dataset and network; delete it to retrain")
         init = [{k: tensors[f"m{i}.init.{k}"] for k in reference} for i in range(spec.size)]
         trained = [{k: tensors[f"m{i}.trained.{k}"] for k in reference} for i in range(spec.size)]
-        return cls(spec, init, trained, json.loads(meta.get("test_accuracy", "[]")))
+        return cls(spec, init, trained, accuracy)
 
 
 PoolProgress = Callable[[int, int, float], None]  # (member, epoch, loss)

@@ -22,8 +22,8 @@ def check_factor(image_size: int, factor: int) -> None:
     """Raise ConfigError unless ``factor`` >= 1 divides ``image_size``."""
     if factor < 1 or image_size % factor != 0:
         raise ConfigError(
-            f"multi-formation factor {factor} must be >= 1 and divide the image size {image_size}; "
-            f"try --factor 1 or --factor 2"
+            f"factor (--factor) {factor} must be >= 1 and divide the image size {image_size}; "
+            f"try 1 or 2"
         )
 
 

@@ -226,10 +226,10 @@ def test_protocol_options_reach_the_recorded_protocol(store_copy):
     (["--baseline", "half"], "unknown baseline"),
     (["--model", "convnet", "--model", "lenet"], "unknown network"),
     (["--model", "convnet_bn", "--repeat-mode", "batched"], "cannot train its repeats batched"),
-    (["--repeat-mode", "parallel"], "unknown repeat mode"),
+    (["--repeat-mode", "parallel"], "unknown repeat_mode (--repeat-mode)"),
     (["--optimizer", "lion"], "unknown optimizer"),
     (["--temperature", "2"], "--soft-labels"),
-    (["--soft-labels", "--teacher-member", "3"], "--teacher-member 3"),
+    (["--soft-labels", "--teacher-member", "3"], "teacher_member (--teacher-member) 3"),
     (["--soft-labels", "--temperature", "0"], "temperature"),
 ])
 def test_bad_options_are_one_line_usage_errors_before_any_training(store_copy, args, fragment):

@@ -70,9 +70,9 @@ def test_unknown_protocol_knob_or_bad_value_is_a_config_error():
         protocol_config("dd-ranking")
     with pytest.raises(ConfigError, match="lr_decay"):
         protocol_config("ncfm", lr_decay=0.5)
-    with pytest.raises(ConfigError, match="CutMix"):
+    with pytest.raises(ConfigError, match="cutmix_prob"):
         protocol_config("ncfm", cutmix_prob=1.5)
-    with pytest.raises(ConfigError, match="repeat mode"):
+    with pytest.raises(ConfigError, match="repeat_mode"):
         protocol_config("ncfm", repeat_mode="parallel")
     with pytest.raises(ConfigError, match="temperature"):
         protocol_config("ncfm", temperature=0.0)

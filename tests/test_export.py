@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ncfm_core.errors import ConfigError
-from ncfm_core.export import EXPORT_FORMATS, GRID_MIN_CELL, GRID_PAD, decoded_by_default, export_synset
+from ncfm_core.export import (
+    EXPORT_FORMATS,
+    GRID_MIN_CELL,
+    GRID_PAD,
+    MAX_FOLDER_NAME,
+    decoded_by_default,
+    export_synset,
+)
 
 CLASS_NAMES = ["cat", "dog/wolf", "zebra"]
 
@@ -66,16 +75,74 @@ def test_png_pixels_and_layout(tmp_path, channels):
         np.testing.assert_array_equal(pixels, expected_uint8(image))
 
 
-def test_existing_files_overwritten_others_kept(tmp_path):
+def _tree(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_folder_holding_other_files_is_never_written_into(tmp_path):
     out = tmp_path / "out"
     (out / "cat").mkdir(parents=True)
     (out / "cat" / "0000.png").write_bytes(b"stale")
     (out / "notes.txt").write_text("keep me")
+    before = _tree(out)
     images, labels = make_synset()
-    export_synset(images, labels, CLASS_NAMES, out, "png")
-    with Image.open(out / "cat" / "0000.png") as png:
-        np.testing.assert_array_equal(np.asarray(png), expected_uint8(images[0]))
-    assert (out / "notes.txt").read_text() == "keep me"
+    for replace in (False, True):  # --replace replaces only an ncfm export
+        with pytest.raises(ConfigError, match="holds no ncfm export"):
+            export_synset(images, labels, CLASS_NAMES, out, "png", replace=replace)
+    assert _tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_an_earlier_export_is_replaced_whole_only_when_asked(tmp_path):
+    """An export into a folder that holds another one is refused; with replace=True the folder
+    then holds exactly the new export (no file of the old one left beside a record of the new)."""
+    out = tmp_path / "out"
+    big, big_labels = make_synset(ipc=5)
+    export_synset(big, big_labels, CLASS_NAMES, out, "png", info={"artifact": "big@v1"})
+    old = _tree(out)
+    assert len([name for name in old if name.endswith(".png")]) == 15
+    images, labels = make_synset(ipc=1)
+    with pytest.raises(ConfigError, match=r"already holds an export \(of big@v1, png\).*replace"):
+        export_synset(images, labels, CLASS_NAMES, out, "png")
+    assert _tree(out) == old
+    written = export_synset(images, labels, CLASS_NAMES, out, "png", replace=True, info={"artifact": "small@v1"})
+    new = _tree(out)
+    assert sorted(name for name in new if name.endswith(".png")) == sorted(p.relative_to(out).as_posix() for p in written)
+    assert len(written) == 3
+    record = json.loads(new["ncfm-export.json"])
+    assert record["artifact"] == "small@v1" and record["images"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing left aside
+
+
+def test_an_empty_folder_reached_through_a_symlink_is_exported_into(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    images, labels = make_synset()
+    written = export_synset(images, labels, CLASS_NAMES, link, "npz")
+    assert link.is_symlink() and written == [link / "synset.npz"]
+    assert sorted(p.name for p in real.iterdir()) == ["README.txt", "ncfm-export.json", "synset.npz"]
+
+
+@pytest.mark.parametrize("bad", ["", "  "])
+def test_an_empty_out_path_is_refused(tmp_path, monkeypatch, bad):
+    monkeypatch.chdir(tmp_path)
+    images, labels = make_synset()
+    with pytest.raises(ConfigError, match="empty path"):
+        export_synset(images, labels, CLASS_NAMES, bad, "npz")
+    with pytest.raises(ConfigError, match="current folder"):
+        export_synset(images, labels, CLASS_NAMES, ".", "npz")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_long_class_names_make_short_distinct_folders(tmp_path):
+    names = ["x" * 300, "x" * 299 + "y", "ok"]
+    images, labels = make_synset()
+    written = export_synset(images, labels, names, tmp_path / "out", "imagefolder")
+    folders = sorted({path.parent.name for path in written})
+    assert len(folders) == 3 and all(len(folder) <= 4 + MAX_FOLDER_NAME for folder in folders)
+    assert folders[0] == "000_" + "x" * (MAX_FOLDER_NAME - 9) + "~" + folders[0][-8:]
 
 
 def test_imagefolder_loads_with_matching_labels(tmp_path):

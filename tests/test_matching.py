@@ -101,7 +101,7 @@ def test_the_registry_holds_the_builtin_losses_and_refuses_bad_registrations(mon
         assert matching_class(name).name == name and description and "\n" not in description
     with pytest.raises(ConfigError, match=r"did you mean 'ncfm'\? choose one of: mmd, ncfm"):
         matching_class("nfcm")
-    with pytest.raises(ConfigError, match="--matching: unknown matching loss 'l2'"):
+    with pytest.raises(ConfigError, match=r"matching \(--matching\): unknown matching loss 'l2'"):
         make_config("digits", 1, matching="l2")
 
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))

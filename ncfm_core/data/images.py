@@ -57,7 +57,7 @@ def _decode(path: Path, size: int) -> tuple[np.ndarray, str]:
         raw = path.read_bytes()
         with Image.open(io.BytesIO(raw)) as image:
             pixels = np.asarray(resize_center_crop(image.convert("RGB"), size), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise NcfmError(f"cannot read image {path} ({reason}); delete or replace that file") from error
     return pixels, hashlib.sha256(raw).hexdigest()

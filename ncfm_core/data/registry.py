@@ -250,7 +250,7 @@ networks' memory plans are made for images up to it."""
 
 
 def image_size_message(image_size: int) -> str:
-    return (f"--image-size {image_size} is too large: use at most {MAX_IMAGE_SIZE} pixels per side "
+    return (f"image_size (--image-size) {image_size} is too large: use at most {MAX_IMAGE_SIZE} pixels per side "
             f"(datasets are held in memory at this size)")
 
 

@@ -6,13 +6,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ncfm_core.export import decoded_by_default, export_synset
+from ncfm_core.errors import ConfigError, NcfmError, one_line, storage_error
+from ncfm_core.export import (
+    EXPORT_FORMATS,
+    check_export_target,
+    decoded_by_default,
+    export_record,
+    export_synset,
+)
 from ncfm_core.jobs.common import config_from_record, open_complete_synset
 from ncfm_core.jobs.run import shown_status
-from ncfm_core.store import ArtifactVersion, RunRecord, Store, Timings, atomic_write_bytes, write_json
-
-EXPORT_INFO_FILE = "ncfm-export.json"
-EXPORT_README_FILE = "README.txt"
+from ncfm_core.store import (
+    CHECKPOINT_RELPATH,
+    SAMPLER_FILE,
+    SYNSET_FILE,
+    ArtifactVersion,
+    RunRecord,
+    Store,
+    Timings,
+    file_sha256,
+)
 
 
 def export_job(
@@ -22,51 +35,72 @@ def export_job(
     out_dir: Path | str,
     *,
     decoded: bool | None = None,
+    replace: bool = False,
 ) -> dict[str, Any]:
-    """Write the synthetic set of ``ref`` under ``out_dir`` in format ``fmt`` (see
+    """Write the synthetic set of ``ref`` into the folder ``out_dir`` in format ``fmt`` (see
     ``ncfm_core.export``; ``decoded=None``: decoded for the training formats imagefolder, pt and
     npz, stored for png and grid), plus ``ncfm-export.json`` and ``README.txt`` saying what was
     written (form, image count, factor, class names, the normalisation the networks used).
-    Returns ``{artifact, path, format, decoded, form, images, factor, mean, std, out, files}``."""
+    ``out_dir`` must be new or empty, or hold an earlier ncfm export and ``replace`` be set (it is
+    then replaced whole); checked before anything is read. Returns ``{artifact, path, format,
+    decoded, form, images, stored_images, factor, class_names, mean, std, out, files,
+    replaced}`` (``replaced``: the record of the export it replaced, or None)."""
+    if fmt not in EXPORT_FORMATS:
+        raise ConfigError(f"unknown export format {fmt!r}; choose one of: {', '.join(EXPORT_FORMATS)}")
+    replaced = check_export_target(out_dir, replace)
     version, _, synset = open_complete_synset(store, ref)
     decoded = decoded_by_default(fmt) if decoded is None else decoded
-    out = Path(out_dir)
-    files = export_synset(synset.images, synset.labels, synset.class_names, out, fmt,
-                          factor=synset.factor, decoded=decoded)
-    factor = 1 if decoded or synset.factor == 1 else synset.factor
-    count = int(synset.images.shape[0]) * (synset.factor**2 if decoded else 1)
-    info = {
-        "artifact": version.ref,
-        "format": fmt,
-        "decoded": decoded,
-        "form": "decoded" if decoded else "stored",
-        "images": count,
-        "factor": factor,
-        "class_names": list(synset.class_names),
-        "mean": None if synset.mean is None else list(synset.mean),
-        "std": None if synset.std is None else list(synset.std),
-    }
-    write_json(out / EXPORT_INFO_FILE, info)
-    atomic_write_bytes(out / EXPORT_README_FILE, _export_readme(info, synset.factor).encode())
-    return {**info, "path": str(version.path), "out": str(out.absolute()), "files": [str(f) for f in files]}
+    extra = {"artifact": version.ref, "mean": None if synset.mean is None else list(synset.mean),
+             "std": None if synset.std is None else list(synset.std)}
+    files = export_synset(synset.images, synset.labels, synset.class_names, out_dir, fmt,
+                          factor=synset.factor, decoded=decoded, replace=replace, info=extra)
+    info = export_record(fmt, int(synset.images.shape[0]), synset.factor, decoded, synset.class_names, extra)
+    return {**info, "path": str(version.path), "out": str(Path(out_dir).expanduser().absolute()),
+            "files": [str(f) for f in files], "replaced": replaced}
 
 
-def _export_readme(info: dict[str, Any], stored_factor: int) -> str:
-    if info["decoded"]:
-        form = (f"DECODED training images: each stored image ({stored_factor} x {stored_factor} tiles) became "
-                f"{stored_factor**2} images, upsampled to full size; train on these." if stored_factor > 1
-                else "training images (this artifact has no multi-formation: stored = decoded).")
-    else:
-        form = (f"STORED images: each holds {stored_factor} x {stored_factor} tiles; decode before training "
-                f"(ncfm export --decoded, or ncfm_core.open_synthetic)." if stored_factor > 1
-                else "stored images (no multi-formation: stored = decoded).")
-    norm = ("networks normalise [0, 1] pixels with mean " + ", ".join(f"{v:.4f}" for v in info["mean"])
-            + " and std " + ", ".join(f"{v:.4f}" for v in info["std"])) if info["mean"] else \
-        "normalisation: not recorded (artifact made before ncfm recorded it)"
-    return (f"{info['artifact']}, exported by ncfm as {info['format']}\n"
-            f"{info['images']} {form}\n"
-            f"pixels in [0, 1] (PNG: 0..255); {norm}\n"
-            f"details: {EXPORT_INFO_FILE}\n")
+VERIFIED_FILES = (SYNSET_FILE, SAMPLER_FILE, CHECKPOINT_RELPATH)
+"""The files a complete version records the sha256 of."""
+
+
+def _checked_file(version: ArtifactVersion, relpath: str, expected: str | None) -> dict[str, Any]:
+    """One file of ``version`` against the sha256 its manifest recorded: ``{status, sha256,
+    expected, reason}``, status one of ok, changed, missing, unreadable, not recorded."""
+    entry: dict[str, Any] = {"status": "ok", "sha256": None, "expected": expected, "reason": None}
+    parts = Path(relpath).parts
+    if Path(relpath).is_absolute() or ".." in parts or not parts:  # a manifest must not point outside
+        return {**entry, "status": "unreadable", "reason": "not a path inside the version folder"}
+    try:
+        entry["sha256"] = file_sha256(version.path / relpath)
+    except NcfmError as err:
+        missing = type(err).__name__ == "NotFoundError"
+        return {**entry, "status": "missing" if missing else "unreadable", "reason": one_line(err)}
+    except OSError as err:
+        return {**entry, "status": "unreadable", "reason": one_line(storage_error(err))}
+    if expected is None:
+        return {**entry, "status": "not recorded", "reason": "the manifest records no sha256 for it (an older ncfm)"}
+    if entry["sha256"] != expected:
+        return {**entry, "status": "changed", "reason": "its sha256 differs from the one recorded when it was written"}
+    return entry
+
+
+def verify_job(store: Store, ref: str) -> dict[str, Any]:
+    """Check every file of ``ref`` whose sha256 its manifest records (the synthetic set, the
+    sampler, the checkpoint; every one, read whole, whether or not a command would load it), plus
+    those a complete version should have. Returns ``{artifact, path, status, ok, files: {path:
+    {status, sha256, expected, reason}}, problems: [line, ...]}``; ``ok`` is False when a file is
+    changed, missing or unreadable ("not recorded": a version from before hashes, not a
+    problem). Raises only for what stops the check itself (no such version, a damaged manifest)."""
+    version = store.resolve(ref)
+    record = version.record()
+    recorded = dict(record.sha256)
+    expected_files = VERIFIED_FILES if record.status == "complete" else ()
+    names = sorted(set(recorded) | set(expected_files))
+    files = {name: _checked_file(version, name, recorded.get(name)) for name in names}
+    problems = [f"{version.path / name}: {entry['status']} ({entry['reason']})"
+                for name, entry in files.items() if entry["status"] not in ("ok", "not recorded")]
+    return {"artifact": version.ref, "path": str(version.path), "status": record.status,
+            "ok": not problems, "files": files, "problems": problems}
 
 
 def _file_sizes(directory: Path) -> dict[str, int]:

@@ -6,7 +6,7 @@ import re
 
 from ncfm_core import parallel
 from ncfm_core import store as store_lib
-from ncfm_core.config import DistillConfig
+from ncfm_core.config import DistillConfig, validate
 from ncfm_core.data import DatasetShape, ImageDataset
 from ncfm_core.devices import (
     JobDevice,
@@ -71,6 +71,7 @@ def distill_job(
     it if this run is interrupted first.
     """
     emit = emitter(callback)
+    config = validate(config)  # a DistillConfig built by hand is checked like one from make_config
     checkpoint_every = check_checkpoint_every(checkpoint_every)
     name = store_lib.validate_name(name) if name is not None else default_artifact_name(config.dataset, config.ipc)
     dataset = dataset if dataset is not None else load_job_dataset(config)

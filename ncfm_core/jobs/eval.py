@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ncfm_core import parallel
 from ncfm_core import store as store_lib
-from ncfm_core.config import DistillConfig
+from ncfm_core.config import DistillConfig, check_seed
 from ncfm_core.data import ImageDataset
 from ncfm_core.data.registry import check_evaluable
 from ncfm_core.devices import (
@@ -57,7 +57,7 @@ def _check_baselines(baselines: Sequence[str]) -> list[str]:
     names = list(dict.fromkeys(name.strip().lower() for name in baselines))
     unknown = [name for name in names if name not in BASELINE_KINDS]
     if unknown:
-        raise ConfigError(f"unknown baseline {unknown[0]!r}; choose random and/or full, e.g. --baseline random")
+        raise ConfigError(f"unknown baseline {unknown[0]!r} in baselines (--baseline); choose random and/or full")
     return names
 
 
@@ -66,14 +66,14 @@ def _check_models(eval_config: EvalConfig, models: Sequence[str], dataset: Image
     batched repeat mode it cannot honour fails before anything trains."""
     names = list(dict.fromkeys(name.strip().lower() for name in models))
     if not names:
-        raise ConfigError("name at least one model to evaluate, e.g. --model convnet")
+        raise ConfigError("models (--model) is empty; name at least one network to evaluate, e.g. convnet")
     for name in names:
         with torch.random.fork_rng(devices=[]):  # a throwaway init must not move the global RNG
             net = build_eval_network(dataclasses.replace(eval_config, model=name), dataset)
         if eval_config.repeat_mode == "batched" and not can_stack(net):
             raise ConfigError(
                 f"{name} has batch norm or dropout and cannot train its repeats batched; "
-                "use --repeat-mode auto or sequential"
+                "use repeat_mode (--repeat-mode) auto or sequential"
             )
     return names
 
@@ -152,10 +152,7 @@ def _teacher(
     """Pool member ``eval_config.teacher_member`` of the artifact's own extractor pool (cached
     in the store, trained again if the cache is gone) and a record of it."""
     spec = PoolSpec.from_config(config, dataset)
-    member = eval_config.teacher_member
-    if member >= spec.size:
-        raise ConfigError(f"--teacher-member {member} is not in this artifact's pool of {spec.size}; "
-                          f"use 0..{spec.size - 1}")
+    member = eval_config.teacher_member  # within the pool: checked by eval_job before any work
     key = spec.key()
     cache_dir = store.pool_dir(key)
     if not (cache_dir / store_lib.POOL_FILE).exists():
@@ -294,8 +291,12 @@ def eval_job(
     emit = emitter(callback)
     started = time.perf_counter()
     baselines = _check_baselines(baselines)
+    check_seed("baseline_seed (--baseline-seed)", baseline_seed)
     version, run_record, synset = open_complete_synset(store, ref)
     config = config_from_record(version, run_record)
+    if eval_config.soft_labels and eval_config.teacher_member >= config.pool_size:
+        raise ConfigError(f"teacher_member (--teacher-member) {eval_config.teacher_member} is not in the pool of "
+                          f"{version.ref}, of {config.pool_size}; use 0..{config.pool_size - 1}")
     if dataset is None:  # given: data in memory (``ncfm_core.evaluate``), checked like loaded data
         dataset = load_job_dataset(config, data_dir)
     check_fingerprint(version, run_record, dataset)

@@ -62,7 +62,7 @@ def unknown_matching_message(name: str) -> str:
     """The one-line error for a name that is not registered: the closest name, and every name."""
     close = difflib.get_close_matches(str(name).strip().lower(), matching_names(), n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
-    return f"--matching: unknown matching loss {name!r}; {hint}choose one of: {', '.join(matching_names())}"
+    return f"matching (--matching): unknown matching loss {name!r}; {hint}choose one of: {', '.join(matching_names())}"
 
 
 def matching_class(name: str) -> Any:

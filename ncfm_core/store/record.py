@@ -14,7 +14,6 @@ that what it writes reads back, then writes atomically (``store.files``).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -351,11 +350,7 @@ def read_record(path: Path) -> RunRecord:
     def corrupt(reason: str) -> CorruptArtifactError:
         return CorruptArtifactError(f"{path}: {reason}; restore or delete this file")
 
-    with contextlib.suppress(OSError):
-        size = path.stat().st_size
-        if size > MAX_RECORD_BYTES:
-            raise corrupt(f"{size} bytes is more than any ncfm manifest ({MAX_RECORD_BYTES // 2**20} MiB at most)")
-    obj = read_json(path)
+    obj = read_json(path, max_bytes=MAX_RECORD_BYTES, what="manifest")  # a regular file, read bounded
     try:
         return _parse_run(obj)
     except _Malformed as err:

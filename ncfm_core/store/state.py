@@ -161,5 +161,5 @@ def load_state(path: Path, device: str = "cpu") -> object:
         raise CorruptArtifactError(f"{path}: not an ncfm state file (no {STATE_TREE_KEY} metadata); restore or delete it")
     try:
         return unflatten_state(tensors, json.loads(metadata[STATE_TREE_KEY]))
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, RecursionError) as err:
         raise CorruptArtifactError(f"{path}: broken state tree ({one_line(err)}); restore or delete this file") from None

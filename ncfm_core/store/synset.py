@@ -58,7 +58,7 @@ def load_synset(path: Path) -> SyntheticSet:
     try:
         numbers = {key: int(meta[key]) for key in ("factor", "ipc", "num_classes", "image_size", "channels")}
         class_names = json.loads(meta["class_names"])
-    except (KeyError, ValueError) as err:
+    except (KeyError, ValueError, RecursionError) as err:
         raise corrupt(f"missing or malformed metadata ({one_line(err)})") from None
     if not (isinstance(class_names, list) and all(isinstance(n, str) for n in class_names)):
         raise corrupt("metadata class_names is not a list of strings")
@@ -89,7 +89,7 @@ def _normalization(
         return None, None
     try:
         mean, std = (tuple(float(v) for v in json.loads(meta[key])) for key in ("mean", "std"))
-    except (KeyError, ValueError, TypeError) as err:
+    except (KeyError, ValueError, TypeError, RecursionError) as err:
         raise corrupt(f"malformed normalisation metadata ({one_line(err)})") from None
     if len(mean) != channels or len(std) != channels or min(std) <= 0:
         raise corrupt(f"normalisation metadata needs {channels} means and positive stds")

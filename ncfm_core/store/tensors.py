@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -12,8 +13,8 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
-from ncfm_core.errors import CorruptArtifactError, NotFoundError, one_line
-from ncfm_core.store.files import atomic_write_bytes
+from ncfm_core.errors import CorruptArtifactError, one_line
+from ncfm_core.store.files import atomic_write_bytes, descriptor_path, open_regular
 
 # safetensors itself refuses headers above 100 MB; a larger length prefix means garbage.
 _MAX_HEADER_BYTES = 100_000_000
@@ -36,10 +37,12 @@ def tensors_digest(tensors: dict[str, Tensor]) -> str:
 
 
 def file_sha256(path: Path) -> str:
-    """sha256 of a whole file (what ``sha256sum`` prints), read in 1 MiB blocks."""
+    """sha256 of a whole regular file (what ``sha256sum`` prints), read in 1 MiB blocks.
+    ``NotFoundError`` if missing, ``CorruptArtifactError`` if not a regular file
+    (``files.open_regular``: a FIFO or a device is never read)."""
     hasher = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
+    with open_regular(Path(path)) as (fd, _):
+        for block in iter(lambda: os.read(fd, 1 << 20), b""):
             hasher.update(block)
     return hasher.hexdigest()
 
@@ -74,11 +77,10 @@ def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str
     return hashlib.sha256(data).hexdigest()
 
 
-def _read_safetensors_header(path: Path) -> dict:
+def _read_safetensors_header(fd: int, size: int) -> dict:
     # Our own look at the header gives plain reasons ("truncated: ...") instead of
     # safetensors' internal error names, and catches files that are not ours at all.
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
+    with open(fd, "rb", closefd=False) as handle:
         prefix = handle.read(8)
         if len(prefix) < 8:
             raise ValueError(f"file is {size} bytes, too short for a safetensors header")
@@ -115,23 +117,24 @@ def load_tensors(
 
     ``expected`` maps every tensor name the file must hold (no more, no fewer) to
     ``(shape, dtype)``; a ``None`` shape, dimension or dtype is not checked. ``NotFoundError``
-    if the file is missing; any other problem (truncated, garbled, not safetensors, wrong
-    names, shapes or dtypes) is a one-line ``CorruptArtifactError`` naming the file.
+    if the file is missing; any other problem (not a regular file, truncated, garbled, not
+    safetensors, wrong names, shapes or dtypes) is a one-line ``CorruptArtifactError`` naming
+    the file. Permission errors propagate as ``OSError``.
     """
     path = Path(path)
-    if not path.exists():
-        raise NotFoundError(f"{path}: file not found")
 
     def corrupt(reason: str) -> CorruptArtifactError:
         return CorruptArtifactError(f"{path}: {reason}; restore or delete this file")
 
-    try:
-        _read_safetensors_header(path)
-        with safetensors.safe_open(str(path), framework="pt", device="cpu") as handle:
-            metadata = dict(handle.metadata() or {})
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    except Exception as err:  # safetensors raises SafetensorError, OSError, ValueError, ...
-        raise corrupt(f"not a readable safetensors file ({one_line(err)})") from None
+    with open_regular(path) as (fd, info):
+        try:
+            _read_safetensors_header(fd, info.st_size)
+            # safetensors takes a path: the descriptor's own, so what it maps is the file checked.
+            with safetensors.safe_open(descriptor_path(fd, path), framework="pt", device="cpu") as handle:
+                metadata = dict(handle.metadata() or {})
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        except Exception as err:  # safetensors raises SafetensorError, OSError, ValueError, ...
+            raise corrupt(f"not a readable safetensors file ({one_line(err)})") from None
     recorded = metadata.pop(DIGEST_KEY, None)
     if recorded is not None and recorded != tensors_digest(tensors):
         raise corrupt("tensor data does not match the sha256 recorded in its header (bytes were changed or damaged)")

@@ -21,11 +21,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import filelock
-
-from ncfm_core.errors import ConfigError, CorruptArtifactError, NcfmError, NotFoundError
+from ncfm_core.errors import (
+    ConfigError,
+    CorruptArtifactError,
+    NcfmError,
+    NotFoundError,
+    StorageError,
+    one_line,
+    storage_error,
+)
 from ncfm_core.platform import user_dir
 from ncfm_core.store.files import atomic_write_bytes
+from ncfm_core.store.locks import name_lock, resolve_lock_timeout
 from ncfm_core.store.record import EvalRecord, RunRecord, read_record, write_record
 from ncfm_core.store.tensors import file_sha256
 from ncfm_core.store.layout import (
@@ -46,8 +53,11 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 """Artifact names and pool keys: 1-128 of letters, digits, '.', '_', '-'; first a letter
 or digit (so no hidden files and no option-like names); '..' is rejected separately."""
 
-_VERSION_DIR = re.compile(r"^v([0-9]+)$")
-_LOCK_PATIENCE_S = 10.0
+_VERSION_DIR = re.compile(r"^v([1-9][0-9]{0,17})$")
+"""A version folder: ``v1``, ``v2``, ... exactly as ncfm names them (ASCII digits, no leading zero,
+at most 18 of them), so a hand-made ``v01`` is never a second ``v1``."""
+_LOOKS_LIKE_VERSION = re.compile(r"^[vV][0-9]+$", re.ASCII)
+_VERSION_REF = re.compile(r"^[vV]?([0-9]{1,18})$", re.ASCII)
 
 
 # ----------------------------------------------------------------------------- paths, names
@@ -56,9 +66,14 @@ _LOCK_PATIENCE_S = 10.0
 def store_root(explicit: str | os.PathLike | None = None) -> Path:
     """The store root: ``explicit`` (the ``--store`` option), else ``$NCFM_HOME``, else
     ``platformdirs.user_data_dir("ncfm")``. Read at call time so tests and long-lived
-    processes see the current environment. Returns an absolute path (not created)."""
-    if explicit is not None and str(explicit) != "":
+    processes see the current environment. Returns an absolute path (not created).
+    An empty ``explicit`` path is a ``ConfigError``: it would silently mean the current folder."""
+    if explicit is not None and not str(explicit).strip():
+        raise ConfigError("store (--store) is an empty path; give a folder, or leave it out to use $NCFM_HOME")
+    if explicit is not None:
         root = Path(explicit)
+        if os.path.lexists(root) and not root.is_dir():
+            raise ConfigError(f"store (--store) {root} is not a folder; give the store's folder (or a new one)")
     elif os.environ.get("NCFM_HOME"):
         root = Path(os.environ["NCFM_HOME"])
     else:
@@ -149,12 +164,15 @@ def utc_now() -> str:
 
 
 class Store:
-    """The artifact store under ``root`` (default: ``store_root()``)."""
+    """The artifact store under ``root`` (default: ``store_root()``). ``lock_timeout``: seconds
+    to wait for a name's lock held by another process before giving up with ``StoreBusyError``
+    (default: ``$NCFM_LOCK_TIMEOUT``, else ``locks.DEFAULT_LOCK_TIMEOUT_S``)."""
 
-    def __init__(self, root: Path | str | None = None) -> None:
+    def __init__(self, root: Path | str | None = None, lock_timeout: float | None = None) -> None:
         self.root = store_root(root)
         self.artifacts_dir = self.root / ARTIFACTS_DIR
         self.pools_dir = self.root / POOLS_DIR
+        self.lock_timeout = resolve_lock_timeout(lock_timeout)
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
@@ -165,16 +183,8 @@ class Store:
     def _name_lock(self, name: str) -> Iterator[None]:
         name_dir = self.artifacts_dir / name
         name_dir.mkdir(parents=True, exist_ok=True)
-        lock = filelock.FileLock(str(name_dir / NAME_LOCK_FILE))
-        try:
-            lock.acquire(timeout=_LOCK_PATIENCE_S)
-        except filelock.Timeout:
-            log.warning("still waiting for the lock %s (another ncfm process is writing %s)", lock.lock_file, name)
-            lock.acquire()
-        try:
+        with name_lock(name_dir / NAME_LOCK_FILE, self.lock_timeout, what=name):
             yield
-        finally:
-            lock.release()
 
     # -- versions
 
@@ -188,6 +198,13 @@ class Store:
             if match and entry.is_dir():
                 numbers.append(int(match.group(1)))
         return sorted(numbers)
+
+    def _stray_version_dirs(self, name: str) -> list[str]:
+        """Folders of ``name`` that look like versions but are not named as ncfm names them
+        (``v01``, ``V2``): never read as versions, only reported."""
+        name_dir = self.artifacts_dir / name
+        return sorted(entry.name for entry in name_dir.iterdir()
+                      if _LOOKS_LIKE_VERSION.match(entry.name) and not _VERSION_DIR.match(entry.name))
 
     def versions(self, name: str) -> list[ArtifactVersion]:
         """Every version directory of ``name``, sorted by number (empty if none)."""
@@ -260,9 +277,9 @@ class Store:
                 atomic_write_bytes(probe, b"")
                 probe.unlink()
         except OSError as err:
-            raise NcfmError(
+            raise StorageError(
                 f"{version.path}: cannot write there ({err.strerror or err}), so a result could not be recorded; "
-                f"make the store writable (or pass --store with a writable copy) and run again"
+                f"make the store writable (or use a writable copy of it) and run again"
             ) from None
 
     def delete_version(self, version: ArtifactVersion) -> None:
@@ -300,10 +317,11 @@ class Store:
         validate_name(name)
         if not at:
             return self._latest_complete(name)
-        digits = version_text[1:] if version_text[:1] in ("v", "V") else version_text
-        if not digits.isdigit():
-            raise ConfigError(f"invalid version {version_text!r} in {ref!r}: use name@vN, e.g. {name}@v1")
-        number = int(digits)
+        match = _VERSION_REF.match(version_text)  # ASCII digits only: int() would take '²' and fail
+        if match is None:
+            raise ConfigError(f"invalid version {one_line(version_text, limit=40)!r} in the reference: use "
+                              f"name@vN, e.g. {name}@v1")
+        number = int(match.group(1))
         if number not in self._version_numbers(name):
             self._raise_unknown_name(name)
             existing = ", ".join(f"v{n}" for n in self._version_numbers(name))
@@ -340,16 +358,16 @@ class Store:
     def _latest_complete(self, name: str) -> ArtifactVersion:
         self._raise_unknown_name(name)
         described = []
-        corrupt: CorruptArtifactError | None = None
+        corrupt: Exception | None = None
         versions = self.versions(name)
         for version in reversed(versions):
             try:
                 status = version.record().status
-            except (NotFoundError, CorruptArtifactError) as err:
-                log.warning("skipping %s: %s", version.ref, err)
+            except (NotFoundError, CorruptArtifactError, OSError) as err:
+                log.warning("skipping %s: %s", version.ref, _unreadable(err))
                 status = "unreadable manifest"
-                if isinstance(err, CorruptArtifactError) and corrupt is None:
-                    corrupt = err
+                if not isinstance(err, NotFoundError) and corrupt is None:
+                    corrupt = err  # damaged, or not readable by this user
             if status == "complete":
                 return version
             described.append(f"v{version.version} ({status})")
@@ -363,16 +381,24 @@ class Store:
 
     def scan(self) -> tuple[list[tuple[ArtifactVersion, RunRecord]], list[str]]:
         """Every version in the store with its record, sorted by name and number, plus a
-        warning string per version whose manifest is missing or unreadable (never raises
-        for a broken entry)."""
+        warning string per version (or name) that cannot be read, whatever the reason (missing,
+        damaged, not a regular file, nested too deeply, permission denied), and per folder that
+        only looks like a version (``v01``). One bad entry never hides the others."""
         found: list[tuple[ArtifactVersion, RunRecord]] = []
         warnings: list[str] = []
         for name in self.names():
-            for version in self.versions(name):
+            try:
+                versions = self.versions(name)
+                warnings.extend(f"{self.artifacts_dir / name / stray}: not a version folder ncfm made (versions "
+                                f"are v1, v2, ...); ignored" for stray in self._stray_version_dirs(name))
+            except Exception as err:  # one unreadable name must not hide the rest
+                warnings.append(f"{name}: cannot list its versions ({_unreadable(err)})")
+                continue
+            for version in versions:
                 try:
                     found.append((version, version.record()))
-                except (NotFoundError, CorruptArtifactError) as err:
-                    warnings.append(f"{version.ref}: {err}")
+                except Exception as err:  # a broken version is a warning, never the end of ls
+                    warnings.append(f"{version.ref}: {_unreadable(err)}")
         return found, warnings
 
     # -- pools
@@ -381,3 +407,12 @@ class Store:
         """``<root>/pools/<key>`` for a pool cache key (validated like a name; not created)."""
         validate_name(key, what="pool key")
         return self.pools_dir / key
+
+
+def _unreadable(err: Exception) -> str:
+    """Why an entry could not be read, in one line: an ncfm error's own text, else the reason."""
+    if isinstance(err, NcfmError):
+        return one_line(err, limit=None)
+    if isinstance(err, OSError):
+        return one_line(storage_error(err), limit=None)
+    return f"{type(err).__name__}: {one_line(err)}"
