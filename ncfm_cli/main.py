@@ -21,6 +21,7 @@ from ncfm_cli.resume import RESUME_EPILOG, resume_command
 from ncfm_core import __version__
 from ncfm_core.errors import NcfmError
 from ncfm_core.jobs.events import sigterm_as_interrupt
+from ncfm_core.runtime import configure_allocator
 
 
 def _flags_without_metavar(params: list[Any]) -> list[Any]:
@@ -100,6 +101,7 @@ def main(
 
         ncfm distill digits --ipc 10 --eval
     """
+    configure_allocator()  # before any command touches CUDA (ncfm_core.runtime)
     ctx.obj = GlobalOptions(store=store, json=json_output, quiet=quiet, verbose=verbose)
 
 
