@@ -3,6 +3,7 @@ new version."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -10,10 +11,10 @@ import torch
 
 from ncfm_core import parallel
 from ncfm_core import store as store_lib
+from ncfm_core.data import DatasetShape
 from ncfm_core.devices import (
     JobDevice,
     MemoryBudget,
-    cap_device_memory,
     format_bytes,
 )
 from ncfm_core.errors import (
@@ -29,7 +30,7 @@ from ncfm_core.jobs.common import (
     load_job_dataset,
 )
 from ncfm_core.jobs.events import JobCallback, emitter, log
-from ncfm_core.jobs.plan import decide_precisions
+from ncfm_core.jobs.plan import apply_run_settings, decide_precisions, step_down_path
 from ncfm_core.jobs.run import (
     DEFAULT_CHECKPOINT_EVERY,
     check_checkpoint_every,
@@ -38,6 +39,8 @@ from ncfm_core.jobs.run import (
     run_lock,
     validate_job,
 )
+from ncfm_core.memory_model import Plan
+from ncfm_core.runtime import configure_allocator
 from ncfm_core.store import ArtifactVersion, Store
 
 
@@ -67,7 +70,7 @@ def _resume_budget(version: ArtifactVersion, manifest: dict, device: torch.devic
 
     A resumed run keeps its recorded plan (its config), so its images stay exactly those of an
     uninterrupted run; only the allocator cap may change. A new figure below the plan's
-    estimate is refused (exit 4)."""
+    estimate is refused (exit 4). The cap is applied with the plan (:func:`_recorded_plan`)."""
     recorded = manifest.get("gpu_mem")
     if gpu_mem is None and isinstance(recorded, str):
         budget = MemoryBudget.resolve(recorded, device, source="the --gpu-mem this run recorded")
@@ -82,8 +85,21 @@ def _resume_budget(version: ArtifactVersion, manifest: dict, device: torch.devic
             f"{version.ref} was planned to need {format_bytes(needed)} and a resumed run keeps its plan; "
             f"give --gpu-mem at least {math.ceil(needed / 2**20)}M, or distill again with --gpu-mem {budget.spec}"
         )
-    cap_device_memory(device, budget.bytes)
     return budget
+
+
+def _recorded_plan(manifest: dict) -> Plan | None:
+    """The plan a run recorded (the one in force after any out-of-memory step-down), with this
+    process's allocator setting (the recorded one belonged to the process that made it); None for
+    a run recorded before plans."""
+    recorded = manifest.get("plan")
+    if not isinstance(recorded, dict):
+        return None
+    plan = Plan.from_dict(recorded)
+    allocator = configure_allocator()
+    return dataclasses.replace(plan, backend=dataclasses.replace(
+        plan.backend, allocator_conf=allocator.conf, allocator_chosen_by=allocator.chosen_by,
+        allocator_applied=allocator.applied))
 
 
 def _load_distiller_state(version: ArtifactVersion) -> dict:
@@ -165,8 +181,15 @@ def resume_job(
         )
     budget = _resume_budget(version, manifest, torch_device, gpu_mem)
     budget_record = {} if budget.spec is None else {"gpu_mem": budget.spec}
-    plan_record = {key: manifest[key] for key in ("plan", "flops_per_iteration", "gpu_mem") if key in manifest}
+    plan = _recorded_plan(manifest)
+    apply_run_settings(plan, torch_device, budget)  # the cap, and the recorded cuDNN setting
+    if plan is not None:
+        budget_record["plan"] = plan.to_dict()
+    recorded = ("plan", "flops_per_iteration", "gpu_mem", "plan_asked", "plan_changes")
+    plan_record = {key: manifest[key] for key in recorded if key in manifest}
     plan_record.update(budget_record)
+    smaller = () if plan is None else step_down_path(config, DatasetShape.of(dataset), torch_device, plan,
+                                                     manifest.get("plan_asked"))
 
     if complete:
         if not version.checkpoint_path.exists():
@@ -186,7 +209,8 @@ def resume_job(
         log(emit, f"extending {version.ref} from {done} to {target} iterations as {child.ref}")
         with run_lock(child):
             return distill_into(store, child, config, dataset, spec, torch_device,
-                                checkpoint_every=checkpoint_every, state=state, emit=emit, budget=budget)
+                                checkpoint_every=checkpoint_every, state=state, emit=emit, budget=budget,
+                                plan=plan, smaller=smaller)
 
     target = int(iterations) if iterations is not None else int(manifest.get("iterations_target") or config.iterations)
     if target != config.iterations:
@@ -201,4 +225,5 @@ def resume_job(
             log(emit, f"{version.ref} has no checkpoint; starting it again from iteration 0", level="warning")
             store.update_manifest(version, iterations_done=0, checkpoint_iteration=None)
         return distill_into(store, version, config, dataset, spec, torch_device,
-                            checkpoint_every=checkpoint_every, state=state, emit=emit, budget=budget)
+                            checkpoint_every=checkpoint_every, state=state, emit=emit, budget=budget,
+                            plan=plan, smaller=smaller)
