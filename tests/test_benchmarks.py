@@ -287,10 +287,15 @@ def test_gpu_check_smoke_runs_every_step_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     steps = json.loads((out / "summary.json").read_text())
     assert [s["name"] for s in steps] == ["cuda-tests", "cifar100-data", "distill", "eval", "export", "inspect",
-                                          "speed", "speed-2.5G"]
+                                          "speed-paper", "speed-paper-2.5G", "speed-authors", "speed-authors-2.5G",
+                                          "speed-authors-autotune"]
     assert all(s["status"] == "passed" for s in steps), steps
     assert steps[5]["figures"]["images_finite"] is True and steps[5]["figures"]["status"] == "complete"
-    assert done.stdout.rstrip().splitlines()[-1].startswith("| speed-2.5G | passed |")  # the table is last
+    assert steps[2]["figures"]["plan_changes"] == 0 and steps[2]["figures"]["estimate"] != "-"  # the memory record
+    for speed in steps[6:]:
+        assert speed["figures"]["seconds_per_iteration"] > 0 and speed["figures"]["plan"] != "-", speed
+        assert speed["figures"]["cudnn_benchmark"] is False  # a CPU has no cuDNN to tune, whatever was asked
+    assert done.stdout.rstrip().splitlines()[-1].startswith("| speed-authors-autotune | passed |")  # the table is last
     with tarfile.open(out / "logs.tar.gz") as archive:
         assert "logs/distill.log" in archive.getnames()
 
@@ -305,3 +310,18 @@ def test_gpu_check_fails_when_any_step_fails(tmp_path, monkeypatch):
     assert "| speed | failed (exit 4) |" in (tmp_path / "summary.md").read_text()
     check.steps = check.steps[:1]
     assert check.summarise() == 0
+
+
+def test_gpu_check_stays_within_its_time_budget(tmp_path, monkeypatch):
+    """No step runs past the check's deadline: a step is cut to the time left, and once none is
+    left the remaining steps are skipped (which fails the check) instead of run."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_check
+
+    check = gpu_check.Check(tmp_path, device="cpu", smoke=True, budget="2.5G",
+                            time_budget=gpu_check.SUMMARY_RESERVE_S + 3)
+    step, _ = check.run("slow", [sys.executable, "-c", "import time; time.sleep(30)"], timeout=60)
+    assert step.status == "failed" and "timed out after" in step.detail and step.seconds < 10
+    step, _ = check.run("late", [sys.executable, "-c", "pass"], timeout=60)
+    assert step.status == "skipped" and "budget" in step.detail
+    assert check.summarise() == 1
