@@ -111,6 +111,14 @@ def _inject(monkeypatch, where: str, fault: Fault) -> None:
     monkeypatch.setattr(owner, name, fault.wrap(getattr(owner, name)))
 
 
+def _faulty(monkeypatch, tiny, where: str, fault: Fault, knobs=BIG) -> Distiller:
+    """A distiller on ``knobs`` whose function ``where`` raises as ``fault`` says."""
+    dataset, base, pool = tiny
+    _inject(monkeypatch, where, fault)
+    fault.distiller = Distiller(_planned(base, knobs), dataset, pool, "cpu")
+    return fault.distiller
+
+
 def _step_down_hook(plans: list[tuple[int, int, bool]], events: list[OutOfMemory]):
     remaining = list(plans)
 
@@ -179,10 +187,7 @@ def test_a_retried_iteration_draws_the_same_numbers(tiny, monkeypatch):
     """Without the rollback of the generators the retry would draw new images and frequencies:
     the run then differs from the reference (this is what the rollback is for)."""
     dataset, base, pool = tiny
-    fault = Fault(2, "synthetic groups", nth=1)
-    _inject(monkeypatch, "class group", fault)
-    skipped = Distiller(_planned(base, BIG), dataset, pool, "cpu")
-    fault.distiller = skipped
+    skipped = _faulty(monkeypatch, tiny, "class group", Fault(2, "synthetic groups", nth=1))
     monkeypatch.setattr("ncfm_core.retry._generators", lambda distiller: [])  # noted and restored: none
     skipped.run(STEPS, hooks=LoopHooks(out_of_memory=_step_down_hook([SMALL], [])))
     reference = _reference(base, dataset, pool, BIG, 2, SMALL)
@@ -191,10 +196,7 @@ def test_a_retried_iteration_draws_the_same_numbers(tiny, monkeypatch):
 
 def test_no_smaller_plan_raises_with_the_state_back_where_the_iteration_started(tiny, monkeypatch):
     dataset, base, pool = tiny
-    fault = Fault(3, "real side", nth=1, times=99)
-    _inject(monkeypatch, "real chunk", fault)
-    d = Distiller(_planned(base, BIG), dataset, pool, "cpu")
-    fault.distiller = d
+    d = _faulty(monkeypatch, tiny, "real chunk", Fault(3, "real side", nth=1, times=99))
     events: list[OutOfMemory] = []
     with pytest.raises(OUT_OF_MEMORY) as caught:
         d.run(STEPS, hooks=LoopHooks(out_of_memory=_step_down_hook([SMALL], events)))
@@ -208,11 +210,7 @@ def test_no_smaller_plan_raises_with_the_state_back_where_the_iteration_started(
 def test_out_of_memory_in_the_optimizer_step_is_not_retried(tiny, monkeypatch):
     """AdamW updates its moments in place before it allocates: that state cannot be rolled
     back, and no smaller plan changes the memory of that phase; the loop stops mid-step."""
-    dataset, base, pool = tiny
-    fault = Fault(2, "optimizer step", nth=1)
-    _inject(monkeypatch, "optimizer step", fault)
-    d = Distiller(_planned(base, BIG), dataset, pool, "cpu")
-    fault.distiller = d
+    d = _faulty(monkeypatch, tiny, "optimizer step", Fault(2, "optimizer step", nth=1))
     events: list[OutOfMemory] = []
     with pytest.raises(OUT_OF_MEMORY) as caught:
         d.run(STEPS, hooks=LoopHooks(out_of_memory=_step_down_hook([SMALL], events)))
@@ -221,17 +219,24 @@ def test_out_of_memory_in_the_optimizer_step_is_not_retried(tiny, monkeypatch):
 
 
 def test_without_a_hook_an_out_of_memory_error_ends_the_loop_as_before(tiny, monkeypatch):
-    dataset, base, pool = tiny
-    fault = Fault(2, "synthetic groups", nth=1)
-    _inject(monkeypatch, "class group", fault)
-    d = Distiller(_planned(base, BIG), dataset, pool, "cpu")
-    fault.distiller = d
+    d = _faulty(monkeypatch, tiny, "class group", Fault(2, "synthetic groups", nth=1))
     with pytest.raises(OUT_OF_MEMORY):
         d.run(STEPS)
     assert d.mid_step and d.iteration == 1
 
 
 # -- the job: the policy, the record, the resume ------------------------------------------------
+
+
+def _watch_the_jobs_distiller(monkeypatch, fault: Fault) -> None:
+    """``fault`` watches the distiller the job builds."""
+    build = Distiller.__init__
+
+    def remember(self, *args, **kwargs):
+        build(self, *args, **kwargs)
+        fault.distiller = self
+
+    monkeypatch.setattr(Distiller, "__init__", remember)
 
 
 def _job(tmp_path, dataset, base, **kwargs):
@@ -266,13 +271,7 @@ def test_the_job_steps_down_logs_records_and_a_resume_replays_the_smaller_plan(t
     first, smaller = _job_plans(dataset, base)
     assert smaller and smaller[0].estimated_peak_bytes < first.estimated_peak_bytes
     fault = Fault(2, "synthetic groups", nth=1)
-    real_init = Distiller.__init__
-
-    def remember(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        fault.distiller = self
-
-    monkeypatch.setattr(Distiller, "__init__", remember)
+    _watch_the_jobs_distiller(monkeypatch, fault)
     _inject(monkeypatch, "class group", fault)
     store, version, events = _job(tmp_path, dataset, base)
 
@@ -293,7 +292,7 @@ def test_the_job_steps_down_logs_records_and_a_resume_replays_the_smaller_plan(t
     reference = _job_reference(store, dataset, base, 2, smaller[0].knobs)
     assert torch.equal(store_lib.load_synset(version.synset_path).images, reference.images.detach())
 
-    monkeypatch.setattr(Distiller, "__init__", real_init)
+    fault.times = 0  # the resumed run runs out of nothing
     monkeypatch.setattr("ncfm_core.jobs.resume.load_job_dataset", lambda config, data_dir=None: dataset)  # in memory
     child = resume_job(store, version.ref, iterations=STEPS + 2, device="cpu")
     assert child.manifest()["plan_changes"] == manifest["plan_changes"]
@@ -305,13 +304,7 @@ def test_when_the_smallest_plan_does_not_fit_the_job_stops_with_exit_4(tiny, tmp
     dataset, base, _ = tiny
     _, smaller = _job_plans(dataset, base)
     fault = Fault(3, "synthetic groups", nth=1, times=99)
-    real_init = Distiller.__init__
-
-    def remember(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        fault.distiller = self
-
-    monkeypatch.setattr(Distiller, "__init__", remember)
+    _watch_the_jobs_distiller(monkeypatch, fault)
     _inject(monkeypatch, "class group", fault)
     with pytest.raises(BudgetInfeasibleError) as caught:
         _job(tmp_path, dataset, base, checkpoint_every=100)
@@ -342,13 +335,7 @@ def test_a_budget_names_the_smallest_budget_that_would_have_worked(tmp_path):
 def test_out_of_memory_in_the_optimizer_step_stops_the_job_without_saving_half_a_step(tiny, tmp_path, monkeypatch):
     dataset, base, _ = tiny
     fault = Fault(2, "optimizer step", nth=1)
-    real_init = Distiller.__init__
-
-    def remember(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        fault.distiller = self
-
-    monkeypatch.setattr(Distiller, "__init__", remember)
+    _watch_the_jobs_distiller(monkeypatch, fault)
     _inject(monkeypatch, "optimizer step", fault)
     with pytest.raises(BudgetInfeasibleError, match="optimizer step") as caught:
         _job(tmp_path, dataset, base, checkpoint_every=100)
