@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from ncfm_core.errors import one_line
+
 __all__ = [
     "ALLOC_CONF_VARIABLES",
     "CUDNN_BENCHMARK_DEFAULT",
@@ -136,10 +138,13 @@ def configure_allocator() -> AllocatorSetting:
         if setter is None:
             applied = f"not applied: {why} and this torch has no runtime setter"
         else:
-            with warnings.catch_warnings():  # torch 2.15 marks one spelling of the setter deprecated
-                warnings.simplefilter("ignore", FutureWarning)
-                setter(NCFM_ALLOC_CONF)
-            applied = f"by torch's runtime setter: {why} (segments made before stay as they were)"
+            try:
+                with warnings.catch_warnings():  # torch 2.15 marks one spelling of the setter deprecated
+                    warnings.simplefilter("ignore", FutureWarning)
+                    setter(NCFM_ALLOC_CONF)
+                applied = f"by torch's runtime setter: {why} (segments made before stay as they were)"
+            except RuntimeError as err:  # a platform without expandable segments: the run goes on without
+                applied = f"not applied: {why} and torch's runtime setter refused it ({one_line(err, 120)})"
     _configured = AllocatorSetting(NCFM_ALLOC_CONF, "ncfm", applied)
     return _configured
 

@@ -355,9 +355,16 @@ def test_too_late_for_the_variable_the_runtime_setter_applies_it_and_the_record_
     assert ("already initialised" in record.applied) == (how == "cuda initialised")
 
 
-def test_too_late_without_a_runtime_setter_the_record_says_it_was_not_applied(fresh_allocator):
+def test_too_late_without_a_runtime_setter_the_record_says_it_was_not_applied(fresh_allocator, monkeypatch):
     fresh_allocator.initialised, fresh_allocator.setter = True, False
     assert runtime.configure_allocator().applied.startswith("not applied")
+
+    def refuse(conf):
+        raise RuntimeError("expandable_segments not supported on this platform")
+
+    monkeypatch.setattr(runtime, "_configured", None)
+    monkeypatch.setattr(runtime, "_runtime_setter", lambda: refuse)  # the run goes on without it
+    assert "refused it (expandable_segments not supported" in runtime.configure_allocator().applied
 
 
 def test_a_child_process_knows_the_setting_was_ncfms(fresh_allocator, monkeypatch):
