@@ -13,6 +13,12 @@ median of the timed ones (CUDA: synchronised around each iteration). The fake tr
     uv run python benchmarks/distill_speed.py --device cuda --classes 100 --ipc 50 --real-per-class 500 \
         --freqs 4096 --ablations kernels --only-ablations            # issue 23's kernel levers
 
+Every run is planned as the command line plans it (``ncfm_core.jobs.plan.make_plan``, the
+plan's backend settings included, applied by ``apply_run_settings``): cuDNN autotuning is the
+plan's (off by default; ``--cudnn-benchmark on`` sets ``NCFM_CUDNN_BENCHMARK=1`` for the
+workers, and the plan records it), and the allocator is configured before CUDA starts, as the
+command line does (``ncfm_core.runtime.configure_allocator``).
+
 On CPU the defaults are cut down (CIFAR-10 shape, IPC 1 and 10, 32 real images per class, 1
 warm-up + 2 timed iterations) so the run ends in minutes; the table says so, and a second table
 gives every paper-settings configuration's FLOPs and planned memory, with CPU times projected
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
@@ -36,12 +43,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kit  # noqa: E402
 
-from ncfm_core import devices, kernels, memory_model, planner  # noqa: E402
-from ncfm_core.data import DatasetShape  # noqa: E402
+from ncfm_core import devices, kernels, memory_model, planner, runtime  # noqa: E402
 from ncfm_core.config import DistillConfig, make_config  # noqa: E402
-from ncfm_core.data import load_dataset  # noqa: E402
+from ncfm_core.data import DatasetShape, load_dataset  # noqa: E402
 from ncfm_core.distill import Distiller  # noqa: E402
-from ncfm_core.jobs.plan import decide_precisions  # noqa: E402
+from ncfm_core.jobs.plan import apply_run_settings, decide_precisions, make_plan  # noqa: E402
+from ncfm_core.memory_model import Plan  # noqa: E402
 from ncfm_core.pool import Pool, PoolSpec  # noqa: E402
 
 SCRIPT = "benchmarks/distill_speed.py"
@@ -72,8 +79,16 @@ LEVER_ABLATIONS = ("baseline,2x real/class (pre-cap cost),cf_precision=tf32,real
 KERNEL_ABLATIONS = ",".join(kit.KERNEL_VARIANTS)  # today's path, each lever alone, all together, today's again
 
 
+def planned(config: DistillConfig, shape: DatasetShape, device: torch.device,
+            budget: devices.MemoryBudget) -> tuple[DistillConfig, Plan]:
+    """``config`` planned as a job plans it (``make_plan``: precisions, chunks, backend settings)
+    for ``budget``, and the plan."""
+    plan, _ = make_plan(config, shape, device, budget)
+    return plan.apply(config), plan
+
+
 def ablation_distiller(spec: dict[str, Any], name: str, dataset, shape: DatasetShape, device: torch.device,
-                       limit: int | None) -> tuple[Distiller, Any]:
+                       budget: devices.MemoryBudget) -> tuple[Distiller, Plan]:
     """The distiller and plan of one ablation variant: config overrides, plus the levers that
     are not config fields (a larger real draw, the real side's autograd mode, the plan the CUDA
     time model would choose for this configuration with 140 GiB free, the kernel levers)."""
@@ -84,11 +99,11 @@ def ablation_distiller(spec: dict[str, Any], name: str, dataset, shape: DatasetS
     levers = kernels.parse_levers(variant.pop("_kernels", "default"))
     config = paper_config(spec["classes"], spec["ipc"], spec["real_per_class"] * factor, spec["freqs"], True,
                           **variant)
-    plan = planner.plan_run(decide_precisions(config, device), shape, device, limit)
+    config, plan = planned(config, shape, device, budget)
     if frugal:
         cuda_plan = planner.plan_run(decide_precisions(config, "cuda:0"), shape, "cuda:0", None, free_bytes=140 * 2**30)
         plan = dataclasses.replace(plan, real_chunk=cuda_plan.real_chunk, class_chunk=cuda_plan.class_chunk)
-    config = plan.apply(config)
+        config = plan.apply(config)
     distiller = Distiller(config, dataset, untrained_pool(config, dataset), device)
     if mode == "no_grad":
         distiller._real_side_mode = torch.no_grad
@@ -137,29 +152,25 @@ def current_rss() -> int | None:
     return None
 
 
-def worker_setup(spec: dict[str, Any]) -> tuple[torch.device, Any, DatasetShape, int | None]:
-    """What every worker does first: threads, cuDNN autotuning, the CIFAR-shaped fake data;
-    returns (device, dataset, its shape, the ``--gpu-mem`` budget in bytes or None)."""
+def worker_setup(spec: dict[str, Any]) -> tuple[torch.device, Any, DatasetShape, devices.MemoryBudget]:
+    """What every worker does first: the allocator's configuration (before CUDA starts), threads,
+    the CIFAR-shaped fake data; returns (device, dataset, its shape, the ``--gpu-mem`` budget)."""
+    runtime.configure_allocator()
     kit.set_threads(spec["threads"])
     device = torch.device(spec["device"])
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = spec["cudnn_benchmark"]
     classes = spec["classes"]
     dataset = load_dataset("fake", num_classes=classes, train_per_class=TRAIN_IMAGES // classes, test_per_class=1)
-    limit = devices.parse_memory(spec["gpu_mem"], devices.device_total_bytes(device)) if spec["gpu_mem"] else None
-    return device, dataset, DatasetShape.of(dataset), limit
+    return device, dataset, DatasetShape.of(dataset), devices.MemoryBudget.resolve(spec["gpu_mem"], device)
 
 
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Measure one configuration (called in a fresh process)."""
-    device, dataset, shape, limit = worker_setup(spec)
+    device, dataset, shape, budget = worker_setup(spec)
     overrides = dict(spec["overrides"])
     config = paper_config(spec["classes"], spec["ipc"], spec["real_per_class"], spec["freqs"], spec["psi"],
                           **overrides)
-    plan = planner.plan_run(decide_precisions(config, device), shape, device, limit)
-    if limit is not None:
-        devices.cap_device_memory(device, limit)
-    config = plan.apply(config)
+    config, plan = planned(config, shape, device, budget)
+    apply_run_settings(plan, device, budget)  # the cap and the backend settings, as a job applies them
     pool = untrained_pool(config, dataset)
 
     distiller = Distiller(config, dataset, pool, device)
@@ -221,10 +232,12 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 def run_ablation_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Time several variants of one configuration in ONE process, interleaved round by round
     (each round in a rotated order), so drifting machine load hits every variant alike."""
-    device, dataset, shape, limit = worker_setup(spec)
+    device, dataset, shape, budget = worker_setup(spec)
     variants: dict[str, dict[str, Any]] = {}
     for name in spec["variants"]:
-        distiller, plan = ablation_distiller(spec, name, dataset, shape, device, limit)
+        distiller, plan = ablation_distiller(spec, name, dataset, shape, device, budget)
+        if not variants:  # one process, one cap and one set of backend flags: every variant's plan has the same
+            apply_run_settings(plan, device, budget)
         warmup, first_loss = [], None
         for i in range(max(1, spec["warmup"])):
             warmup.append(kit.timed(distiller.step, device).wall)
@@ -331,7 +344,7 @@ def results_table(results: list[dict[str, Any]]) -> list[str]:
     peak_header = "peak alloc / reserved" if cuda else "peak RSS (growth in loop)"
     lines = [
         "| shape | IPC | real/class | psi | plan (real chunk, classes/pass, precision, ckpt) | s/iter (median) "
-        f"| FLOPs/iter | achieved | matmul peak | of peak | {peak_header} | estimate |",
+        f"| FLOPs/iter | achieved | matmul peak | of peak | {peak_header} | estimate alloc / reserved |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -351,7 +364,8 @@ def results_table(results: list[dict[str, Any]]) -> list[str]:
             f"| {shape_name} | {spec['ipc']} | {spec['real_per_class']} | {on_off(spec['psi'])} | {plan_text} "
             f"| {seconds} | {fmt_flops(total)} | {achieved / 1e9:.1f} GFLOP/s "
             f"| {r['matmul_rate'] / 1e9:.1f} GFLOP/s {r['matmul_dtype']} | {100 * achieved / r['matmul_rate']:.1f}% "
-            f"| {peak_text(r)} | {devices.format_bytes(plan['estimated_peak_bytes'])} |"
+            f"| {peak_text(r)} | {devices.format_bytes(plan.get('estimated_allocated_bytes'))} / "
+            f"{devices.format_bytes(plan['estimated_peak_bytes'])} |"
         )
     return lines
 
@@ -462,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
                         "class_chunk=1,checkpointing,baseline (again) on CPU; on GPU fp32 and compile instead of bf16)")
     parser.add_argument("--only-ablations", action="store_true",
                         help="measure only the ablation variants, not the shape x IPC x psi rows")
-    parser.add_argument("--no-cudnn-benchmark", action="store_true", help="leave cudnn.benchmark off on CUDA")
+    parser.add_argument("--cudnn-benchmark", choices=("on", "off"),
+                        help=f"cuDNN autotuning on CUDA (default: the plan's, off; sets {runtime.CUDNN_BENCHMARK_ENV})")
     parser.add_argument("--json-out", type=Path,
                         help="also write the raw figures here: {results: [...], ablations: {name: ...}, "
                         "ablation_order: [name, ...]}")
@@ -473,6 +488,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_ablation_worker(spec) if "variants" in spec else run_worker(spec)))
         return 0
 
+    runtime.configure_allocator()  # before this process touches CUDA; the workers inherit it
+    if args.cudnn_benchmark is not None:  # read by each worker's plan (ncfm_core.runtime.decide_backend)
+        os.environ[runtime.CUDNN_BENCHMARK_ENV] = "1" if args.cudnn_benchmark == "on" else "0"
     device, _ = devices.resolve_device(args.device)
     gpu = device.type == "cuda"
     classes = args.classes or ([10, 100] if gpu else [10])
@@ -494,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     kit.set_threads(args.threads)
 
     common = dict(device=str(device), real_per_class=real_per_class, freqs=args.freqs, iters=iters, warmup=warmup,
-                  gpu_mem=args.gpu_mem, threads=args.threads, cudnn_benchmark=not args.no_cudnn_benchmark)
+                  gpu_mem=args.gpu_mem, threads=args.threads)
     started = time.perf_counter()
     results = []
     for c in [] if args.only_ablations else classes:

@@ -12,22 +12,32 @@ seconds, key figures), also written to ``OUT/summary.md`` and ``OUT/summary.json
 Steps:
 
 1. ``cuda-tests``: ``pytest -m cuda`` (the tests that need CUDA, and the CPU simulation of a
-   CUDA machine that guards device resolution).
+   CUDA machine that guards device resolution, planning and the allocator's configuration).
 2. ``cifar100-data``: fake CIFAR-100 written in the real on-disk format (the test fixture writer).
 3. ``distill``: ``ncfm distill cifar100 --ipc 50 --gpu-mem 2.5G`` with the default device
-   (short: a 2-member pool trained 1 epoch, 50 iterations); checks the measured peak against
-   the budget.
+   (short: a 2-member pool trained 1 epoch, 30 iterations); checks the measured peak (reserved)
+   against the budget and reports the plan's estimate beside it, and any out-of-memory step-down.
 4. ``eval``: 5 repeats of a few epochs. 5. ``export``: ``--format grid``.
 6. ``inspect``: ``--json``; status complete, the images finite, the recorded device indexed.
-7. ``speed`` and ``speed-2.5G``: ``benchmarks/distill_speed.py`` at CIFAR-100 IPC 50, psi on,
-   with the planner's default plan and under ``--gpu-mem 2.5G``.
+7. Speed, ``benchmarks/distill_speed.py`` at CIFAR-100 shape, IPC 50, psi on, each at the plan a
+   user gets by default and under ``--gpu-mem 2.5G``: ``speed-paper``/``speed-paper-2.5G`` (the
+   paper preset: 1024 real images per class asked, 500 held, F 1024) and
+   ``speed-authors``/``speed-authors-2.5G`` (the authors' work: 500 real per class, F 4096); then
+   ``speed-authors-autotune``, the authors' work at the default plan with cuDNN autotuning on
+   (``--cudnn-benchmark on``), the measurement the default of ``ncfm_core.runtime`` waits for.
+
+Time: the whole check is sized to end within ``TIME_BUDGET_S`` (8 minutes) on an H200, from the
+s/iter measured there on 2026-12-04 (0.68-0.71 s at the default plans, 1.01-1.07 s under 2.5 GiB):
+each speed step runs 2 warm-up + 5 timed iterations (and the same 5 again unsynced), about 10-15
+s of iterations after 20-25 s of start-up; the distill step 30 iterations (~35 s) after a ~6 s
+pool. Each step's timeout is about twice its expected time, and no step may run past the check's
+deadline: a step that would is cut short (failed) and the steps after it are skipped, so a slow
+machine fails the check within the budget instead of running on.
 8. ``kernels`` and ``kernels-2.5G``: ``distill_speed.py --ablations kernels`` at the authors' work
    (CIFAR-100 shape, IPC 50, 500 real images per class, F = 4096, psi on), default plan and
    ``--gpu-mem 2.5G``: today's path, each kernel lever alone, all together, today's path again,
-   interleaved in one process. Sized for the whole check to stay under 8 minutes on an H200:
-   6 variants x (2 warm-up + 5 timed) steps at ~0.7 s (default plan) and ~1.1 s (2.5G) per
-   step today is ~30 s and ~45 s of steps, plus ~20 s each to start (CUDA, the fake data, six
-   distillers, cuDNN autotuning in the warm-up).
+   interleaved in one process: 6 variants x (2 warm-up + 5 timed) steps at ~0.7 s (default plan)
+   and ~1.1 s (2.5G) per step today, ~30 s and ~45 s of steps plus ~20 s each to start.
 
 ``--device cpu --smoke`` runs the same steps at toy sizes on a CPU (CI runs it), where the
 CUDA tests skip and the budget check is skipped (a CPU peak is the process's RSS).
@@ -50,6 +60,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 GiB = 2**30
+TIME_BUDGET_S = 8 * 60  # the whole check on an H200
+SMOKE_TIME_BUDGET_S = 20 * 60  # the toy sizes on a shared 2-core CPU (CI)
+SUMMARY_RESERVE_S = 10  # kept for the table and the archive at the end
 
 
 @dataclass
@@ -72,8 +85,11 @@ class Sizes:
     pool: tuple[str, ...]
     eval_epochs: int
     eval_network: tuple[str, ...]
-    speed: tuple[str, ...]
-    kernels: tuple[str, ...]
+    speed: tuple[str, ...]  # distill_speed.py's options common to every speed step
+    paper: tuple[str, ...]  # the paper preset's
+    authors: tuple[str, ...]  # the authors' work's
+    timeouts: dict[str, float]  # seconds per step (the speed steps: each)
+    kernels: tuple[str, ...]  # the kernels ablation's (issue 23)
 
     @classmethod
     def for_run(cls, smoke: bool) -> Sizes:
@@ -83,19 +99,29 @@ class Sizes:
                              "--real-per-class", "3"),
                        eval_epochs=1, eval_network=("--width", "8"),
                        speed=("--classes", "10", "--ipc", "1", "--psi", "on", "--iters", "1", "--warmup", "0",
-                              "--real-per-class", "4", "--freqs", "16", "--ablations", ""),
+                              "--ablations", ""),
+                       paper=("--real-per-class", "4", "--freqs", "16"),
+                       authors=("--real-per-class", "3", "--freqs", "32"),
                        kernels=("--classes", "10", "--ipc", "1", "--iters", "1", "--warmup", "0",
-                                "--real-per-class", "4", "--freqs", "16", "--ablations", "kernels", "--only-ablations"))
-        return cls(ipc=50, per_class=500, test_per_class=100, iterations=50,
+                                "--real-per-class", "4", "--freqs", "16", "--ablations", "kernels", "--only-ablations"),
+                       timeouts=dict(cuda=300, distill=300, eval=150, export=60, inspect=60, speed=300, kernels=300))
+        # Measured on an H200 (2026-12-04): 0.68-0.71 s/iter at the default plans, 1.01-1.07 s under
+        # 2.5 GiB; each timeout is about twice the step's expected time (see the module docstring).
+        return cls(ipc=50, per_class=500, test_per_class=100, iterations=30,
                    pool=("--pool-size", "2", "--pool-epochs", "1"),
                    eval_epochs=3, eval_network=(),
-                   speed=("--classes", "100", "--ipc", "50", "--psi", "on", "--ablations", ""),
+                   speed=("--classes", "100", "--ipc", "50", "--psi", "on", "--iters", "5", "--warmup", "2",
+                          "--ablations", ""),
+                   paper=("--real-per-class", "1024", "--freqs", "1024"),
+                   authors=("--real-per-class", "500", "--freqs", "4096"),
                    kernels=("--classes", "100", "--ipc", "50", "--real-per-class", "500", "--freqs", "4096",
-                            "--iters", "5", "--warmup", "2", "--ablations", "kernels", "--only-ablations"))
+                            "--iters", "5", "--warmup", "2", "--ablations", "kernels", "--only-ablations"),
+                   timeouts=dict(cuda=120, distill=120, eval=60, export=30, inspect=30, speed=80, kernels=150))
 
 
 class Check:
-    def __init__(self, out: Path, device: str, smoke: bool, budget: str):
+    def __init__(self, out: Path, device: str, smoke: bool, budget: str, time_budget: float = TIME_BUDGET_S):
+        self.deadline = time.monotonic() + time_budget - SUMMARY_RESERVE_S
         self.out = out
         self.logs = out / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -109,13 +135,21 @@ class Check:
 
     # -- running ------------------------------------------------------------------------------
 
-    def run(self, name: str, argv: list[str], timeout: float) -> tuple[Step, str]:
-        """Run ``argv`` as step ``name``; its stdout and stderr go to ``logs/<name>.log``."""
+    def run(self, name: str, argv: list[str], timeout: float, env: dict[str, str] | None = None) -> tuple[Step, str]:
+        """Run ``argv`` as step ``name``; its stdout and stderr go to ``logs/<name>.log``. The step
+        may not run past the check's deadline: its timeout is cut to what is left (none left: the
+        step is skipped, which fails the check)."""
         step = Step(name)
         log = self.logs / f"{name}.log"
+        timeout = min(timeout, self.deadline - time.monotonic())
+        if timeout < 1:
+            step.status, step.detail = "skipped", f"over the check's {TIME_BUDGET_S // 60}-minute budget"
+            self.steps.append(step)
+            return step, ""
         started = time.perf_counter()
         try:
-            done = subprocess.run(argv, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout)
+            done = subprocess.run(argv, cwd=ROOT, env={**self.env, **(env or {})}, capture_output=True, text=True,
+                                  timeout=timeout)
             stdout, code = done.stdout, done.returncode
             log.write_text(f"$ {' '.join(argv)}\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}\n--- exit {code}\n")
             step.status = "passed" if code == 0 else "failed"
@@ -153,7 +187,7 @@ class Check:
 
     def cuda_tests(self) -> None:
         step, stdout = self.run("cuda-tests", [sys.executable, "-m", "pytest", "-q", "-m", "cuda",
-                                               "-p", "no:cacheprovider", "tests"], timeout=150)
+                                               "-p", "no:cacheprovider", "tests"], timeout=self.sizes.timeouts["cuda"])
         step.figures["result"] = _last_line(stdout)
         self.report(step)
 
@@ -175,12 +209,19 @@ class Check:
         device = [] if self.device == "auto" else ["--device", self.device]  # the default device on a GPU
         step, result = self.ncfm("distill", ["distill", "cifar100", "--ipc", str(self.sizes.ipc),
                                              "--gpu-mem", self.budget, "--data-dir", str(data), "--name", "check",
-                                             "--iterations", str(self.sizes.iterations), *self.sizes.pool, *device],
-                                 timeout=240)
+                                             "--iterations", str(self.sizes.iterations), "--checkpoint-every", "10",
+                                             *self.sizes.pool, *device],
+                                 timeout=self.sizes.timeouts["distill"])
         if result is not None:
             peak, budget = result.get("peak_memory_bytes"), _parse_size(self.budget)
             step.figures.update(device=result.get("device"), seconds_per_iteration=_round(result.get("seconds_per_iteration")),
                                 peak=_gib(peak), budget=_gib(budget))
+            manifest = _manifest(result.get("path"))
+            fit, plan = manifest.get("memory_fit") or {}, manifest.get("plan") or {}
+            step.figures.update(plan=_knobs(plan), estimate=_gib(fit.get("estimated_reserved_bytes")),
+                                allocated=_gib(fit.get("measured_allocated_bytes")),
+                                allocated_estimate=_gib(fit.get("estimated_allocated_bytes")),
+                                plan_changes=len(manifest.get("plan_changes") or []))
             if str(result.get("device", "")).startswith("cuda") and (peak is None or peak > budget):
                 self.fail(step, f"measured peak {_gib(peak)} is over the budget {_gib(budget)}")
         self.report(step)
@@ -189,7 +230,8 @@ class Check:
     def evaluate(self, ref: str) -> None:
         step, result = self.ncfm("eval", ["eval", ref, "--repeats", "5", "--epochs", str(self.sizes.eval_epochs),
                                           *self.sizes.eval_network,
-                                          *([] if self.device == "auto" else ["--device", self.device])], timeout=150)
+                                          *([] if self.device == "auto" else ["--device", self.device])],
+                                 timeout=self.sizes.timeouts["eval"])
         if result is not None:
             accuracy = result.get("accuracy", {})
             step.figures.update(accuracy=_round(accuracy.get("mean")), runs=len(accuracy.get("runs", [])))
@@ -199,13 +241,14 @@ class Check:
 
     def export(self, ref: str) -> None:
         target = self.out / "export"
-        step, _ = self.ncfm("export", ["export", ref, "--format", "grid", "--out", str(target)], timeout=60)
+        step, _ = self.ncfm("export", ["export", ref, "--format", "grid", "--out", str(target)],
+                            timeout=self.sizes.timeouts["export"])
         if step.status == "passed" and not (target / "grid.png").is_file():
             self.fail(step, f"{target / 'grid.png'} was not written")
         self.report(step)
 
     def inspect(self, ref: str) -> None:
-        step, info = self.ncfm("inspect", ["inspect", ref], timeout=60)
+        step, info = self.ncfm("inspect", ["inspect", ref], timeout=self.sizes.timeouts["inspect"])
         if info is not None:
             step.figures.update(status=info.get("status"), device=info.get("device"))
             if info.get("status") != "complete":
@@ -219,20 +262,31 @@ class Check:
                     self.fail(step, "the stored images are not all finite")
         self.report(step)
 
-    def speed(self, name: str, budget: str | None) -> None:
+    def speed(self, name: str, work: tuple[str, ...], budget: str | None, extra: tuple[str, ...] = ()) -> None:
+        """``distill_speed.py`` on ``work`` (the paper preset's or the authors' options), at the
+        default plan or under ``budget``: s/iter, the peaks (allocated, reserved) beside the
+        plan's estimates; fails if the reserved peak is over the budget."""
         figures_file = self.logs / f"{name}.json"
         argv = [sys.executable, str(ROOT / "benchmarks" / "distill_speed.py"), "--device", self.device,
-                *self.sizes.speed, "--out", str(self.logs / f"{name}.md"), "--json-out", str(figures_file)]
-        step, _ = self.run(name, argv + (["--gpu-mem", budget] if budget else []), timeout=150)
+                *self.sizes.speed, *work, *extra, "--out", str(self.logs / f"{name}.md"),
+                "--json-out", str(figures_file)]
+        step, _ = self.run(name, argv + (["--gpu-mem", budget] if budget else []), timeout=self.sizes.timeouts["speed"])
         if step.status == "passed":
             rows = json.loads(figures_file.read_text())["results"]
             for row in rows:
-                peak = row.get("peak", {})
-                step.figures.update(seconds_per_iteration=_round(row["median_seconds"]),
-                                    peak=_gib(peak.get("reserved_bytes") or peak.get("peak_bytes")))
+                peak, plan = row.get("peak", {}), row.get("plan", {})
+                reserved = peak.get("reserved_bytes")
+                step.figures.update(seconds_per_iteration=_round(row["median_seconds"]), plan=_knobs(plan),
+                                    peak=_gib(reserved or peak.get("peak_bytes")),
+                                    estimate=_gib(plan.get("estimated_peak_bytes")),
+                                    allocated=_gib(peak.get("allocated_bytes")),
+                                    allocated_estimate=_gib(plan.get("estimated_allocated_bytes")),
+                                    cudnn_benchmark=(plan.get("backend") or {}).get("cudnn_benchmark"))
+                if reserved is not None:
+                    step.figures["within_estimate"] = reserved <= plan.get("estimated_peak_bytes", 0)
                 limit = _parse_size(budget) if budget else None
-                if limit is not None and peak.get("reserved_bytes") is not None and peak["reserved_bytes"] > limit:
-                    self.fail(step, f"peak {_gib(peak['reserved_bytes'])} is over the budget {_gib(limit)}")
+                if limit is not None and reserved is not None and reserved > limit:
+                    self.fail(step, f"peak {_gib(reserved)} is over the budget {_gib(limit)}")
         self.report(step)
 
     def kernels(self, name: str, budget: str | None) -> None:
@@ -241,7 +295,7 @@ class Check:
         figures_file = self.logs / f"{name}.json"
         argv = [sys.executable, str(ROOT / "benchmarks" / "distill_speed.py"), "--device", self.device,
                 *self.sizes.kernels, "--out", str(self.logs / f"{name}.md"), "--json-out", str(figures_file)]
-        step, _ = self.run(name, argv + (["--gpu-mem", budget] if budget else []), timeout=150)
+        step, _ = self.run(name, argv + (["--gpu-mem", budget] if budget else []), timeout=self.sizes.timeouts["kernels"])
         if step.status == "passed":
             figures = json.loads(figures_file.read_text())
             rows = [(variant, figures["ablations"][variant]) for variant in figures["ablation_order"]]
@@ -267,8 +321,12 @@ class Check:
         else:
             for name in ("eval", "export", "inspect"):
                 self.steps.append(Step(name, "skipped", detail="distill failed"))
-        self.speed("speed", None)
-        self.speed("speed-2.5G", self.budget)
+        paper, authors = self.sizes.paper, self.sizes.authors
+        self.speed("speed-paper", paper, None)
+        self.speed("speed-paper-2.5G", paper, self.budget)
+        self.speed("speed-authors", authors, None)
+        self.speed("speed-authors-2.5G", authors, self.budget)
+        self.speed("speed-authors-autotune", authors, None, ("--cudnn-benchmark", "on"))
         self.kernels("kernels", None)
         self.kernels("kernels-2.5G", self.budget)
         return self.summarise()
@@ -299,6 +357,22 @@ def _parse_size(spec: str) -> int:
     return parse_memory(spec)
 
 
+def _manifest(version_path: str | None) -> dict[str, Any]:
+    """A version's manifest (empty when it cannot be read: the step reports what it has)."""
+    try:
+        return json.loads((Path(version_path) / "manifest.json").read_text())
+    except (TypeError, OSError, ValueError):
+        return {}
+
+
+def _knobs(plan: dict[str, Any]) -> str:
+    """A plan's real chunk / classes per pass (/ ckpt)."""
+    if not plan:
+        return "-"
+    checkpointing = "/ckpt" if plan.get("activation_checkpointing") else ""
+    return f"{plan.get('real_chunk')}/{plan.get('class_chunk')}{checkpointing}"
+
+
 def _gib(size: int | None) -> str:
     return "-" if size is None else f"{size / GiB:.2f} GiB"
 
@@ -320,9 +394,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto (the default device, as a user gets it) or cpu")
     parser.add_argument("--smoke", action="store_true", help="toy sizes, so the whole check runs on a CPU in CI")
     parser.add_argument("--budget", default="2.5G", help="the --gpu-mem budget of the distill and speed steps")
+    parser.add_argument("--time-budget", type=float,
+                        help=f"seconds the whole check may take (default {TIME_BUDGET_S}; with --smoke "
+                             f"{SMOKE_TIME_BUDGET_S}, for a loaded CPU)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    return Check(args.out.resolve(), args.device, args.smoke, args.budget).all()
+    time_budget = args.time_budget or (SMOKE_TIME_BUDGET_S if args.smoke else TIME_BUDGET_S)
+    return Check(args.out.resolve(), args.device, args.smoke, args.budget, time_budget).all()
 
 
 if __name__ == "__main__":

@@ -449,14 +449,24 @@ def distill_and_evaluate(
     method: str,
 ) -> tuple[RowResult, torch.Tensor, torch.Tensor]:
     """Distill with ``config`` (pool from ``pools``), evaluate the synthetic set with
-    ``eval_config``; returns the row and the stored images (M, C, H, W) and labels (M,)."""
+    ``eval_config``; returns the row and the stored images (M, C, H, W) and labels (M,). The
+    run is planned and set up as a job does it (``make_plan``, ``apply_run_settings``: the
+    free memory's plan, its backend settings), so a table measures what ``ncfm distill`` runs."""
+    import torch
+
+    from ncfm_core.data import DatasetShape
+    from ncfm_core.devices import MemoryBudget
     from ncfm_core.distill import Distiller
     from ncfm_core.evaluate import evaluate_synset
-    from ncfm_core.jobs.plan import decide_precisions
+    from ncfm_core.jobs.plan import apply_run_settings, make_plan
+    from ncfm_core.runtime import configure_allocator
 
+    configure_allocator()  # a no-op after the first call; before CUDA starts in a fresh process
     pool = pools.get(config)
     started = time.perf_counter()
-    distiller = Distiller(decide_precisions(config, device), dataset, pool, device)
+    plan, _ = make_plan(config, DatasetShape.of(dataset), torch.device(device), MemoryBudget())
+    apply_run_settings(plan, torch.device(device), MemoryBudget())
+    distiller = Distiller(plan.apply(config), dataset, pool, device)
     distiller.run(config.iterations)
     distill_seconds = time.perf_counter() - started
     images, labels = distiller.synthetic_set()

@@ -22,6 +22,7 @@ from ncfm_cli.verify import VERIFY_EPILOG, verify_command
 from ncfm_core import __version__
 from ncfm_core.errors import NcfmError
 from ncfm_core.jobs.events import sigterm_as_interrupt
+from ncfm_core.runtime import configure_allocator
 
 
 def _flags_without_metavar(params: list[Any]) -> list[Any]:
@@ -103,6 +104,7 @@ def main(
 
         ncfm distill digits --ipc 10 --eval
     """
+    configure_allocator()  # before any command touches CUDA (ncfm_core.runtime)
     ctx.obj = GlobalOptions(store=store, json=json_output, quiet=quiet, verbose=verbose, lock_timeout=lock_timeout)
 
 

@@ -34,6 +34,7 @@ from ncfm_core.evaluate import EvalResult, protocol_config
 from ncfm_core.jobs import distill_job, eval_job
 from ncfm_core.jobs.common import open_complete_synset
 from ncfm_core.jobs.eval import eval_images_job
+from ncfm_core.runtime import configure_allocator
 from ncfm_core.store import RunRecord, Store
 from ncfm_core.synset import decode_synset
 
@@ -256,6 +257,7 @@ def distill(
     ``gpu_mem`` as on the command line (the job resolves the device: under torchrun each rank
     takes ``cuda:LOCAL_RANK``); ``callback`` receives the progress events.
     """
+    configure_allocator()  # before anything touches CUDA (ncfm_core.runtime)
     dataset, dataset_name = _dataset_and_name(data, labels, test, class_names, data_dir, options.get("image_size"))
     if preset is not None:
         if preset.lower() not in dataset_names():
@@ -325,6 +327,7 @@ def evaluate(
     (:func:`~ncfm_core.evaluate.protocol_config`); ``settings`` override its knobs (``epochs``,
     ``repeats``, ``lr``, ``model``, ``width``, ...).
     """
+    configure_allocator()  # before anything touches CUDA (ncfm_core.runtime)
     config = protocol_config(protocol, **settings)
     if isinstance(dataset, str):
         dataset = load_dataset(dataset, data_dir)

@@ -53,6 +53,7 @@ from ncfm_core.forward import LoopForward
 from ncfm_core.matching import MatchingLoss, RealSide, matching_class
 from ncfm_core.pool import Pool
 from ncfm_core.real_batches import RealBatches
+from ncfm_core.retry import OutOfMemoryHook, run_iteration
 from ncfm_core.synset import check_factor, decode_synset, init_synset
 
 ProgressCallback = Callable[[dict[str, Any]], None]
@@ -89,11 +90,14 @@ def checkpoint_due(iteration: int, target: int, every: int) -> bool:
 class LoopHooks:
     """What a job hooks into :meth:`Distiller.run`: ``progress(event)`` after each iteration,
     ``checkpoint(distiller)`` where :func:`checkpoint_due`, ``stop_requested()`` between
-    iterations (Ctrl-C, SIGTERM). Any may be None."""
+    iterations (Ctrl-C, SIGTERM), ``out_of_memory(distiller, event)`` for an iteration that ran
+    out of memory, rolled back (``ncfm_core.retry``: True, the distiller switched to a smaller
+    plan, runs it again; False stops). Any may be None (an out-of-memory error then ends the loop)."""
 
     progress: ProgressCallback | None = None
     checkpoint: Callable[[Distiller], None] | None = None
     stop_requested: Callable[[], bool] | None = None
+    out_of_memory: OutOfMemoryHook | None = None
 
 
 class Distiller:
@@ -137,7 +141,7 @@ class Distiller:
         # Member and blend weight drive Python-side choices (which weights to blend): drawing them
         # from a CPU generator avoids a host sync per iteration on accelerators. On CPU it is the
         # run's generator itself, so CPU runs draw exactly one stream.
-        self._host_generator = (
+        self.host_generator = (
             self.generator if self.device.type == "cpu" else torch.Generator().manual_seed(config.seed + 7919)
         )
         images, self.labels = init_synset(self.real_images, [idx.to(self.device) for idx in class_indices],
@@ -169,22 +173,15 @@ class Distiller:
         feature_dim = self.extractor.feature_dim
         # fp16 gradients through the network underflow without loss scaling; bf16 has fp32's range.
         self.grad_scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
-        self.checkpointing = bool(config.activation_checkpointing)
-        self.forward = LoopForward(
-            (self.extractor, self.teacher), device_type=self.device.type, precision=self.precision,
-            checkpointing=self.checkpointing, channels_last=self.channels_last, compile_blocks=config.compile,
-            normalize=config.normalize_features,
-        )
+        self._cut(config.real_chunk or DEFAULT_REAL_CHUNK, config.class_chunk or len(self.classes),
+                  bool(config.activation_checkpointing))
 
         # The loss owns its sampler (learned psi, Gaussian or none) and that sampler's optimiser.
         self.matching: MatchingLoss = matching_class(config.matching)(
             config, feature_dim=feature_dim, device=self.device, cf_precision=self.cf_precision
         )
-        self.real_chunk = config.real_chunk or DEFAULT_REAL_CHUNK
-        owned = len(self.classes)
-        self.class_chunk = min(config.class_chunk or owned, owned)
-        self._real_bounds = cf.chunk_bounds(owned, self.real_per_class, self.real_chunk)
         self.iteration = 0
+        self.phase = "between iterations"  # the phase step() is in, named by an out-of-memory event
         self.mid_step = False  # True while run() is inside step(): the state is then not one to keep
         self.loss_curve: list[list[float]] = []  # [iteration, mean loss over the last LOSS_LOG_EVERY]
         self._loss_window: list[float] = []
@@ -196,6 +193,24 @@ class Distiller:
         self._last: dict[str, float | int | None] = {
             "loss": None, "match_loss": None, "calib_loss": None, "loss_iteration": 0,
         }
+
+    def use_plan(self, real_chunk: int, class_chunk: int, activation_checkpointing: bool) -> None:
+        """Cut the coming iterations as a plan says (real images per no-grad forward, classes per
+        synthetic pass, checkpointing): the same maths, only the order of floating-point sums may
+        change; ``config`` says so from then on. Between iterations (``ncfm_core.retry``)."""
+        self.config = self.config.replace(real_chunk=real_chunk, class_chunk=class_chunk,
+                                          activation_checkpointing=activation_checkpointing)
+        self._cut(real_chunk, class_chunk, activation_checkpointing)
+
+    def _cut(self, real_chunk: int, class_chunk: int, activation_checkpointing: bool) -> None:
+        self.real_chunk, self.class_chunk = real_chunk, min(class_chunk, len(self.classes))
+        self._real_bounds = cf.chunk_bounds(len(self.classes), self.real_per_class, real_chunk)
+        self.checkpointing = activation_checkpointing
+        self.forward = LoopForward(
+            (self.extractor, self.teacher), device_type=self.device.type, precision=self.precision,
+            checkpointing=self.checkpointing, channels_last=self.channels_last, compile_blocks=self.config.compile,
+            normalize=self.config.normalize_features,
+        )
 
     # -- one iteration ---------------------------------------------------------------------
     def sample_real(self) -> tuple[Tensor, Tensor]:
@@ -240,7 +255,7 @@ class Distiller:
         """The iteration's random choices, in the run's fixed order: pool member and blend weight
         (blended into the extractor), real images, one augmentation per class, then the loss's own
         (its frequencies). Returns the real indices and the augmentation parameters."""
-        config, host = self.config, self._host_generator
+        config, host = self.config, self.host_generator
         member = int(torch.randint(len(self.pool), (1,), generator=host, device=host.device))
         beta = float(torch.rand((), generator=host, device=host.device))
         self.pool.blend_into(self.extractor, member, beta)
@@ -265,7 +280,7 @@ class Distiller:
     def _synthetic_groups(self, params: dict[str, Tensor]) -> Tensor:
         """Synthetic side, ``class_chunk`` classes at a time: each group's loss and backward, its
         images' gradient written into ``images.grad``. Returns (loss, match, calib) summed, (3,)."""
-        for optimizer in self._optimizers():
+        for optimizer in self.optimizers():
             optimizer.zero_grad(set_to_none=True)
         image_grad = torch.empty_like(self.images)
         totals = torch.zeros(3, device=self.device)
@@ -284,16 +299,16 @@ class Distiller:
         """The loss's sampler (if it learns one) gets its gradient, reduced over processes."""
         self.matching.sampler_backward(real, self._all_reduce)
 
-    def _optimizers(self) -> list[torch.optim.Optimizer]:
+    def optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.image_optimizer, *self.matching.optimizers()]
 
     def _optimizer_step(self) -> None:
         """One step of every optimiser (through the fp16 loss scaler if any); pixels to [0, 1]."""
         if self.grad_scaler is None:
-            for optimizer in self._optimizers():
+            for optimizer in self.optimizers():
                 optimizer.step()
         else:
-            for optimizer in self._optimizers():
+            for optimizer in self.optimizers():
                 self.grad_scaler.step(optimizer)
             self.grad_scaler.update()
         with torch.no_grad():
@@ -310,10 +325,15 @@ class Distiller:
         be working; averages over ``LOSS_LOG_EVERY`` iterations are exact).
         """
         start_time = time.perf_counter()
+        self.phase = "draw"
         real_index, params = self._draw()
+        self.phase = "real side"
         real = self._real_side(real_index, params)
+        self.phase = "synthetic groups"
         totals = self._synthetic_groups(params)
+        self.phase = "sampler backward"
         self._sampler_backward(real)
+        self.phase = "optimizer step"  # from here on the state changes: see ncfm_core.retry
         self._optimizer_step()
 
         self.iteration += 1
@@ -322,6 +342,7 @@ class Distiller:
         self._pending.append(totals)
         if self.iteration % self._sync_every == 0:
             self._read_pending()
+        self.phase = "between iterations"
         return {
             "iteration": self.iteration,
             **self._last,
@@ -371,7 +392,7 @@ class Distiller:
             if hooks.stop_requested is not None and hooks.stop_requested():
                 return False
             self.mid_step = True  # a failure inside step() leaves no state worth checkpointing
-            metrics = self.step()
+            metrics = run_iteration(self, hooks.out_of_memory)  # step(), again on a smaller plan if it ran out
             self.mid_step = False
             if hooks.progress is not None:
                 hooks.progress({"stage": "distill", "total": until, **metrics})
@@ -399,8 +420,8 @@ class Distiller:
         }
         if self._pending:
             state["pending_losses"] = torch.stack(self._pending).cpu()
-        if self._host_generator is not self.generator:
-            state["host_generator"] = self._host_generator.get_state()
+        if self.host_generator is not self.generator:
+            state["host_generator"] = self.host_generator.get_state()
         if self.grad_scaler is not None:
             state["grad_scaler"] = self.grad_scaler.state_dict()
         own = self.matching.state_dict()
@@ -425,8 +446,8 @@ class Distiller:
         self.image_optimizer.load_state_dict(state["image_optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"].cpu())
-        if self._host_generator is not self.generator and "host_generator" in state:
-            self._host_generator.set_state(state["host_generator"].cpu())
+        if self.host_generator is not self.generator and "host_generator" in state:
+            self.host_generator.set_state(state["host_generator"].cpu())
         if self.grad_scaler is not None and "grad_scaler" in state:
             self.grad_scaler.load_state_dict(state["grad_scaler"])
         self.matching.load_state_dict(state)

@@ -25,10 +25,14 @@ from ncfm_core.config import DistillConfig
 from ncfm_core.data import DatasetShape
 from ncfm_core.matching import IterationShape, matching_class
 from ncfm_core.models import create_network, default_depth, supported_options
+from ncfm_core.runtime import BackendSettings
 
 __all__ = [
-    "ESTIMATE_FIXED_BYTES",
-    "ESTIMATE_OVERHEAD",
+    "CUBLAS_WORKSPACE_BYTES",
+    "CUDNN_WORKSPACE_BYTES",
+    "FRAGMENTATION_CAPPED",
+    "FRAGMENTATION_UNCAPPED",
+    "SMALL_ALLOCATIONS_BYTES",
     "MemoryEstimate",
     "Plan",
     "TimeModel",
@@ -41,9 +45,31 @@ __all__ = [
     "time_model_for",
 ]
 
-ESTIMATE_OVERHEAD = 0.10  # allocator rounding and fragmentation, on top of the tensor bytes
-ESTIMATE_FIXED_BYTES = 32 * 2**20  # conv workspaces, small buffers the model does not itemise
 F32 = 4  # bytes
+MiB = 2**20
+
+# What the caching allocator holds beyond the tensors, fitted to what an H200 measured on
+# 2026-12-04 (torch 2.11, the allocator's default fixed-size segments; the rows, the fit and its
+# tolerance are in tests/test_memory_model.py, which pins the estimate to them). Allocated = the
+# tensors + the workspaces below; reserved, what --gpu-mem caps and what a plan must fit in, =
+# allocated + the headroom: fragmentation and, on CUDA, cuDNN's workspaces.
+CUBLAS_WORKSPACE_BYTES = 2 * 32 * MiB  # cuBLAS's and cuBLASLt's workspaces, 32 MiB each on Hopper
+# (PyTorch sizes them by architecture, less before Hopper); allocated through the caching
+# allocator once per handle and stream and kept: the 256 MiB test's allocated peak was its
+# tensors plus 64 MiB
+SMALL_ALLOCATIONS_BYTES = 4 * MiB  # scalars and small buffers the model does not itemise, each
+# rounded up to 512 B (the 256 MiB test: 1.6 MB allocated for 0.7 MB of tensors)
+# Fragmentation: blocks the allocator holds free between the peak phase's transient allocations
+# of changing sizes, as a share of those transients. Under a cap (--gpu-mem) the allocator hands
+# its cached blocks back before it refuses a request, so less stays reserved than without one,
+# where nothing asks it to (and cuDNN's autotuning, on in every uncapped row, may cache a
+# workspace as large as the free memory).
+FRAGMENTATION_CAPPED = 0.25  # the command line at --gpu-mem 2.5G: 2.48 GiB reserved, 2.09 allocated
+FRAGMENTATION_UNCAPPED = 0.58  # the authors' work with psi, default plan: 9.16 GiB reserved, 5.85 allocated
+CUDNN_WORKSPACE_BYTES = 64 * MiB  # on CUDA, left free for the workspace of cuDNN's chosen convolution
+# algorithm: not modelled (it depends on the algorithm); PyTorch falls back to an algorithm with
+# a smaller workspace when it cannot allocate one (ncfm_core.runtime), so this is what lets the
+# preferred one run, not what keeps the run alive
 
 
 @dataclass(frozen=True)
@@ -55,7 +81,13 @@ class Plan:
     ``activation_checkpointing``: recompute instead of store (the synthetic side block by block,
     and with psi the real features in the backward). ``budget_bytes`` is the budget the plan was
     made for (None: no budget), ``budget_source`` where it came from, ``estimated_peak_bytes`` the
-    model's peak (see :func:`estimate_memory`), ``device`` the device planned for.
+    model's peak of what the allocator reserves (what ``--gpu-mem`` caps, and what must fit it),
+    ``estimated_allocated_bytes`` its peak of allocated tensors and workspaces, ``headroom_bytes``
+    the difference (fragmentation and cuDNN's workspace, see :func:`estimate_memory`), ``capped``
+    whether the allocator is capped at the budget (``--gpu-mem``; planning for the free memory
+    caps nothing), ``device`` the device planned for, ``backend`` the process-wide
+    settings the run uses (``ncfm_core.runtime``: the allocator's configuration and who chose it,
+    cuDNN autotuning).
     """
 
     real_chunk: int
@@ -70,11 +102,28 @@ class Plan:
     estimated_seconds: float | None = None  # the time model's seconds per iteration (None: no model)
     chosen_because: str = ""  # why the planner took this plan, one line
     cf_precision: str = "fp32"  # CF projections: tf32 on CUDA by default (ncfm_core.cf.project)
+    estimated_allocated_bytes: int = 0
+    headroom_bytes: int = 0
+    capped: bool = False
+    backend: BackendSettings = BackendSettings()
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["estimate_terms"] = dict(self.estimate_terms)
         return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        """A plan as :meth:`to_dict` wrote it (a manifest's); fields it lacks take their defaults."""
+        fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        fields["estimate_terms"] = tuple(dict(fields.get("estimate_terms") or {}).items())
+        fields["backend"] = BackendSettings.from_dict(fields.get("backend"))
+        return cls(**fields)
+
+    @property
+    def knobs(self) -> tuple[int, int, bool]:
+        """(real chunk, class chunk, checkpointing): what a smaller plan changes."""
+        return self.real_chunk, self.class_chunk, self.activation_checkpointing
 
     def apply(self, config: DistillConfig) -> DistillConfig:
         """``config`` with this plan's chunks, precisions and checkpointing filled in."""
@@ -92,13 +141,14 @@ class MemoryEstimate:
     """Peak bytes of one iteration and the terms it is made of (name -> bytes).
 
     ``phase`` names the moment of the peak: ``real`` (real chunks streamed), ``synthetic`` (one
-    class group's forward/backward) or one of the matching loss's own (``ncfm`` with psi:
-    ``real-backward``, psi's gradient through the real CF).
+    class group's forward/backward), ``optimizer step`` or one of the matching loss's own
+    (``ncfm`` with psi: ``real-backward``, psi's gradient through the real CF).
     """
 
-    peak_bytes: int
+    peak_bytes: int  # reserved: allocated plus the headroom
     phase: str
     terms: tuple[tuple[str, int], ...]
+    allocated_bytes: int = 0  # tensors and workspaces
 
 
 @dataclass(frozen=True)
@@ -253,14 +303,15 @@ def _iteration_shape(config: DistillConfig, shape: DatasetShape, plan: Plan, net
     """What a matching loss sizes its terms from (``ncfm_core.matching.IterationShape``)."""
     c, per_class_decoded = shape.num_classes, config.ipc * config.factor**2
     b = real_per_class_drawn(config, shape)
-    real_chunk = min(plan.real_chunk, c * b)
+    bounds = chunk_bounds(c, b, max(1, plan.real_chunk))
+    real_chunk = max(end - start for start, end in bounds)  # chunks are whole classes or inside one
     recompute = _real_input_bytes(real_chunk, shape) + real_chunk * net.nograd_transient_bytes
     return IterationShape(
         num_classes=c,
         feature_dim=net.feature_dim,
         real_rows=c * b,
         real_chunk_rows=real_chunk,
-        real_chunks=len(chunk_bounds(c, b, max(1, plan.real_chunk))),
+        real_chunks=len(bounds),
         synthetic_rows=c * per_class_decoded,
         group_rows=min(plan.class_chunk, c) * per_class_decoded,
         checkpointing=plan.activation_checkpointing,
@@ -269,33 +320,50 @@ def _iteration_shape(config: DistillConfig, shape: DatasetShape, plan: Plan, net
     )
 
 
-def estimate_memory(config: DistillConfig, shape: DatasetShape, plan: Plan) -> MemoryEstimate:
-    """Model of the peak device memory of one iteration under ``plan`` (all terms in bytes).
+def _transient(phase: str, terms: dict[str, int], kept: int) -> int:
+    """Bytes a phase allocates and frees again: its terms but what the loss keeps between phases
+    (counted in every phase of the iteration but the optimizer step, when it is gone)."""
+    return max(0, sum(terms.values()) - (0 if phase == "optimizer step" else kept))
 
-    Held for the whole iteration ("persistent"):
+
+def estimate_memory(config: DistillConfig, shape: DatasetShape, plan: Plan) -> MemoryEstimate:
+    """Model of the peak device memory of one iteration under ``plan`` (all terms in bytes):
+    what the caching allocator reserves at the iteration's fullest moment, the figure
+    ``--gpu-mem`` caps (``peak_bytes``), and the tensors and workspaces allocated then
+    (``allocated_bytes``).
+
+    Tensors held for the whole iteration ("persistent"):
     - the real train set as uint8 (N x C x H x W) plus labels and the per-class index table;
     - the pool (initial and trained weights of every member), the extractor and the teacher,
       plus the autocast weight copies;
-    - the stored synthetic images with their gradient, AdamW's two moments and one temporary;
+    - the stored synthetic images, their gradient and AdamW's two moments;
     - the matching loss's own: its accumulators, its sampler and that sampler's optimiser.
     Then the largest of the phases:
-    - real: a chunk of ``real_chunk`` real images (uint8 gather, float copy, augmentation
-      temporaries), the no-grad network's live tensors or, after them, the loss's statistics of
-      the chunk (whichever is larger), the chunk's features, and what the loss keeps of them;
+    - real: a chunk of real images (the largest of the iteration's chunks, which are whole
+      classes or pieces of one: uint8 gather, float copy, augmentation temporaries), the no-grad
+      network's live tensors or, after them, the loss's statistics of the chunk (whichever is
+      larger), the chunk's features, and what the loss keeps of them;
     - synthetic: one group of ``class_chunk`` classes, decoded (ipc * factor^2 per class) and
       augmented, with everything autograd saves in the extractor and (with calibration) the
       teacher (:func:`_convnet_sizes`), features and their normalised copy, the backward's
       gradient buffers, and the loss's per-group terms;
+    - optimizer step: AdamW's temporaries (two of the images' size), the same for every plan;
     - the loss's own phases (``ncfm`` with psi: "real-backward", psi's gradient through the real CF).
-    The loss's terms come from its ``costs`` (``ncfm_core.matching``), beside its code. Finally
-    ``ESTIMATE_OVERHEAD`` (10%) and ``ESTIMATE_FIXED_BYTES`` (32 MiB) on top.
+    The loss's terms come from its ``costs`` (``ncfm_core.matching``), beside its code.
+
+    Allocated = those tensors + ``SMALL_ALLOCATIONS_BYTES`` + on CUDA ``CUBLAS_WORKSPACE_BYTES``.
+    Reserved = allocated + the headroom: the fragmentation between the peak phase's transient
+    allocations (``FRAGMENTATION_CAPPED`` of them when ``plan.capped``, ``FRAGMENTATION_UNCAPPED``
+    otherwise; what the loss keeps between phases is not transient) + on CUDA
+    ``CUDNN_WORKSPACE_BYTES``. The constants are fitted to H200 measurements
+    (tests/test_memory_model.py pins them).
     """
     c, pixels = shape.num_classes, shape.pixels
     net = _network_sizes(config, shape, plan.precision)
     it = _iteration_shape(config, shape, plan, net)
     costs = matching_class(config.matching).costs(config, it)
     d, real_chunk, group = net.feature_dim, it.real_chunk_rows, it.group_rows
-    stored_images = c * config.ipc
+    images = c * config.ipc * pixels * F32  # the stored synthetic images
 
     param_bytes = net.param_count * F32
     calib = config.calib_weight > 0
@@ -303,7 +371,7 @@ def estimate_memory(config: DistillConfig, shape: DatasetShape, plan: Plan) -> M
         "real dataset (uint8) and index tables": shape.num_train * (pixels + 8 + 9),
         "pool weights (init + trained)": config.pool_size * 2 * param_bytes,
         "extractor + teacher (+ autocast copies)": 2 * param_bytes + (0 if plan.precision == "fp32" else param_bytes),
-        "synthetic images + grad + AdamW": 5 * stored_images * pixels * F32,
+        "synthetic images + grad + AdamW moments": 4 * images,
     }
 
     sampling = c * max(1, shape.num_train // c) * (8 + 8) + it.real_rows * 8
@@ -328,15 +396,28 @@ def estimate_memory(config: DistillConfig, shape: DatasetShape, plan: Plan) -> M
     }
 
     persistent = _with_own(persistent, costs.persistent, config.matching)
-    phases = _with_own({"real": _with_own(real_phase, costs.real, config.matching),
-                        "synthetic": _with_own(syn_phase, costs.synthetic, config.matching)},
+    real_phase = _with_own(real_phase, costs.real, config.matching)
+    phases = _with_own({"real": real_phase, "synthetic": _with_own(syn_phase, costs.synthetic, config.matching),
+                        "optimizer step": {"AdamW temporaries": 2 * images}},
                        costs.phases, config.matching)
     phase_name, phase_terms = max(phases.items(), key=lambda item: sum(item[1].values()))
     tensors = sum(persistent.values()) + sum(phase_terms.values())
-    overhead = int(tensors * ESTIMATE_OVERHEAD) + ESTIMATE_FIXED_BYTES
-    terms = {**persistent, **{f"{phase_name}: {k}": v for k, v in phase_terms.items() if v}}
-    terms["allocator overhead and workspaces"] = overhead
-    return MemoryEstimate(int(tensors + overhead), phase_name, tuple((k, int(v)) for k, v in terms.items()))
+    cuda = torch.device(plan.device).type == "cuda"
+    workspaces = {
+        "cuBLAS and cuBLASLt workspaces": CUBLAS_WORKSPACE_BYTES if cuda else 0,
+        "small allocations the model does not itemise": SMALL_ALLOCATIONS_BYTES,
+    }
+    fraction = FRAGMENTATION_CAPPED if plan.capped else FRAGMENTATION_UNCAPPED
+    headroom = {
+        "headroom: fragmentation between transient allocations":
+            int(fraction * _transient(phase_name, phase_terms, costs.kept_between_phases)),
+        "headroom: cuDNN workspace": CUDNN_WORKSPACE_BYTES if cuda else 0,
+    }
+    allocated = tensors + sum(workspaces.values())
+    terms = {**persistent, **{f"{phase_name}: {k}": v for k, v in phase_terms.items() if v},
+             **{k: v for k, v in {**workspaces, **headroom}.items() if v}}
+    return MemoryEstimate(int(allocated + sum(headroom.values())), phase_name,
+                          tuple((k, int(v)) for k, v in terms.items()), allocated_bytes=int(allocated))
 
 
 def estimate_peak_bytes(config: DistillConfig, shape: DatasetShape, plan: Plan) -> int:
@@ -368,7 +449,8 @@ def estimate_iteration_flops(config: DistillConfig, shape: DatasetShape, plan: P
     if config.calib_weight > 0:
         teacher = net.forward_flops + net.classifier_flops
         flops["teacher forward + backward"] = n_syn * teacher * (3 if recompute else 2)
-    flops = _with_own(flops, matching_class(config.matching).costs(config, it).flops, config.matching)
+    costs = matching_class(config.matching).costs(config, it)
+    flops = _with_own(flops, _with_own(costs.flops, costs.network_flops, config.matching), config.matching)
     flops["total"] = sum(flops.values())
     return flops
 
@@ -378,38 +460,48 @@ def estimate_iteration_flops(config: DistillConfig, shape: DatasetShape, plan: P
 
 @dataclass(frozen=True)
 class TimeModel:
-    """Seconds per iteration = ``flops / flops_per_second`` + ``launch units x seconds_per_unit``.
+    """Seconds per iteration = network FLOPs / ``flops_per_second`` + the matching loss's own
+    FLOPs / ``matching_flops_per_second`` + ``launch units x seconds_per_unit``.
 
-    A launch unit is the fixed cost of one pass (kernel launches and the under-filled device at
-    its edges): a real chunk's no-grad forward with its augmentation and CF counts 1, a class
-    group's synthetic forward + backward (extractor and teacher) ``SYNTHETIC_PASS_UNITS``; the
-    matching loss adds its own passes (``ncfm``: one chunk of psi's real-side gradient
-    ``ncfm_core.matching.ncfm.PSI_CHUNK_UNITS``, plus 1 when checkpointing recomputes its
-    forward). See :func:`iteration_passes`.
+    Network FLOPs are the convolutions and linear layers of every forward and backward
+    (:func:`estimate_iteration_flops` but the loss's ``MatchingCosts.flops``); their rate is an
+    EFFECTIVE one, fitted on measured iterations: it carries the memory-bound work that follows
+    each convolution (norms, pooling, casts), so it is a few percent of the device's peak and will
+    move when those kernels change. A launch unit is the fixed cost of one pass (kernel launches
+    and the under-filled device at its edges): a real chunk's no-grad forward with its
+    augmentation and CF counts 1, a class group's synthetic forward + backward (extractor and
+    teacher) ``SYNTHETIC_PASS_UNITS``; the matching loss adds its own passes (``ncfm``: one chunk
+    of psi's real-side gradient ``ncfm_core.matching.ncfm.PSI_CHUNK_UNITS``, plus 1 when
+    checkpointing recomputes its forward). See :func:`iteration_passes`.
     """
 
     flops_per_second: float
     seconds_per_unit: float
     source: str
+    matching_flops_per_second: float = 200e12
 
 
 SYNTHETIC_PASS_UNITS = 3.0  # forward + backward of the extractor and of the teacher: ~3x a no-grad forward's kernels
 
-# Calibrated from two runs measured on an H200 by an earlier session (ConvNet-3 width 128
-# instance norm, CIFAR-100-shaped, IPC 50, factor 2, 1024 real images per class, F = 1024, psi on,
-# bf16; both 20.06 TFLOP by estimate_iteration_flops):
-#   plan real chunk 4096, 100 classes/pass: 0.709-0.753 s/iter (mid 0.731); 40.5 launch units;
-#   plan real chunk  512,   1 class/pass:   1.196 s/iter;                     600 launch units.
-# Two equations, two unknowns: seconds_per_unit = (1.196 - 0.731) / (600 - 40.5) = 0.83 ms;
-# compute = 0.731 - 40.5 x 0.83 ms = 0.697 s, so 20.06 TFLOP / 0.697 s = 28.8 TFLOP/s. The rate is
-# an EFFECTIVE one: the profile showed norms, pooling and dtype copies (memory-bound, not counted
-# as FLOPs) above the convolutions, so it is ~3% of the H200's bf16 peak, and it will move when
-# those kernels change. The ~90,000 launches of the 600-unit plan (~150 per unit at ~5 us)
-# agree with the per-unit figure.
+# Fitted (least squares on the relative error) to the four ncfm rows of issue 23's "Where we
+# stand", measured in one sitting on an H200 (torch 2.11; benchmarks/distill_speed.py, cuDNN
+# autotuning on; CIFAR-100 shape, IPC 50, factor 2, ConvNet-3 width 128, 500 real images per class,
+# bf16; network work 13.21 TFLOP per iteration in each):
+#   F 4096, psi on,  real chunk 4096, 4 classes/pass:  0.709 s (94.5 launch units)
+#   F 4096, psi off, real chunk 4096, 7 classes/pass:  0.683 s (58 units)
+#   F 4096, psi on,  real chunk  512, 1 class/pass:    1.074 s (450 units)
+#   F 1024, psi on,  real chunk 4096, 7 classes/pass:  0.682 s (64.5 units)
+# (the table's fifth row is the authors' program, not this one). The rows with 3.5 and 0.9
+# TFLOP of CF maths took the same time, so they cannot resolve the CF matmuls' rate: those run on
+# TF32 tensor cores and are timed at an assumed 200 TFLOP/s (about 40% of the H200's dense TF32
+# peak: 4 to 18 ms per iteration here). The fit: 21.6 TFLOP/s of network work (~3% of the
+# chip's bf16 peak: the norms, pooling and casts dominate, issue 23's profile) and 0.98 ms per
+# launch unit (~90,000 launches at 450 units, ~200 per unit). tests/test_memory_model.py pins
+# the model to the four rows.
 CUDA_TIME_MODEL = TimeModel(
-    flops_per_second=20.06e12 / 0.697,
-    seconds_per_unit=(1.196 - 0.731) / (600 - 40.5),
-    source="calibrated on an H200 (two measured plans, see ncfm_core.memory_model)",
+    flops_per_second=21.6e12,
+    seconds_per_unit=0.984e-3,
+    source="fitted on four plans measured on an H200 (issue 23; see ncfm_core.memory_model)",
 )
 
 
@@ -443,6 +535,13 @@ def estimate_iteration_seconds(
     model = model or time_model_for(plan.device)
     if model is None:
         return None
-    flops = estimate_iteration_flops(config, shape, plan)["total"]
+    flops = estimate_iteration_flops(config, shape, plan)
+    matching = sum(flops[name] for name in _matching_costs(config, shape, plan).flops)
     units = iteration_passes(config, shape, plan)["launch units"]
-    return flops / model.flops_per_second + units * model.seconds_per_unit
+    return ((flops["total"] - matching) / model.flops_per_second + matching / model.matching_flops_per_second
+            + units * model.seconds_per_unit)
+
+
+def _matching_costs(config: DistillConfig, shape: DatasetShape, plan: Plan):
+    net = _network_sizes(config, shape, plan.precision)
+    return matching_class(config.matching).costs(config, _iteration_shape(config, shape, plan, net))

@@ -27,6 +27,7 @@ from ncfm_core.devices import (
     format_bytes,
 )
 from ncfm_core.errors import BudgetInfeasibleError, ConfigError
+from ncfm_core.runtime import BackendSettings
 from ncfm_core.memory_model import (
     Plan,
     estimate_iteration_seconds,
@@ -52,13 +53,17 @@ FREE_MARGIN_MIN_BYTES = 256 * 2**20  # ...and at least this much
 FRUGAL_TOLERANCE = 0.10  # without a budget: the smallest plan at most this much slower than the fastest
 
 
-def _make_plan(config, shape, device, precisions, real, classes, checkpointing, budget, source) -> Plan:
+def _make_plan(config, shape, device, precisions, real, classes, checkpointing, budget, source, capped,
+               backend) -> Plan:
     precision, cf_precision = precisions
-    draft = Plan(real, classes, precision, checkpointing, budget, 0, str(device), source, cf_precision=cf_precision)
+    draft = Plan(real, classes, precision, checkpointing, budget, 0, str(device), source, cf_precision=cf_precision,
+                 capped=capped, backend=backend)
     estimate = estimate_memory(config, shape, draft)
     seconds = estimate_iteration_seconds(config, shape, draft)
     return dataclasses.replace(
         draft, estimated_peak_bytes=estimate.peak_bytes, estimate_terms=estimate.terms,
+        estimated_allocated_bytes=estimate.allocated_bytes,
+        headroom_bytes=estimate.peak_bytes - estimate.allocated_bytes,
         estimated_seconds=None if seconds is None else round(seconds, 4),
     )
 
@@ -69,6 +74,9 @@ def plan_path(
     device: torch.device | str,
     budget_bytes: int | None = None,
     budget_source: str = "",
+    *,
+    capped: bool | None = None,
+    backend: BackendSettings | None = None,
 ) -> list[Plan]:
     """Every plan the planner may choose, fastest first, each with a strictly smaller estimate.
 
@@ -80,9 +88,15 @@ def plan_path(
     move helps (a tie between two phases), both chunk moves at once. Options fixed in ``config``
     (``real_chunk``, ``class_chunk``, ``activation_checkpointing=True``, the precisions)
     are never changed. The path is the same for every budget, so a smaller budget can only
-    select a later plan: never larger chunks, never a larger estimate.
+    select a later plan: never larger chunks, never a larger estimate. ``capped``: the allocator
+    will be capped at ``budget_bytes`` (default: whenever a budget is given; planning for the
+    free memory caps nothing), which the estimate's fragmentation term depends on; ``backend``:
+    the run's :class:`~ncfm_core.runtime.BackendSettings`, carried by every plan (default: the
+    defaults, as for planning outside a job).
     """
     precisions = decided_precisions(config, "the planner")
+    capped = budget_bytes is not None if capped is None else capped
+    backend = backend or BackendSettings()
     c = shape.num_classes
     n_real = c * real_per_class_drawn(config, shape)
     real = min(config.real_chunk, n_real) if config.real_chunk else min(n_real, MAX_REAL_CHUNK)
@@ -90,7 +104,7 @@ def plan_path(
     checkpointing = bool(config.activation_checkpointing)
 
     def make(r: int, g: int, ckpt: bool) -> Plan:
-        return _make_plan(config, shape, device, precisions, r, g, ckpt, budget_bytes, budget_source)
+        return _make_plan(config, shape, device, precisions, r, g, ckpt, budget_bytes, budget_source, capped, backend)
 
     def smaller_real(plan: Plan) -> int | None:
         if config.real_chunk or plan.real_chunk <= MIN_REAL_CHUNK:
@@ -135,6 +149,7 @@ def plan_run(
     *,
     fastest: bool = False,
     tolerance: float = FRUGAL_TOLERANCE,
+    backend: BackendSettings | None = None,
 ) -> Plan:
     """The plan a run gets (see :func:`plan_path`), with ``chosen_because`` saying why.
 
@@ -143,9 +158,10 @@ def plan_run(
     :func:`detect_memory`) minus a safety margin of ``max(10%, 256 MiB)``, and among the plans
     that fit, the one with the smallest estimated peak whose estimated time is at most
     ``1 + tolerance`` times the fastest's (on devices with a time model, CUDA; elsewhere, and
-    with ``fastest=True`` (``--gpu-mem all``), the fastest that fits). Raises
-    :class:`BudgetInfeasibleError` (exit code 4) naming the smallest budget that would work
-    when even the last plan does not fit.
+    with ``fastest=True`` (``--gpu-mem all``), the fastest that fits). A given budget caps the
+    allocator (``Plan.capped``); the free memory does not. ``backend``: the run's backend
+    settings, carried by the plan. Raises :class:`BudgetInfeasibleError` (exit code 4) naming
+    the smallest budget that would work when even the last plan does not fit.
     """
     device = torch.device(device)
     if budget_bytes is not None:
@@ -158,7 +174,7 @@ def plan_run(
         margin = max(FREE_MARGIN_MIN_BYTES, int(free_bytes * FREE_MARGIN_FRACTION))
         budget = max(0, int(free_bytes) - margin)
         source = f"free memory {format_bytes(free_bytes)} minus a {format_bytes(margin)} margin"
-    path = plan_path(config, shape, device, budget, source)
+    path = plan_path(config, shape, device, budget, source, capped=budget_bytes is not None, backend=backend)
     fitting = [plan for plan in path if plan.estimated_peak_bytes <= budget]
     if fitting:
         return _choose(fitting, frugal=budget_bytes is None and not fastest, tolerance=tolerance,

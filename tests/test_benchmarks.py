@@ -287,10 +287,15 @@ def test_gpu_check_smoke_runs_every_step_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     steps = json.loads((out / "summary.json").read_text())
     assert [s["name"] for s in steps] == ["cuda-tests", "cifar100-data", "distill", "eval", "export", "inspect",
-                                          "speed", "speed-2.5G", "kernels", "kernels-2.5G"]
+                                          "speed-paper", "speed-paper-2.5G", "speed-authors", "speed-authors-2.5G",
+                                          "speed-authors-autotune", "kernels", "kernels-2.5G"]
     assert all(s["status"] == "passed" for s in steps), steps
     assert steps[5]["figures"]["images_finite"] is True and steps[5]["figures"]["status"] == "complete"
-    for kernels_step in steps[8:]:  # every variant of the kernels preset ran, the first is the reference
+    assert steps[2]["figures"]["plan_changes"] == 0 and steps[2]["figures"]["estimate"] != "-"  # the memory record
+    for speed in steps[6:11]:
+        assert speed["figures"]["seconds_per_iteration"] > 0 and speed["figures"]["plan"] != "-", speed
+        assert speed["figures"]["cudnn_benchmark"] is False  # a CPU has no cuDNN to tune, whatever was asked
+    for kernels_step in steps[11:]:  # every variant of the kernels preset ran, the first is the reference
         assert list(kernels_step["figures"]) == list(_load("kit").KERNEL_VARIANTS)
         assert kernels_step["figures"]["baseline"].endswith("(1.00x)")
     assert done.stdout.rstrip().splitlines()[-1].startswith("| kernels-2.5G | passed |")  # the table is last
@@ -362,3 +367,18 @@ def test_kernel_speed_times_every_kernel_variant_side_by_side(tmp_path, capsys):
     seconds = json.loads(record.read_text())["seconds"]["digits"]
     assert set(seconds) == set(kit.KERNEL_VARIANTS)
     assert all(len(values) == 2 and min(values) > 0 for passes in seconds.values() for values in passes.values())
+
+
+def test_gpu_check_stays_within_its_time_budget(tmp_path, monkeypatch):
+    """No step runs past the check's deadline: a step is cut to the time left, and once none is
+    left the remaining steps are skipped (which fails the check) instead of run."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_check
+
+    check = gpu_check.Check(tmp_path, device="cpu", smoke=True, budget="2.5G",
+                            time_budget=gpu_check.SUMMARY_RESERVE_S + 3)
+    step, _ = check.run("slow", [sys.executable, "-c", "import time; time.sleep(30)"], timeout=60)
+    assert step.status == "failed" and "timed out after" in step.detail and step.seconds < 10
+    step, _ = check.run("late", [sys.executable, "-c", "pass"], timeout=60)
+    assert step.status == "skipped" and "budget" in step.detail
+    assert check.summarise() == 1

@@ -13,16 +13,18 @@ from cli_runner import TINY, error_line, invoke, one_json
 from typer.testing import CliRunner
 
 from ncfm_cli.main import app
+from ncfm_core import api
 from ncfm_cli.output import GlobalOptions, ProgressRenderer
 from ncfm_core.config import DistillConfig, make_config
 from ncfm_core.data import DatasetShape, dataset_shape
-from ncfm_core.devices import parse_memory
+from ncfm_core.devices import MemoryBudget, parse_memory
 from ncfm_core.distill import Distiller
 from ncfm_core.errors import BudgetInfeasibleError
 from ncfm_core.jobs import common as job_common
 from ncfm_core.jobs.plan import decide_precisions
 from ncfm_core.memory_model import Plan, estimate_iteration_flops
 from ncfm_core.planner import plan_path, plan_run
+from ncfm_core.runtime import decide_backend
 from ncfm_core.store import Store
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -54,7 +56,7 @@ def test_dry_run_fake_ipc50_1g_is_what_the_planner_says(tmp_path, no_gpu):
     assert shape == DatasetShape(10, 3, 32, 640)  # fake without options is CIFAR-10-shaped
     args = ["--store", tmp_path / "store", "distill", "fake", "--ipc", "50", "--dry-run", "--gpu-mem", "1G", "--json"]
     try:
-        expected = plan_run(config, shape, "cuda:0", parse_memory("1G"))
+        expected = plan_run(config, shape, "cuda:0", parse_memory("1G"), backend=decide_backend("cuda:0"))
     except BudgetInfeasibleError as err:
         result = invoke(*args, expect=4)
         assert error_line(result) == f"error: {err}"
@@ -100,7 +102,7 @@ def test_dry_run_default_cuda_plan_is_frugal_and_gpu_mem_all_is_the_fastest(tmp_
     base = ["--store", tmp_path / "store", "--json", "distill", "cifar100", "--ipc", "50", "--dry-run"]
     frugal = one_json(invoke(*base, "--device", "cuda"))["plan"]
     fastest = one_json(invoke(*base, "--gpu-mem", "all"))["plan"]
-    expected = plan_run(config, shape, "cuda:0", None, free_bytes=140 * 2**30)
+    expected = plan_run(config, shape, "cuda:0", None, free_bytes=140 * 2**30, backend=decide_backend("cuda:0"))
     assert frugal == json.loads(json.dumps(expected.to_dict()))
     assert "smallest plan within 10%" in frugal["chosen_because"]
     assert fastest["estimated_peak_bytes"] == plan_path(config, shape, "cuda:0")[0].estimated_peak_bytes
@@ -114,7 +116,7 @@ def test_dry_run_default_cuda_plan_is_frugal_and_gpu_mem_all_is_the_fastest(tmp_
 def test_tiny_budget_exits_4_with_the_minimum_and_writes_nothing(tmp_path, no_gpu):
     store = tmp_path / "store"
     config = decide_precisions(make_config("fake", 50), "cuda")
-    minimum = plan_path(config, dataset_shape("fake"), "cuda")[-1].estimated_peak_bytes
+    minimum = plan_path(config, dataset_shape("fake"), "cuda", parse_memory("10M"))[-1].estimated_peak_bytes
     result = invoke("--store", store, "distill", "fake", "--ipc", "50", "--dry-run", "--gpu-mem", "10M", expect=4)
     line = error_line(result)
     assert f"needs at least {mib_spec(minimum)}" in line and f"--gpu-mem to at least {mib_spec(minimum)}" in line
@@ -122,7 +124,7 @@ def test_tiny_budget_exits_4_with_the_minimum_and_writes_nothing(tmp_path, no_gp
     # A real run (planned for this CPU) refuses before it creates anything.
     cpu_config = decide_precisions(make_config("fake", 2, pool_size=1, pool_epochs=0, num_freqs=16, real_per_class=4,
                                                width=8), "cpu")
-    cpu_minimum = plan_path(cpu_config, dataset_shape("fake"), "cpu")[-1].estimated_peak_bytes
+    cpu_minimum = plan_path(cpu_config, dataset_shape("fake"), "cpu", parse_memory("1M"))[-1].estimated_peak_bytes
     result = invoke("--store", store, "distill", "fake", "--ipc", "2", *TINY, "--gpu-mem", "1M", expect=4)
     assert f"needs at least {mib_spec(cpu_minimum)}" in error_line(result)
     assert store_files(store) == []
@@ -242,3 +244,50 @@ def test_progress_renderer_copes_with_losses_not_read_yet(capsys):
         render({"stage": "distill", "iteration": 10, "total": 10, "loss": 0.5, "seconds": 0.01})
     lines = capsys.readouterr().err.splitlines()
     assert "loss -," in lines[0] and "loss 0.5000," in lines[1]
+
+
+# -- one path per request: the command line, the Python API and the benchmarks plan alike ----------
+
+ROOT = Path(__file__).resolve().parent.parent
+API_TINY = dict(pool_size=1, pool_epochs=0, num_freqs=16, real_per_class=4, width=8)
+
+
+def _speed_benchmark(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import distill_speed
+
+    return distill_speed
+
+
+@pytest.mark.parametrize("cli, options, gpu_mem", [
+    ([], {}, "2G"),
+    (["--no-sampler", "--class-chunk", "1"], {"sampler": False, "class_chunk": 1}, "600M"),
+    (["--matching", "mmd"], {"matching": "mmd"}, None),
+], ids=["psi, 2G", "gaussian, a class per pass, 600M", "mmd, free memory"])
+def test_the_cli_the_api_and_the_benchmarks_get_the_same_plan_and_backend(tmp_path, monkeypatch, cli, options,
+                                                                          gpu_mem):
+    """The same configuration and budget give the same plan, backend settings included, whether
+    it comes from ``ncfm distill --dry-run``, from ``ncfm_core.api.distill`` (the plan its run
+    recorded) or from ``benchmarks/distill_speed.py`` (its workers plan through the jobs)."""
+    monkeypatch.setattr("ncfm_core.planner.detect_memory", lambda device: (8 * 2**30, 16 * 2**30))
+    budget_args = [] if gpu_mem is None else ["--gpu-mem", gpu_mem]
+    dry = one_json(invoke("--store", tmp_path / "dry", "--json", "distill", "fake", "--ipc", "2", "--dry-run",
+                          "--device", "cpu", *TINY, *cli, *budget_args))
+    result = api.distill("fake", 2, store=tmp_path / "api", device="cpu", gpu_mem=gpu_mem, iterations=0,
+                         **API_TINY, **options)
+    config = make_config("fake", 2, **API_TINY, **options)
+    planned_config, plan = _speed_benchmark(monkeypatch).planned(
+        config, dataset_shape("fake"), torch.device("cpu"), MemoryBudget.resolve(gpu_mem, torch.device("cpu")))
+    benchmark = json.loads(json.dumps(plan.to_dict()))
+    assert dry["plan"] == result.record.to_json()["plan"] == benchmark
+    assert {**dry["config"], "iterations": 0} == result.record.config == {**planned_config.to_dict(),
+                                                                                "iterations": 0}
+    assert dry["plan"]["backend"]["allocator_conf"] == "expandable_segments:True"
+    assert dry["plan"]["backend"]["cudnn_benchmark"] is False  # the CPU: nothing to tune
+
+
+def test_the_speed_benchmark_applies_the_plan_as_the_jobs_do(monkeypatch):
+    """Its workers set nothing of their own: no cudnn.benchmark flag outside the plan."""
+    source = (ROOT / "benchmarks" / "distill_speed.py").read_text()
+    assert "cudnn.benchmark" not in source and "cap_device_memory" not in source
+    assert "apply_run_settings(plan, device, budget)" in source and "make_plan(" in source

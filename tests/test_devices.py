@@ -11,12 +11,19 @@ device without an index fails the suite anywhere.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 import simulated_cuda as simulation
 import torch
 from cli_runner import invoke, one_json
 
-from ncfm_core import jobs, parallel
+from ncfm_core import jobs, parallel, runtime
 from ncfm_core.config import make_config
 from ncfm_core.devices import (
     JobDevice,
@@ -292,3 +299,152 @@ def test_explicit_precisions_are_kept_and_cpu_projections_are_fp32(simulated_cud
     assert decide_precisions(asked, "cuda:0", world_size=2) == asked  # the user's choice stays theirs
     on_cpu = decide_precisions(make_config("fake", 1, cf_precision="tf32"), "cpu", world_size=2)
     assert (on_cpu.precision, on_cpu.cf_precision) == ("fp32", "fp32")  # no autocast, no TF32 off CUDA
+
+
+# -- the allocator's configuration and the backend settings (ncfm_core.runtime) -----------------
+
+
+@pytest.fixture
+def fresh_allocator(monkeypatch):
+    """A process ncfm has not configured yet, with torch's contract simulated: the allocator
+    reads its variable once, the first time its configuration is read (CUDA's initialisation
+    does), and a runtime setter changes it later. ``state.calls``: what the setter was given."""
+    for name in (*runtime.ALLOC_CONF_VARIABLES, runtime.CHOSEN_MARK, runtime.CUDNN_BENCHMARK_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(runtime, "_configured", None)
+    state = SimpleNamespace(initialised=False, parsed=None, calls=[], setter=True)
+
+    def read_once():
+        if state.parsed is None:
+            state.parsed = os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF") or ""
+        return state.parsed
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: state.initialised)
+    monkeypatch.setattr(runtime, "_settings_in_force", read_once)
+    monkeypatch.setattr(runtime, "_runtime_setter", lambda: state.calls.append if state.setter else None)
+    return state
+
+
+def test_the_allocator_gets_expandable_segments_before_cuda_starts(fresh_allocator):
+    record = runtime.configure_allocator()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == runtime.NCFM_ALLOC_CONF == "expandable_segments:True"
+    assert fresh_allocator.parsed == runtime.NCFM_ALLOC_CONF and fresh_allocator.calls == []  # read from the variable
+    assert (record.conf, record.chosen_by) == (runtime.NCFM_ALLOC_CONF, "ncfm")
+    assert record.applied == "in the environment, before CUDA was initialised"
+    assert runtime.configure_allocator() is record  # once per process: every entry point may call it
+
+
+@pytest.mark.parametrize("variable", ["PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"])
+def test_the_users_allocator_configuration_is_left_alone(fresh_allocator, monkeypatch, variable):
+    monkeypatch.setenv(variable, "max_split_size_mb:128")
+    record = runtime.configure_allocator()
+    assert os.environ[variable] == "max_split_size_mb:128" and fresh_allocator.calls == []
+    assert (record.conf, record.chosen_by) == ("max_split_size_mb:128", f"the user ({variable})")
+    assert runtime.CHOSEN_MARK not in os.environ
+
+
+@pytest.mark.parametrize("how", ["cuda initialised", "configuration read"])
+def test_too_late_for_the_variable_the_runtime_setter_applies_it_and_the_record_says_so(fresh_allocator, how):
+    if how == "cuda initialised":
+        fresh_allocator.initialised = True
+    else:
+        fresh_allocator.parsed = ""  # something read torch's allocator configuration before us
+    record = runtime.configure_allocator()
+    assert fresh_allocator.calls == [runtime.NCFM_ALLOC_CONF]
+    assert record.chosen_by == "ncfm" and record.applied.startswith("by torch's runtime setter")
+    assert ("already initialised" in record.applied) == (how == "cuda initialised")
+
+
+def test_too_late_without_a_runtime_setter_the_record_says_it_was_not_applied(fresh_allocator, monkeypatch):
+    fresh_allocator.initialised, fresh_allocator.setter = True, False
+    assert runtime.configure_allocator().applied.startswith("not applied")
+
+    def refuse(conf):
+        raise RuntimeError("expandable_segments not supported on this platform")
+
+    monkeypatch.setattr(runtime, "_configured", None)
+    monkeypatch.setattr(runtime, "_runtime_setter", lambda: refuse)  # the run goes on without it
+    assert "refused it (expandable_segments not supported" in runtime.configure_allocator().applied
+
+
+def test_a_child_process_knows_the_setting_was_ncfms(fresh_allocator, monkeypatch):
+    """torchrun's ranks and the benchmarks' workers inherit the variable with ncfm's mark."""
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", runtime.NCFM_ALLOC_CONF)
+    monkeypatch.setenv(runtime.CHOSEN_MARK, "1")
+    record = runtime.configure_allocator()
+    assert record.chosen_by == "ncfm" and "inherited" in record.applied
+
+
+def test_the_real_torch_reads_the_setting_when_set_before_it_reads_its_configuration(tmp_path):
+    """Not simulated: this torch, in a fresh process that imported it first, as the command line does."""
+    script = ("import torch, ncfm_core.runtime as r; record = r.configure_allocator(); "
+              "get = getattr(torch._C, '_accelerator_getAllocatorSettings', None); "
+              "print(record.chosen_by, record.applied.split(',')[0], get() if get else 'expandable_segments:True')")
+    env = {k: v for k, v in os.environ.items() if k not in (*runtime.ALLOC_CONF_VARIABLES, runtime.CHOSEN_MARK)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["ncfm", "in", "the", "environment", "expandable_segments:True"]
+
+
+def test_the_plan_records_the_backend_settings_and_who_chose_them(fresh_allocator, simulated_cuda, monkeypatch):
+    from ncfm_core.data import dataset_shape
+    from ncfm_core.devices import MemoryBudget
+    from ncfm_core.jobs import make_plan
+
+    runtime.configure_allocator()
+    device = torch.device("cuda", 0)
+    budget = MemoryBudget.resolve("2.5G", device)
+    plan, record = make_plan(make_config("cifar100", 50), dataset_shape("cifar100"), device, budget)
+    backend = record["plan"]["backend"]
+    assert (backend["allocator_conf"], backend["allocator_chosen_by"]) == (runtime.NCFM_ALLOC_CONF, "ncfm")
+    assert backend["cudnn_benchmark"] is runtime.CUDNN_BENCHMARK_DEFAULT is False
+    assert backend["cudnn_benchmark_chosen_by"].startswith("ncfm's default (off")
+    assert backend["cudnn_benchmark_limit"] == 10
+    monkeypatch.setenv(runtime.CUDNN_BENCHMARK_ENV, "1")  # what the GPU check flips
+    flipped, record = make_plan(make_config("cifar100", 50), dataset_shape("cifar100"), device, budget)
+    assert flipped.backend.cudnn_benchmark and record["plan"]["backend"]["cudnn_benchmark_chosen_by"] == (
+        "NCFM_CUDNN_BENCHMARK=1")
+    cpu, _ = make_plan(make_config("cifar100", 50), dataset_shape("cifar100"), torch.device("cpu"), budget)
+    assert not cpu.backend.cudnn_benchmark  # no cuDNN to tune on a CPU, whatever was asked
+
+
+def test_the_job_boundary_applies_the_plans_cudnn_setting(tmp_path, simulated_cuda, stop_before_the_loop,
+                                                          monkeypatch):
+    before = (torch.backends.cudnn.benchmark, torch.backends.cudnn.benchmark_limit)
+    try:
+        torch.backends.cudnn.benchmark = True  # as benchmarks/distill_speed.py used to leave it
+        with pytest.raises(_StopBeforeTheLoop):
+            jobs.distill_job(Store(tmp_path / "store"), make_config("fake", 1, iterations=2, pool_size=1,
+                                                                    pool_epochs=0), gpu_mem="2.5G")
+        assert torch.backends.cudnn.benchmark is False  # the plan's, applied by apply_run_settings
+        manifest = stop_before_the_loop["version"].record().to_json()
+        assert manifest["plan"]["backend"]["cudnn_benchmark"] is False
+        monkeypatch.setenv(runtime.CUDNN_BENCHMARK_ENV, "on")
+        with pytest.raises(_StopBeforeTheLoop):
+            jobs.distill_job(Store(tmp_path / "other"), make_config("fake", 1, iterations=2, pool_size=1,
+                                                                    pool_epochs=0), gpu_mem="2.5G")
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.benchmark_limit = before
+
+
+@pytest.mark.parametrize("gpu_mem", ["2.5G", None])
+def test_on_cuda_the_cli_and_the_speed_benchmark_plan_alike(tmp_path, simulated_cuda, monkeypatch, gpu_mem):
+    """The dry run and benchmarks/distill_speed.py's planning, for the same configuration and
+    budget on a (simulated) GPU: the same plan and backend settings."""
+    from ncfm_core.data import dataset_shape
+    from ncfm_core.devices import MemoryBudget
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import distill_speed
+
+    args = ["--store", tmp_path / "store", "--json", "distill", "cifar100", "--ipc", "50", "--dry-run",
+            "--device", "cuda", "--freqs", "4096", "--real-per-class", "500"]
+    dry = one_json(invoke(*args, *([] if gpu_mem is None else ["--gpu-mem", gpu_mem])))
+    device = torch.device("cuda", 0)
+    config = make_config("cifar100", 50, num_freqs=4096, real_per_class=500)
+    planned, plan = distill_speed.planned(config, dataset_shape("cifar100"), device,
+                                          MemoryBudget.resolve(gpu_mem, device))
+    assert dry["plan"] == json.loads(json.dumps(plan.to_dict()))
+    assert dry["config"] == planned.to_dict()

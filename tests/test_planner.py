@@ -11,6 +11,7 @@ from ncfm_core import planner
 from ncfm_core.config import make_config
 from ncfm_core.data import DatasetShape, dataset_shape, load_dataset
 from ncfm_core.devices import (
+    MemoryBudget,
     cap_device_memory,
     measure_peak,
     parse_memory,
@@ -19,7 +20,7 @@ from ncfm_core.devices import (
 )
 from ncfm_core.distill import Distiller
 from ncfm_core.errors import BudgetInfeasibleError, ConfigError
-from ncfm_core.jobs.plan import decide_precisions
+from ncfm_core.jobs.plan import apply_run_settings, decide_precisions, make_plan
 from ncfm_core.memory_model import estimate_peak_bytes
 from ncfm_core.planner import plan_path, plan_run
 from ncfm_core.pool import PoolSpec, train_pool
@@ -101,7 +102,7 @@ def test_infeasible_budget_states_the_minimum_that_works():
     message = str(err)
     assert "\n" not in message and "--gpu-mem" in message
     minimum = re.search(r"at least (\d+M)", message).group(1)
-    smallest = plan_path(config, CIFAR100, "cuda")[-1]
+    smallest = plan_path(config, CIFAR100, "cuda", parse_memory("100M"))[-1]  # capped: the path of any budget
     assert parse_memory(minimum) >= smallest.estimated_peak_bytes > parse_memory(minimum) - MiB
     plan = plan_run(config, CIFAR100, "cuda", parse_memory(minimum))  # the stated minimum works
     assert plan.estimated_peak_bytes == smallest.estimated_peak_bytes
@@ -148,14 +149,15 @@ def test_default_cuda_plan_is_the_smallest_within_ten_percent_of_the_fastest():
     chosen, fastest = _frugal_path_check(config, CIFAR100, 140 * GiB)
     assert (fastest.real_chunk, fastest.class_chunk) == (4096, 100) and fastest.estimated_peak_bytes > 80 * GiB
     assert "--gpu-mem all" in fastest.chosen_because and "fastest" in fastest.chosen_because
-    assert chosen.estimated_peak_bytes < 8 * GiB and not chosen.activation_checkpointing
+    assert chosen.estimated_peak_bytes < 12 * GiB and not chosen.activation_checkpointing
     assert "smallest plan within 10%" in chosen.chosen_because
     budgeted = plan_run(config, CIFAR100, "cuda", parse_memory("2.5G"))
     assert budgeted.chosen_because == "the fastest plan that fits the budget"
     cpu_config = decide_precisions(make_config("cifar100", 50), "cpu")
     cpu = plan_run(cpu_config, CIFAR100, "cpu", None, free_bytes=140 * GiB)  # no time model: the fastest
     assert cpu.estimated_seconds is None and "no time model" in cpu.chosen_because
-    assert (cpu.real_chunk, cpu.class_chunk) == (fastest.real_chunk, fastest.class_chunk)
+    cpu_path = plan_path(cpu_config, CIFAR100, "cpu", cpu.budget_bytes, capped=False)
+    assert cpu.knobs == next(p for p in cpu_path if p.estimated_peak_bytes <= cpu.budget_bytes).knobs
 
 
 @pytest.mark.parametrize("name, config, shape", _configs(), ids=[c[0] for c in _configs()])
@@ -355,13 +357,19 @@ def cuda_only(test):
 
 @cuda_only
 def test_capped_cuda_run_stays_under_its_budget(tiny):
+    """What --gpu-mem promises, through the job's own planning and settings (make_plan,
+    apply_run_settings: the cap and the plan's backend settings): the allocator's reserved peak
+    stays within the budget, and so does the plan's estimate of it. The model's allocated
+    estimate (tensors, cuBLAS's and cuBLASLt's workspaces, small allocations) holds too: what it
+    does not hold is what the headroom is for (fragmentation, cuDNN's workspace)."""
     dataset, base, pool = tiny
     config = base.replace(real_per_class=12)
-    limit = parse_memory("256M")
     device, _ = resolve_device("cuda")  # cuda:N: the allocator cap needs the index
-    plan = plan_run(decide_precisions(config, device), DatasetShape.of(dataset), device, limit)
+    budget = MemoryBudget.resolve("256M", device)
+    plan, _ = make_plan(config, DatasetShape.of(dataset), device, budget)
+    benchmark = torch.backends.cudnn.benchmark
     reset_peak(device)
-    cap_device_memory(device, limit)
+    apply_run_settings(plan, device, budget)
     try:
         d = Distiller(plan.apply(config), dataset, pool, device)
         d.run(3)
@@ -369,8 +377,10 @@ def test_capped_cuda_run_stays_under_its_budget(tiny):
         peak = measure_peak(device)
     finally:
         cap_device_memory(device, torch.cuda.get_device_properties(device).total_memory)
-    assert peak.reserved_bytes <= limit
-    assert peak.allocated_bytes <= plan.estimated_peak_bytes
+        torch.backends.cudnn.benchmark = benchmark
+    assert plan.estimated_peak_bytes <= budget.bytes and plan.capped
+    assert peak.reserved_bytes <= budget.bytes, (peak.reserved_bytes, budget.bytes)
+    assert peak.allocated_bytes <= plan.estimated_allocated_bytes, (peak.allocated_bytes, plan.estimate_terms)
 
 
 @cuda_only

@@ -11,13 +11,12 @@ from ncfm_core.data import DatasetShape, ImageDataset
 from ncfm_core.devices import (
     JobDevice,
     MemoryBudget,
-    cap_device_memory,
 )
 from ncfm_core.jobs.common import (
     load_job_dataset,
 )
 from ncfm_core.jobs.events import JobCallback, emitter, log
-from ncfm_core.jobs.plan import make_plan, plan_message
+from ncfm_core.jobs.plan import apply_run_settings, make_plan, plan_message, step_down_path
 from ncfm_core.jobs.run import (
     DEFAULT_CHECKPOINT_EVERY,
     check_checkpoint_every,
@@ -26,7 +25,7 @@ from ncfm_core.jobs.run import (
     run_lock,
     validate_job,
 )
-from ncfm_core.store import ArtifactVersion, EvalRequest, PlanRecord, Store
+from ncfm_core.store import ArtifactVersion, EvalRequest, PlanAsked, PlanRecord, Store
 
 
 def default_artifact_name(dataset: str, ipc: int) -> str:
@@ -60,9 +59,11 @@ def distill_job(
     network, device, the memory plan), so bad input leaves nothing behind. ``device`` is resolved
     once, at this job's boundary (:func:`~ncfm_core.parallel.ranked_job`), and recorded in the
     version's record with the reason for it. The run is planned
-    for ``gpu_mem`` (see :func:`make_plan`; the CUDA allocator is capped at it) and the plan is
-    applied to the config before the record is written, so a resume replays it. Returns the
-    complete version.
+    for ``gpu_mem`` (see :func:`make_plan`; the CUDA allocator is capped at it and the plan's
+    backend settings applied, :func:`apply_run_settings`) and the plan is applied to the config
+    before the record is written, so a resume replays it. An iteration that runs out of memory
+    steps down to the next smaller plan (:func:`step_down_path`, ``ncfm_core.jobs.run``). Returns
+    the complete version.
     Raises :class:`JobInterrupted` on Ctrl-C (after checkpointing), ``NcfmError`` subclasses for
     bad input, and re-raises anything else after marking the version failed.
     ``dataset``: the data already in memory (``ncfm_core.distill`` from tensors), instead of
@@ -78,17 +79,19 @@ def distill_job(
     spec = validate_job(config, dataset)
     torch_device = device.device
     budget = MemoryBudget.resolve(gpu_mem, torch_device)
-    plan, planned = make_plan(config, DatasetShape.of(dataset), torch_device, budget,
-                              allow_checkpointing=allow_checkpointing)
-    if budget.bytes is not None:
-        cap_device_memory(torch_device, budget.bytes)
+    shape = DatasetShape.of(dataset)
+    plan, planned = make_plan(config, shape, torch_device, budget, allow_checkpointing=allow_checkpointing)
+    apply_run_settings(plan, torch_device, budget)
+    smaller = step_down_path(config, shape, torch_device, plan, planned["plan_asked"])
     config = plan.apply(config)
     version = store.create_version(name, initial_record(
         config, dataset, device, checkpoint_every, parent=None, plan=PlanRecord.from_json(planned["plan"]),
-        flops_per_iteration=planned["flops_per_iteration"], gpu_mem=planned["gpu_mem"], pending_eval=eval_request))
+        flops_per_iteration=planned["flops_per_iteration"], gpu_mem=planned["gpu_mem"], pending_eval=eval_request,
+        plan_asked=PlanAsked.from_json(planned["plan_asked"])))
     emit({"stage": "created", "artifact": version.ref, "path": str(version.path)})
     log(emit, f"created {version.ref} at {version.path}")
     log(emit, plan_message(plan))
     with run_lock(version):
         return distill_into(store, version, config, dataset, spec, torch_device,
-                            checkpoint_every=checkpoint_every, state=None, emit=emit, budget=budget)
+                            checkpoint_every=checkpoint_every, state=None, emit=emit, budget=budget,
+                            plan=plan, smaller=smaller)

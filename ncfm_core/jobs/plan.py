@@ -1,5 +1,8 @@
-"""A run's plan: its precisions, decided once (:func:`decide_precisions`), and its memory plan
-(:func:`make_plan`); ``ncfm distill --dry-run`` shows it without data or a GPU (:func:`plan_job`)."""
+"""A run's plan: its precisions, decided once (:func:`decide_precisions`), its memory plan and
+backend settings (:func:`make_plan`), applied to the process once, at the job boundary
+(:func:`apply_run_settings`); the smaller plans an out-of-memory error steps down to
+(:func:`step_down_path`); ``ncfm distill --dry-run`` shows the plan without data or a GPU
+(:func:`plan_job`). The command line, the Python API and the benchmarks all plan here."""
 
 from __future__ import annotations
 
@@ -12,13 +15,16 @@ from ncfm_core import parallel
 from ncfm_core.cf import resolve_cf_precision
 from ncfm_core.config import DistillConfig
 from ncfm_core.data import DatasetShape, dataset_shape
-from ncfm_core.devices import MemoryBudget, format_bytes, planning_device, resolve_precision
+from ncfm_core.devices import MemoryBudget, cap_device_memory, format_bytes, planning_device, resolve_precision
 from ncfm_core.errors import BudgetInfeasibleError
 from ncfm_core.jobs.common import (
     load_job_dataset,
 )
 from ncfm_core.memory_model import Plan, estimate_iteration_flops
-from ncfm_core.planner import plan_run
+from ncfm_core.planner import plan_path, plan_run
+from ncfm_core.runtime import BackendSettings, apply_backend, decide_backend
+
+PLAN_KNOBS = ("real_chunk", "class_chunk", "activation_checkpointing")  # what a smaller plan changes
 
 
 def decide_precisions(config: DistillConfig, device: torch.device | str,
@@ -49,19 +55,55 @@ def make_plan(
     margin). ``allow_checkpointing=False`` (``--no-checkpointing``) refuses plans that
     recompute activations. The precisions are decided here, once (:func:`decide_precisions`,
     with this job's world size: several processes never get fp16), and ``plan.apply`` carries
-    them into the config. Returns ``(plan, {"plan": plan.to_dict(), "flops_per_iteration": int,
-    "gpu_mem": the budget as the user wrote it})``. :class:`BudgetInfeasibleError` (exit 4)
-    naming the minimum when nothing fits.
+    them into the config; so are the backend settings (``plan.backend``:
+    :func:`~ncfm_core.runtime.decide_backend`), which :func:`apply_run_settings` applies.
+    Returns ``(plan, {"plan": plan.to_dict(), "flops_per_iteration": int, "gpu_mem": the budget
+    as the user wrote it, "plan_asked": the knobs as asked before planning, and whether
+    checkpointing was allowed})``; :func:`step_down_path` reads ``plan_asked`` back.
+    :class:`BudgetInfeasibleError` (exit 4) naming the minimum when nothing fits.
     """
     config = decide_precisions(config, device)
-    plan = plan_run(config, shape, device, budget.bytes, fastest=budget.spec == "all")  # --gpu-mem all: the fastest
+    plan = plan_run(config, shape, device, budget.bytes, fastest=budget.spec == "all",  # --gpu-mem all: the fastest
+                    backend=decide_backend(device))
     if plan.activation_checkpointing and not config.activation_checkpointing and not allow_checkpointing:
         raise BudgetInfeasibleError(
             f"{config.dataset} at IPC {config.ipc} fits in {format_bytes(plan.budget_bytes or 0)} only with "
             f"activation checkpointing; drop --no-checkpointing, raise --gpu-mem, or lower --ipc or --real-per-class"
         )
     flops = estimate_iteration_flops(config, shape, plan)["total"]
-    return plan, {"plan": plan.to_dict(), "flops_per_iteration": int(flops), "gpu_mem": budget.spec}
+    asked = {**{knob: getattr(config, knob) for knob in PLAN_KNOBS}, "allow_checkpointing": allow_checkpointing}
+    return plan, {"plan": plan.to_dict(), "flops_per_iteration": int(flops), "gpu_mem": budget.spec,
+                  "plan_asked": asked}
+
+
+def apply_run_settings(plan: Plan | None, device: torch.device, budget: MemoryBudget) -> None:
+    """What a plan sets for the whole process, once, at the job boundary (distill, resume, the
+    benchmarks): the allocator's cap at ``budget`` (CUDA, when one was given) and the plan's
+    backend settings (cuDNN autotuning; None, a run recorded before plans: the defaults)."""
+    if budget.bytes is not None:
+        cap_device_memory(device, budget.bytes)
+    apply_backend(BackendSettings() if plan is None else plan.backend, device)
+
+
+def step_down_path(config: DistillConfig, shape: DatasetShape, device: torch.device, plan: Plan,
+                   asked: dict[str, Any] | None) -> list[Plan]:
+    """The plans a run on ``plan`` steps down to when an iteration runs out of memory, in order:
+    those after it on the planner's path (:func:`~ncfm_core.planner.plan_path`, the same for every
+    budget), for the knobs the user ``asked`` (a manifest's ``plan_asked``; None, for a run
+    recorded before it: ``config``'s chunks stay fixed and only checkpointing may turn on), with
+    ``plan``'s budget and backend."""
+    asked = dict(asked or {knob: getattr(config, knob) for knob in PLAN_KNOBS[:2]})
+    allow_checkpointing = asked.pop("allow_checkpointing", True)
+    unplanned = decide_precisions(config.replace(**{k: v for k, v in asked.items() if k in PLAN_KNOBS}), device)
+    path = plan_path(unplanned, shape, device, plan.budget_bytes, plan.budget_source, capped=plan.capped,
+                     backend=plan.backend)
+    if not allow_checkpointing and not unplanned.activation_checkpointing:
+        path = [p for p in path if not p.activation_checkpointing]
+    knobs = [p.knobs for p in path]
+    if plan.knobs in knobs:
+        return path[knobs.index(plan.knobs) + 1:]
+    return [p for p in path if p.knobs != plan.knobs and p.real_chunk <= plan.real_chunk
+            and p.class_chunk <= plan.class_chunk and p.activation_checkpointing >= plan.activation_checkpointing]
 
 
 def plan_message(plan: Plan) -> str:

@@ -3,6 +3,7 @@ new version."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -10,10 +11,10 @@ import torch
 
 from ncfm_core import parallel
 from ncfm_core import store as store_lib
+from ncfm_core.data import DatasetShape
 from ncfm_core.devices import (
     JobDevice,
     MemoryBudget,
-    cap_device_memory,
     format_bytes,
 )
 from ncfm_core.errors import (
@@ -29,7 +30,7 @@ from ncfm_core.jobs.common import (
     load_job_dataset,
 )
 from ncfm_core.jobs.events import JobCallback, emitter, log
-from ncfm_core.jobs.plan import decide_precisions
+from ncfm_core.jobs.plan import apply_run_settings, decide_precisions, step_down_path
 from ncfm_core.jobs.run import (
     DEFAULT_CHECKPOINT_EVERY,
     check_checkpoint_every,
@@ -38,7 +39,9 @@ from ncfm_core.jobs.run import (
     run_lock,
     validate_job,
 )
-from ncfm_core.store import ArtifactVersion, RunRecord, Store
+from ncfm_core.memory_model import Plan
+from ncfm_core.runtime import configure_allocator
+from ncfm_core.store import ArtifactVersion, PlanRecord, RunRecord, Store
 
 
 def _resolve_any_status(store: Store, ref: str) -> ArtifactVersion:
@@ -67,7 +70,7 @@ def _resume_budget(version: ArtifactVersion, record: RunRecord, device: torch.de
 
     A resumed run keeps its recorded plan (its config), so its images stay exactly those of an
     uninterrupted run; only the allocator cap may change. A new figure below the plan's
-    estimate is refused (exit 4)."""
+    estimate is refused (exit 4). The cap is applied with the plan (:func:`_recorded_plan`)."""
     if gpu_mem is None and record.gpu_mem is not None:
         budget = MemoryBudget.resolve(record.gpu_mem, device, source="the --gpu-mem this run recorded")
     else:
@@ -80,8 +83,34 @@ def _resume_budget(version: ArtifactVersion, record: RunRecord, device: torch.de
             f"{version.ref} was planned to need {format_bytes(needed)} and a resumed run keeps its plan; "
             f"give --gpu-mem at least {math.ceil(needed / 2**20)}M, or distill again with --gpu-mem {budget.spec}"
         )
-    cap_device_memory(device, budget.bytes)
     return budget
+
+
+def _recorded_plan(manifest: dict) -> Plan | None:
+    """The plan a run recorded (the one in force after any out-of-memory step-down), with this
+    process's allocator setting (the recorded one belonged to the process that made it); None for
+    a run recorded before plans."""
+    recorded = manifest.get("plan")
+    if not isinstance(recorded, dict):
+        return None
+    plan = Plan.from_dict(recorded)
+    allocator = configure_allocator()
+    return dataclasses.replace(plan, backend=dataclasses.replace(
+        plan.backend, allocator_conf=allocator.conf, allocator_chosen_by=allocator.chosen_by,
+        allocator_applied=allocator.applied))
+
+
+def _recorded_plan(record: RunRecord) -> Plan | None:
+    """The plan a run recorded (the one in force after any out-of-memory step-down), with this
+    process's allocator setting (the recorded one belonged to the process that made it); None for
+    a run recorded before plans."""
+    if record.plan is None:
+        return None
+    plan = Plan.from_dict(record.plan.to_json())
+    allocator = configure_allocator()
+    return dataclasses.replace(plan, backend=dataclasses.replace(
+        plan.backend, allocator_conf=allocator.conf, allocator_chosen_by=allocator.chosen_by,
+        allocator_applied=allocator.applied))
 
 
 def _load_distiller_state(version: ArtifactVersion) -> dict:
@@ -168,6 +197,11 @@ def resume_job(
         )
     budget = _resume_budget(version, record, torch_device, gpu_mem)
     gpu_mem_record = record.gpu_mem if budget.spec is None else budget.spec
+    plan = _recorded_plan(record)
+    apply_run_settings(plan, torch_device, budget)  # the cap, and the recorded cuDNN setting
+    plan_record = record.plan if plan is None else PlanRecord.from_json(plan.to_dict())
+    smaller = () if plan is None else step_down_path(config, DatasetShape.of(dataset), torch_device, plan,
+                                                     None if record.plan_asked is None else record.plan_asked.to_json())
 
     if complete:
         if not version.checkpoint_path.exists():
@@ -177,9 +211,9 @@ def resume_job(
         config = config.replace(iterations=target)
         spec = validate_job(config, dataset)
         child = store.create_version(version.name, initial_record(
-            config, dataset, device, checkpoint_every, parent=version.ref, plan=record.plan,
-            flops_per_iteration=record.flops_per_iteration, gpu_mem=gpu_mem_record,
-        ).replace(iterations_done=done, checkpoint_iteration=done))
+            config, dataset, device, checkpoint_every, parent=version.ref, plan=plan_record,
+            flops_per_iteration=record.flops_per_iteration, gpu_mem=gpu_mem_record, plan_asked=record.plan_asked,
+        ).replace(iterations_done=done, checkpoint_iteration=done, plan_changes=record.plan_changes))
         # The child starts with a copy of the parent's checkpoint, so it can itself be resumed
         # even if it dies before writing a checkpoint of its own.
         store_lib.atomic_write_bytes(child.checkpoint_path, version.checkpoint_path.read_bytes())
@@ -187,7 +221,8 @@ def resume_job(
         log(emit, f"extending {version.ref} from {done} to {target} iterations as {child.ref}")
         with run_lock(child):
             return distill_into(store, child, config, dataset, spec, torch_device,
-                                checkpoint_every=checkpoint_every, state=state, emit=emit, budget=budget)
+                                checkpoint_every=checkpoint_every, state=state, emit=emit, budget=budget,
+                                plan=plan, smaller=smaller)
 
     target = int(iterations) if iterations is not None else (record.iterations_target or config.iterations)
     if target != config.iterations:
@@ -197,9 +232,10 @@ def resume_job(
         # Read the checkpoint only once we own the version: before, a live run could still replace it.
         state = _load_distiller_state(version) if version.checkpoint_path.exists() else None
         store.update_record(version, config=config.to_dict(), device=str(torch_device), device_reason=device.reason,
-                            gpu_mem=gpu_mem_record)
+                            gpu_mem=gpu_mem_record, plan=plan_record)
         if state is None:
             log(emit, f"{version.ref} has no checkpoint; starting it again from iteration 0", level="warning")
             store.update_record(version, iterations_done=0, checkpoint_iteration=None)
         return distill_into(store, version, config, dataset, spec, torch_device,
-                            checkpoint_every=checkpoint_every, state=state, emit=emit, budget=budget)
+                            checkpoint_every=checkpoint_every, state=state, emit=emit, budget=budget,
+                            plan=plan, smaller=smaller)

@@ -81,8 +81,12 @@ class MatchingCosts:
     ``real_chunk_bytes``: transient bytes of one real chunk's statistics (the larger of this and
     the network's no-grad forward counts); ``real`` and ``synthetic``: extra terms of those phases
     (the synthetic ones per class group); ``phases``: phases of its own, e.g. a learned sampler's
-    gradient through the real side; ``flops``: its FLOPs (a multiply-add counts 2); ``passes``:
-    name -> (count, launch units each) of the passes it adds (see ``memory_model.TimeModel``).
+    gradient through the real side; ``flops``: the FLOPs of its own maths (a multiply-add counts
+    2); ``network_flops``: network passes it adds (psi's recomputed real forward under
+    checkpointing), timed at the network's rate; ``passes``: name -> (count, launch units each) of
+    the passes it adds (see ``memory_model.TimeModel``); ``kept_between_phases``: bytes of real-side
+    results it keeps for a later phase (counted in its phase terms, but not transient: the memory
+    model's fragmentation is a share of what each phase allocates and frees again).
     """
 
     persistent: dict[str, int]
@@ -91,7 +95,9 @@ class MatchingCosts:
     synthetic: dict[str, int] = field(default_factory=dict)
     phases: dict[str, dict[str, int]] = field(default_factory=dict)
     flops: dict[str, int] = field(default_factory=dict)
+    network_flops: dict[str, int] = field(default_factory=dict)
     passes: dict[str, tuple[int, float]] = field(default_factory=dict)
+    kept_between_phases: int = 0
 
 
 class MatchingLoss(abc.ABC):

@@ -112,14 +112,17 @@ class CharacteristicFunctionMatching(MatchingLoss):
 
     @classmethod
     def costs(cls, config: DistillConfig, shape: IterationShape) -> MatchingCosts:
-        """The frequencies (F, d) with psi's sampling graph and gradient buffers, psi and Adam; the
-        per-class CF accumulators (C, F) in fp64 with their fp32 copies and gradients; a real
-        chunk's (chunk, F) projections with cos and sin; a group's projections, cos, sin and
-        gradient. With psi and no checkpointing, the real features kept for its gradient; its
-        phase "real-backward": a chunk's projections, cos, sin and weights (4 x (chunk, F)), plus
+        """The frequencies (F, d): with psi, its sampling graph (the draw, the per-frequency scales
+        and the noise it saves) and the groups' gradient, psi and Adam; without, the draw and its
+        noise. The per-class CF accumulators (C, F) in fp64 with their fp32 copies and gradients;
+        a real chunk's (chunk, F) projections with cos and sin; a group's projections, cos, sin
+        and gradient. With psi and no checkpointing, the real features kept for its gradient (kept
+        between phases); its phase "real-backward": a chunk's projections, cos, sin and weights
+        (4 x (chunk, F)), psi's backward through the frequencies (4 x (F, d): the gradient through
+        the real CF, a chunk's share, their sum, and the reversed gradient into the draw), plus
         the stored features or a recomputed chunk."""
         c, d, f, learned = shape.num_classes, shape.feature_dim, config.num_freqs, bool(config.sampler)
-        sampler = (7 if learned else 3) * f * d * F32
+        sampler = (4 if learned else 2) * f * d * F32
         if learned:
             components = config.num_components or max(1, f // 16)
             sampler += 4 * components * (d + 1) * F32 + 4 * f * components * F32
@@ -128,16 +131,18 @@ class CharacteristicFunctionMatching(MatchingLoss):
             "real CF projections": 2 * shape.real_rows * d * f,
             "synthetic CF projections + grad": 2 * shape.synthetic_rows * d * f * (3 if learned else 2),
         }
+        network_flops = {}
         phases = {}
         if learned:
             phases["real-backward"] = {
                 "real CF gradient (projections, cos, sin, weights)": shape.real_chunk_rows * 4 * f * F32,
+                "psi backward through the frequencies": 4 * f * d * F32,
                 "recomputed real chunk": shape.real_chunk_recompute_bytes if shape.checkpointing else 0,
                 "stored real features (psi)": stored,
             }
             flops["psi gradient through the real CF"] = 2 * 2 * shape.real_rows * d * f
             if shape.checkpointing:
-                flops["real recompute (checkpointing)"] = shape.real_rows * shape.real_forward_flops
+                network_flops["real recompute (checkpointing)"] = shape.real_rows * shape.real_forward_flops
         psi_units = PSI_CHUNK_UNITS + (1.0 if shape.checkpointing else 0.0)
         return MatchingCosts(
             persistent={"per-class CF/mean accumulators": 2 * c * f * (8 + F32 + F32), "frequencies and psi": sampler},
@@ -147,5 +152,7 @@ class CharacteristicFunctionMatching(MatchingLoss):
                        "stored real features (psi)": stored},
             phases=phases,
             flops=flops,
+            network_flops=network_flops,
             passes={"psi chunks": (shape.real_chunks if learned else 0, psi_units)},
+            kept_between_phases=stored,
         )

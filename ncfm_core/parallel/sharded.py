@@ -30,6 +30,7 @@ from ncfm_core.parallel.protocol import (
     follower,
 )
 from ncfm_core.pool import Pool, PoolSpec
+from ncfm_core.runtime import BackendSettings, apply_backend
 
 
 def merge_shard_states(shards: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -120,18 +121,20 @@ def make_distiller(config: DistillConfig, dataset: ImageDataset, pool: Pool, dev
 
 
 def send_order(config: DistillConfig, dataset: ImageDataset, device: torch.device, *,
-               checkpoint_every: int, state: dict | None) -> None:
+               checkpoint_every: int, state: dict | None, backend: BackendSettings | None = None) -> None:
     """Rank 0, at the start of a distillation: the other ranks join it (pool, their class
-    blocks, the gathers) from ``state`` (None: from scratch) up to ``config.iterations``.
-    No-op in one process."""
+    blocks, the gathers) from ``state`` (None: from scratch) up to ``config.iterations``, with the
+    plan's ``backend`` settings. No-op in one process."""
     _send_order("distill", {"config": config.to_dict(), "device_type": device.type,
-                            "checkpoint_every": checkpoint_every, "state": state}, dataset)
+                            "checkpoint_every": checkpoint_every, "state": state,
+                            "backend": None if backend is None else backend.to_dict()}, dataset)
 
 
 @follower("distill")
 def _follow_distillation(ctx: DistContext, order: dict[str, Any], device: torch.device) -> None:
     """A non-zero rank's part of a distillation: pool, shard, iterations, gathers."""
     device = _order_device(ctx, order, device)
+    apply_backend(BackendSettings.from_dict(order.get("backend")), device)  # rank 0's plan's cuDNN setting
     config = DistillConfig.from_dict(order["config"])
     dataset = _order_dataset(order)
     spec = PoolSpec.from_config(config, dataset)

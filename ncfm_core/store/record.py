@@ -123,6 +123,18 @@ class DatasetRecord(Part):
 
 
 @dataclass(frozen=True, kw_only=True)
+class BackendRecord(Part):
+    """The process-wide settings a plan carries (``ncfm_core.runtime.BackendSettings``)."""
+
+    allocator_conf: str | None = None
+    allocator_chosen_by: str = ""
+    allocator_applied: str = ""
+    cudnn_benchmark: bool = False
+    cudnn_benchmark_chosen_by: str = ""
+    cudnn_benchmark_limit: int = 10
+
+
+@dataclass(frozen=True, kw_only=True)
 class PlanRecord(Part):
     """The memory plan a run used, as ``memory_model.Plan.to_dict()`` recorded it."""
 
@@ -138,6 +150,59 @@ class PlanRecord(Part):
     estimated_seconds: float | None = None
     chosen_because: str = ""
     cf_precision: str = "fp32"  # plans made before TF32 projections: fp32
+    estimated_allocated_bytes: int = 0  # the model's peak of allocated tensors (0: planned before it existed)
+    headroom_bytes: int = 0  # reserved minus allocated: fragmentation and cuDNN's workspace
+    capped: bool = False  # the allocator was capped at the budget (--gpu-mem)
+    backend: BackendRecord | None = None  # None: planned before backend settings were recorded
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanKnobs(Part):
+    """What a smaller plan changes (``jobs.plan.PLAN_KNOBS``)."""
+
+    real_chunk: int
+    class_chunk: int
+    activation_checkpointing: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanAsked(Part):
+    """The plan's knobs as the user asked them, before planning (None: left to the planner), and
+    whether recomputation was allowed; an out-of-memory step-down walks the planner's path from
+    these (``jobs.plan.step_down_path``)."""
+
+    real_chunk: int | None = None
+    class_chunk: int | None = None
+    activation_checkpointing: bool = False
+    allow_checkpointing: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanChange(Part):
+    """One out-of-memory step-down: at ``iteration``, in ``phase``, from ``before`` to ``after``."""
+
+    iteration: int
+    phase: str
+    error: str = ""  # torch's message, one line
+    reserved_bytes: int | None = None  # what the allocator held when it ran out
+    before: PlanKnobs
+    after: PlanKnobs
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryFit(Part):
+    """The plan's memory estimate beside what the run measured (CUDA: reserved and allocated), so
+    every GPU run can refit ``ncfm_core.memory_model``."""
+
+    estimated_reserved_bytes: int
+    estimated_allocated_bytes: int = 0
+    measured_reserved_bytes: int | None = None
+    measured_allocated_bytes: int | None = None
+    measured_source: str = ""
+    knobs: PlanKnobs | None = None
+    capped: bool = False
+    cudnn_benchmark: bool = False
+    allocator_conf: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -311,6 +376,9 @@ class RunRecord(Part):
     sha256: Mapping[str, str] = field(default_factory=dict)  # file relative to the version -> digest
     evals: tuple[EvalRecord, ...] = ()
     pending_eval: EvalRequest | None = None
+    plan_asked: PlanAsked | None = None  # None: recorded before step-downs existed
+    plan_changes: tuple[PlanChange, ...] = ()  # out-of-memory step-downs, oldest first
+    memory_fit: MemoryFit | None = None  # the plan's estimate beside the measured peak
 
     @property
     def interrupted(self) -> bool:
