@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ncfm_core import parallel
 from ncfm_core.config import DistillConfig, make_config
 from ncfm_core.data import ImageDataset, dataset_names, dataset_preset, load_dataset
 from ncfm_core.data.registry import make_dataset, tensor_fingerprint
@@ -270,7 +271,11 @@ def distill(
         # The job's boundary resolves the device (under torchrun with this rank's LOCAL_RANK).
         version = distill_job(target, config, name=name, device=device, callback=callback, gpu_mem=gpu_mem,
                               dataset=dataset)
-        opened_version, record, synset = open_complete_synset(target, version.ref)
+        # Under torchrun every rank returns rank 0's version, whose files are on rank 0's machine
+        # (with store=None, in rank 0's own temporary folder): rank 0 reads the result and sends it.
+        ctx = parallel.current()
+        opened = open_complete_synset(target, version.ref) if ctx.is_main else None
+        opened_version, record, synset = parallel.broadcast_object(ctx, opened)
         return opened_version.ref, record, synset
 
     if store is None:

@@ -348,6 +348,21 @@ def test_torchrun_eval_spreads_repeats_and_equals_one_process(tmp_path):
     assert stderr.count("error: no artifact named 'nope'") == 1, stderr
 
 
+def test_torchrun_api_distill_without_a_store_returns_the_result_on_every_rank(tmp_path):
+    """``ncfm_core.distill(..., store=None)`` under torchrun: the result is written only into rank
+    0's temporary folder, yet every rank gets it (rank 0 reads it and sends it); each rank once
+    looked for it in its own empty folder and failed with "not found". See
+    tests/torchrun_api_result_rank.py."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               str(REPO_ROOT / "tests" / "torchrun_api_result_rank.py"), str(tmp_path)]
+    run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=POLL_LIMIT_S)
+    rank0, rank1 = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1))
+    assert rank0["ended"] == rank1["ended"] == "returned", (rank0, rank1, run.stderr[-2000:])
+    assert rank0["images_sha256"] == rank1["images_sha256"] and rank0["iterations_done"] == rank1["iterations_done"] == 2
+    assert run.returncode == 0, run.stderr
+
+
 def test_torchrun_api_calls_resolve_each_ranks_own_gpu(tmp_path):
     """``ncfm_core.distill(...)`` and ``ncfm_core.evaluate(images in memory)`` under torchrun on a
     simulated machine of two GPUs: the device is resolved at the job boundary, with LOCAL_RANK, so
