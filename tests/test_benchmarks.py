@@ -321,6 +321,7 @@ def test_distill_speed_kernels_preset_switches_each_variants_networks():
     import torch
 
     from ncfm_core.data import DatasetShape, load_dataset
+    from ncfm_core.devices import MemoryBudget
     from ncfm_core.kernels import levers_of, parse_levers
 
     distill_speed, kit = _load("distill_speed"), _load("kit")
@@ -331,7 +332,7 @@ def test_distill_speed_kernels_preset_switches_each_variants_networks():
     seen = set()
     for name, levers in kit.KERNEL_VARIANTS.items():
         distiller, _ = distill_speed.ablation_distiller(spec, name, dataset, DatasetShape.of(dataset),
-                                                        torch.device("cpu"), None)
+                                                        torch.device("cpu"), MemoryBudget())
         assert levers_of(distiller.extractor) == levers_of(distiller.teacher) == parse_levers(levers), name
         seen.add(parse_levers(levers))
     assert len(seen) == 5  # today's path, three single levers, all of them
