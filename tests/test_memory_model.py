@@ -100,3 +100,29 @@ def test_traced_model_covers_other_networks():
     estimate = estimate_memory(config, shape, plan)
     assert estimate.peak_bytes > 0 and estimate.phase in ("real", "synthetic", "real-backward")
     assert estimate_iteration_flops(config, shape, plan)["synthetic forward"] > 0
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_batchnorm_paths_saved_bytes_are_what_autograd_saves(precision, layout):
+    """norm=batchnorm (kernels): instance/batch norm is on no autocast list, on the CPU as on CUDA,
+    so the CPU's saved tensors are CUDA's: the model must match them exactly (weights, held in
+    bf16 by casts=once, are not per image)."""
+    from ncfm_core.kernels import KernelLevers, cast_weights_once
+
+    levers = KernelLevers(norm="batchnorm", casts="once", layout=layout)
+    config = make_config("fake", 1, width=16, depth=2, kernels=levers.spec())
+    shape = DatasetShape(10, 3, 16, 100)
+    net = create_network("convnet", in_channels=3, num_classes=10, image_size=16, depth=2, width=16, levers=levers)
+    net.requires_grad_(False)
+    images = torch.rand(4, 3, 16, 16, requires_grad=True)
+    if layout == "nhwc":
+        net, images = net.to(memory_format=torch.channels_last), images.contiguous(memory_format=torch.channels_last)
+    if precision == "bf16":
+        cast_weights_once(net, torch.bfloat16)
+    measured = _saved_activation_bytes(net, images, torch.bfloat16 if precision == "bf16" else None)
+    sizes = memory_model._convnet_sizes(config, shape, precision)
+    assert 4 * sizes.saved_bytes == measured
+    today = memory_model._convnet_sizes(make_config("fake", 1, width=16, depth=2), shape, precision)
+    if precision == "bf16" and layout == "nchw":  # half the bytes of today's CUDA path per activation
+        assert sizes.saved_bytes < 0.6 * today.saved_bytes and sizes.nograd_transient_bytes < today.nograd_transient_bytes

@@ -149,6 +149,7 @@ class _Session:
     pool_seconds: float = 0.0
     step_seconds: list[float] = field(default_factory=list)
     checkpoint_iteration: int | None = None  # iteration of the newest checkpoint on disk
+    compile_seconds: float = 0.0  # the distiller compiling its networks (kernels compile=on)
 
 
 def _save_checkpoint(store: Store, version: ArtifactVersion, distiller: Distiller, session: _Session) -> None:
@@ -271,6 +272,7 @@ def distill_into(
                 f"{version.ref} is already at iteration {starting.iteration}; --iterations must be at least that"
             )
         distiller = starting
+        session.compile_seconds = distiller.compile_seconds or 0.0
         for note in distiller.notes:  # e.g. a real draw capped at the class size: said once per run
             log(emit, note)
         log(emit, f"distilling {version.ref}: iterations {distiller.iteration} -> {target} on {device}")
@@ -380,6 +382,7 @@ def _accumulated_timings(record: RunRecord, session: _Session, reached: int, end
         pool_seconds=session.pool_seconds,
         seconds_per_iteration_median=statistics.median(session.step_seconds) if session.step_seconds else None,
         ended=ended,
+        compile_seconds=session.compile_seconds,
     ))
 
 

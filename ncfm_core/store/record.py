@@ -139,6 +139,9 @@ class PlanRecord(Part):
     estimated_seconds: float | None = None
     chosen_because: str = ""
     cf_precision: str = "fp32"  # plans made before TF32 projections: fp32
+    # the kernel levers the run used (ncfm_core.kernels.KernelLevers.to_dict(): lever -> choice);
+    # None, or a lever not named: today's path (plans made before the levers, or outside a job)
+    kernels: Mapping[str, str] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -163,6 +166,7 @@ class SessionTiming(Part):
     pool_seconds: float
     seconds_per_iteration_median: float | None = None  # None: no iteration ran
     ended: str  # the status it left: complete, interrupted or failed
+    compile_seconds: float = 0.0  # compiling the networks before its first iteration (kernels compile=on), in seconds
 
 
 @dataclass(frozen=True, kw_only=True)
