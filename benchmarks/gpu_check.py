@@ -23,11 +23,20 @@ Steps:
    with the planner's default plan and under ``--gpu-mem 2.5G``.
 8. ``kernels`` and ``kernels-2.5G``: ``distill_speed.py --ablations kernels`` at the authors' work
    (CIFAR-100 shape, IPC 50, 500 real images per class, F = 4096, psi on), default plan and
-   ``--gpu-mem 2.5G``: today's path, each kernel lever alone, all together, today's path again,
-   interleaved in one process. Sized for the whole check to stay under 8 minutes on an H200:
-   6 variants x (2 warm-up + 5 timed) steps at ~0.7 s (default plan) and ~1.1 s (2.5G) per
-   step today is ~30 s and ~45 s of steps, plus ~20 s each to start (CUDA, the fake data, six
-   distillers, cuDNN autotuning in the warm-up).
+   ``--gpu-mem 2.5G``: today's path (no lever, no cuDNN autotuning: what the command line ran
+   before the levers), each lever alone (pool, norm, casts, layout, cuDNN autotuning, compile,
+   graphs), all of them, the CUDA defaults (``kernels=auto``), today's path again; interleaved in
+   one process. Each variant's figure is its s/iter, its speed against the first row and, where
+   it compiled, its compile seconds; a lever that fell back to eager is named, and the step fails
+   if any variant's first loss is not finite. Sized for the whole check to stay under 8 minutes
+   on an H200: 12 variants x (1 warm-up + 3 timed) steps at ~0.4-0.7 s (default plan) and
+   ~0.6-1.1 s (2.5G) is ~30 s and ~45 s of steps; building 12 distillers (each holds the fake
+   data on the GPU) and the first steps' cuDNN autotuning and graph captures ~20-30 s; the three
+   compiling variants (compile=on, all levers, the defaults) compile the blocks for the plan's
+   shapes (two real-chunk shapes, one class-group shape, forward and backward) before their
+   first step, which on a 16-core host should take ~15-40 s each (not measured: the figures
+   report it). So ~2-3 minutes per step, a 270 s timeout each; the other steps take ~4 minutes.
+   If the check runs long, the compile seconds in these steps' figures say where it went.
 
 ``--device cpu --smoke`` runs the same steps at toy sizes on a CPU (CI runs it), where the
 CUDA tests skip and the budget check is skipped (a CPU peak is the process's RSS).
@@ -85,13 +94,14 @@ class Sizes:
                        speed=("--classes", "10", "--ipc", "1", "--psi", "on", "--iters", "1", "--warmup", "0",
                               "--real-per-class", "4", "--freqs", "16", "--ablations", ""),
                        kernels=("--classes", "10", "--ipc", "1", "--iters", "1", "--warmup", "0",
-                                "--real-per-class", "4", "--freqs", "16", "--ablations", "kernels", "--only-ablations"))
+                                "--real-per-class", "4", "--freqs", "16", "--ablations", "kernels", "--only-ablations",
+                                "--compile-backend", "aot_eager"))
         return cls(ipc=50, per_class=500, test_per_class=100, iterations=50,
                    pool=("--pool-size", "2", "--pool-epochs", "1"),
                    eval_epochs=3, eval_network=(),
                    speed=("--classes", "100", "--ipc", "50", "--psi", "on", "--ablations", ""),
                    kernels=("--classes", "100", "--ipc", "50", "--real-per-class", "500", "--freqs", "4096",
-                            "--iters", "5", "--warmup", "2", "--ablations", "kernels", "--only-ablations"))
+                            "--iters", "3", "--warmup", "1", "--ablations", "kernels", "--only-ablations"))
 
 
 class Check:
@@ -236,18 +246,24 @@ class Check:
         self.report(step)
 
     def kernels(self, name: str, budget: str | None) -> None:
-        """The kernel levers' ablation (issue 23): each variant's s/iter and its speed against
-        the first row (today's path); fails if any variant's first loss is not finite."""
+        """The kernel levers' ablation (issue 23): each variant's s/iter, its speed against the
+        first row (today's path), its compile seconds and any lever that fell back to eager;
+        fails if any variant's first loss is not finite."""
         figures_file = self.logs / f"{name}.json"
         argv = [sys.executable, str(ROOT / "benchmarks" / "distill_speed.py"), "--device", self.device,
                 *self.sizes.kernels, "--out", str(self.logs / f"{name}.md"), "--json-out", str(figures_file)]
-        step, _ = self.run(name, argv + (["--gpu-mem", budget] if budget else []), timeout=150)
+        step, _ = self.run(name, argv + (["--gpu-mem", budget] if budget else []), timeout=270)
         if step.status == "passed":
             figures = json.loads(figures_file.read_text())
             rows = [(variant, figures["ablations"][variant]) for variant in figures["ablation_order"]]
             first = rows[0][1]["median_seconds"]
             for variant, row in rows:
-                step.figures[variant] = f"{row['median_seconds']:.3f} s ({first / row['median_seconds']:.2f}x)"
+                figure = f"{row['median_seconds']:.3f} s ({first / row['median_seconds']:.2f}x)"
+                if row.get("compile_seconds") is not None:
+                    figure += f", compiled in {row['compile_seconds']:.1f} s"
+                if row.get("fallbacks"):
+                    figure += f", fell back: {'; '.join(row['fallbacks'])}"
+                step.figures[variant] = figure
             broken = [variant for variant, row in rows
                       if row["first_loss"] is None or not math.isfinite(row["first_loss"])]
             if broken:
