@@ -37,6 +37,8 @@ _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 def autocast_dtype(precision: str) -> torch.dtype | None:
     """The dtype the network forwards autocast to under ``precision`` (None: fp32, no autocast)."""
     return _AUTOCAST_DTYPES.get(precision)
+
+
 COMPILE_BACKEND = "inductor"  # torch.compile's backend for the compile lever (tests use a lighter one)
 RECOMPILE_LIMIT = 1024  # graphs of the blocks' code object compiled per process (see LoopForward.compile_blocks)
 
@@ -77,7 +79,9 @@ class _CompiledChain:
         if self.compiled is not None and self._key(x) in self.ready and not recording():
             try:
                 return self.compiled(x)
-            except Exception as err:  # noqa: BLE001 - any failure of compiled code means: run eagerly
+            except torch.OutOfMemoryError:
+                raise  # the plan's business, not the compiler's
+            except Exception as err:  # noqa: BLE001 - any other failure of compiled code means: run eagerly
                 warnings.warn(f"compiled blocks failed, running eagerly: {_first_line(err)}", CompileFallbackWarning,
                               stacklevel=2)
                 self.compiled = None
@@ -201,7 +205,9 @@ class LoopForward:
         return outputs[0], outputs[1], outputs[2] if teacher is not None else None
 
     def _graphs_failed(self, err: Exception) -> None:
-        if isinstance(err, GraphContractError):  # our own region broke the contract: a bug, not a fallback
+        # our own region breaking the contract is a bug, and running out of memory is the plan's
+        # business (the job reports it, exit 4): neither is a reason to go on eagerly
+        if isinstance(err, (GraphContractError, torch.OutOfMemoryError)):
             raise err
         self.graphs = None
         warnings.warn(f"CUDA graphs could not capture the loop's work, running eagerly: {_first_line(err)}",
@@ -230,7 +236,9 @@ class LoopForward:
             with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT,
                                             accumulated_recompile_limit=4 * RECOMPILE_LIMIT):
                 self._compile_shapes(extractor, teacher, image_shape, real_rows, group_rows, real_mode)
-        except Exception as err:  # noqa: BLE001 - any failure of the compiler means: run eagerly
+        except torch.OutOfMemoryError:
+            raise  # the eager blocks would not fit either: the plan's business
+        except Exception as err:  # noqa: BLE001 - any other failure of the compiler means: run eagerly
             self._chains.clear()
             warnings.warn(f"torch.compile failed, running eagerly: {_first_line(err)}", CompileFallbackWarning,
                           stacklevel=3)

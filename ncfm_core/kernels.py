@@ -240,15 +240,22 @@ def levers_for_plan(levers: KernelLevers, activation_checkpointing: bool) -> Ker
 def decide_levers(kernels: str, device_type: str, *, channels_last: bool | None = None,
                   compile_blocks: bool = False) -> KernelLevers:
     """A run's ``kernels`` option decided for ``device_type``: ``auto`` gives
-    :func:`default_levers`, the named levers override, and the older shorthands fill in the
-    levers the option does not name (``channels_last`` True/False: layout nhwc/nchw;
-    ``compile_blocks`` True: compile on). Called once, by the plan."""
+    :func:`default_levers`, the named levers override, and the older shorthands set theirs
+    (``channels_last`` True/False: layout nhwc/nchw; ``compile_blocks`` True: compile on); a
+    shorthand that contradicts a lever the option names is a ``ConfigError``. Called once, by the
+    plan."""
     auto, chosen = parse_kernels(kernels)
+    if not auto and chosen.keys() == _CHOICES.keys():  # decided already (a resume): the shorthands are in it
+        return KernelLevers(**chosen)
     base = default_levers(device_type) if auto else KernelLevers()
+    shorthands = {}
     if channels_last is not None:
-        chosen.setdefault("layout", "nhwc" if channels_last else "nchw")
+        shorthands["layout"] = ("nhwc" if channels_last else "nchw", f"channels_last={channels_last}")
     if compile_blocks:
-        chosen.setdefault("compile", "on")
+        shorthands["compile"] = ("on", "--compile")
+    for lever, (choice, said) in shorthands.items():
+        if chosen.setdefault(lever, choice) != choice:
+            raise ConfigError(f"{said} and kernels '{lever}={chosen[lever]}' disagree; give one of them")
     return dataclasses.replace(base, **chosen)
 
 

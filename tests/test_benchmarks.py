@@ -312,6 +312,32 @@ def test_gpu_check_fails_when_any_step_fails(tmp_path, monkeypatch):
     assert check.summarise() == 0
 
 
+def test_gpu_check_kernels_step_fails_a_lever_whose_first_loss_is_not_todays(tmp_path, monkeypatch):
+    """The kernels steps are where a GPU shows whether each lever computes today's iteration:
+    a first loss 5% off today's path fails the step, naming the lever; 0.1% passes."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_check
+
+    def finished(losses: dict):
+        def run(self, name, argv, timeout):
+            figures = {"ablation_order": list(losses), "ablations": {
+                variant: {"median_seconds": 1.0, "first_loss": loss, "compile_seconds": None, "fallbacks": []}
+                for variant, loss in losses.items()}}
+            (self.logs / f"{name}.json").write_text(json.dumps(figures))
+            step = gpu_check.Step(name, "passed")
+            self.steps.append(step)
+            return step, ""
+        return run
+
+    check = gpu_check.Check(tmp_path, device="cpu", smoke=True, budget="2.5G")
+    monkeypatch.setattr(gpu_check.Check, "run", finished({"today's path": 2.0, "casts=once": 2.002}))
+    check.kernels("kernels", None)
+    assert check.steps[-1].status == "passed"
+    monkeypatch.setattr(gpu_check.Check, "run", finished({"today's path": 2.0, "graphs=on": 2.1, "casts=once": 2.0}))
+    check.kernels("kernels", None)
+    assert check.steps[-1].status == "failed" and check.steps[-1].detail.endswith("over 1%: graphs=on")
+
+
 def test_distill_speed_kernels_preset_runs_each_variant_with_its_levers():
     """--ablations kernels: today's path, each lever alone, all of them, the device's defaults,
     today's path again; each variant's distiller runs the levers its kernels option decides to

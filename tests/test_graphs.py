@@ -18,6 +18,7 @@ import torch
 from ncfm_core import forward, graphs, store
 from ncfm_core.config import make_config
 from ncfm_core.data import load_dataset
+from ncfm_core.devices import resolve_device
 from ncfm_core.distill import Distiller
 from ncfm_core.forward import CompileFallbackWarning
 from ncfm_core.graphs import CudaGraphs, GraphContract, GraphContractError
@@ -179,6 +180,18 @@ def test_a_capture_that_fails_leaves_the_run_eager_with_one_warning(tiny, monkey
     assert torch.equal(captured.images, eager.images)
 
 
+def test_running_out_of_memory_in_a_capture_is_not_a_fallback(tiny, monkeypatch):
+    """Out of memory is the plan's business (the job reports it, exit 4): it goes up, not eager."""
+    class OutOfMemory(GraphContract):
+        def forward(self, key, region, inputs):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(forward, "graphs_for", lambda device_type: OutOfMemory())
+    dataset, base, pool = tiny
+    with pytest.raises(torch.OutOfMemoryError):
+        Distiller(base.replace(kernels="graphs=on"), dataset, pool, "cpu").run(1)
+
+
 # ----------------------------------------------------------------------------- CUDA's API, simulated
 
 
@@ -259,7 +272,7 @@ def test_cuda_graphs_warm_up_capture_once_and_replay_into_static_buffers(monkeyp
 def test_cuda_graphs_distill_the_eager_images(tiny):
     """On a GPU: the loop with real CUDA graphs against the eager loop, fp32 and bf16."""
     dataset, base, pool = tiny
-    device, _ = __import__("ncfm_core.devices", fromlist=["resolve_device"]).resolve_device("cuda")
+    device, _ = resolve_device("cuda")
     for precision in ("fp32", "bf16"):
         config = decide_precisions(base.replace(precision=precision, kernels="default"), device)
         eager = Distiller(config, dataset, pool, device)

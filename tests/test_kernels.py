@@ -113,16 +113,22 @@ def test_kernels_option_decides_per_device_with_overrides_and_the_older_shorthan
     assert decide_levers("auto,compile=off", "cuda") == KernelLevers(pool="broadcast", norm="batchnorm", casts="once")
     assert decide_levers("norm=batchnorm", "cuda") == KernelLevers(norm="batchnorm")  # no auto: the rest is today's
     assert decide_levers("default", "cuda") == decide_levers("", "cuda") == KernelLevers()
-    # --channels-last and --compile fill in what the option does not name; a named lever wins
+    # --channels-last and --compile set their levers; contradicting the option is an error
     assert decide_levers("auto", "cpu", channels_last=True, compile_blocks=True) == KernelLevers(layout="nhwc",
                                                                                                  compile="on")
     assert decide_levers("auto", "cuda", channels_last=False).layout == "nchw"
-    assert decide_levers("layout=nchw", "cuda", channels_last=True).layout == "nchw"
+    assert decide_levers("layout=nhwc", "cuda", channels_last=True).layout == "nhwc"
+    with pytest.raises(ConfigError, match="channels_last=True and kernels 'layout=nchw' disagree"):
+        decide_levers("layout=nchw", "cuda", channels_last=True)
+    with pytest.raises(ConfigError, match="--compile and kernels 'compile=off' disagree"):
+        decide_levers("auto,compile=off", "cuda", compile_blocks=True)
     # decided once: the spec names every lever, so deciding it again (a resume, another ncfm's
     # defaults) gives the same levers
     for levers in (KernelLevers(), CUDA_DEFAULTS, KernelLevers(layout="nhwc", graphs="on")):
         assert decide_levers(levers.spec(), "cuda") == decide_levers(levers.spec(), "cpu") == levers
         assert decided_levers(levers.spec(), "Distiller") == levers
+    # a plan with checkpointing turned --compile's lever off: deciding its record again keeps that
+    assert decide_levers(KernelLevers().spec(), "cuda", compile_blocks=True) == KernelLevers()
     with pytest.raises(ConfigError, match="Distiller was given kernels 'auto'; decide it first"):
         decided_levers("auto", "Distiller")
     with pytest.raises(ConfigError, match="asks for the device's defaults"):

@@ -328,23 +328,6 @@ def test_channels_last_gives_the_same_step(tiny):
     torch.testing.assert_close(a.images, b.images, atol=1e-6, rtol=0)
 
 
-def test_compile_falls_back_to_eager_when_compiling_fails(tiny, monkeypatch):
-    dataset, base, pool = tiny
-
-    def broken_compile(module, **kwargs):
-        def run(x):
-            raise RuntimeError("no compiler here")
-
-        return run
-
-    monkeypatch.setattr(torch, "compile", broken_compile)
-    m1, eager = _one_step(base, dataset, pool)
-    with pytest.warns(UserWarning, match="running eagerly"):
-        m2, compiled = _one_step(base.replace(compile=True), dataset, pool)
-    assert m2["loss"] == m1["loss"]
-    assert torch.equal(compiled.images, eager.images)
-
-
 # -- CUDA only ---------------------------------------------------------------------------------
 
 def cuda_only(test):
