@@ -35,6 +35,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +44,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kit  # noqa: E402
 
-from ncfm_core import devices, kernels, memory_model, planner, runtime  # noqa: E402
+from ncfm_core import devices, forward, kernels, memory_model, planner, runtime  # noqa: E402
 from ncfm_core.config import DistillConfig, make_config  # noqa: E402
 from ncfm_core.data import DatasetShape, load_dataset  # noqa: E402
 from ncfm_core.distill import Distiller  # noqa: E402
+from ncfm_core.forward import CompileFallbackWarning  # noqa: E402
 from ncfm_core.jobs.plan import apply_run_settings, decide_precisions, make_plan  # noqa: E402
 from ncfm_core.memory_model import Plan  # noqa: E402
 from ncfm_core.pool import Pool, PoolSpec  # noqa: E402
@@ -70,13 +72,15 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "cf_precision=tf32": {"cf_precision": "tf32"},  # a CUDA lever: on CPU the same fp32 run
     "real side no_grad (pre-#14)": {"_real_side_mode": "no_grad"},
     "CUDA default plan (frugal)": {"_cuda_frugal_plan": True},  # the chunks the CUDA chooser picks
-    # issue 23's kernel levers (ncfm_core.kernels), switched into the built distiller's networks
-    **{name: {"_kernels": levers} for name, levers in kit.KERNEL_VARIANTS.items() if levers != "default"},
+    # issue 23's kernel levers (ncfm_core.kernels): the run's kernels option, and cuDNN autotuning
+    # per variant ("_cudnn_benchmark"; without it a variant runs with the worker's setting)
+    **{name: {"kernels": levers, "_cudnn_benchmark": autotune}
+       for name, (levers, autotune) in kit.KERNEL_VARIANTS.items()},
 }
 # (the frugal CUDA plan is left out: for the small CPU configuration it is the fastest plan itself)
 LEVER_ABLATIONS = ("baseline,2x real/class (pre-cap cost),cf_precision=tf32,real side no_grad (pre-#14),"
                    "baseline (again)")
-KERNEL_ABLATIONS = ",".join(kit.KERNEL_VARIANTS)  # today's path, each lever alone, all together, today's again
+KERNEL_ABLATIONS = ",".join(kit.KERNEL_VARIANTS)  # today's path, each lever alone, all, the defaults, today's again
 
 
 def planned(config: DistillConfig, shape: DatasetShape, device: torch.device,
@@ -89,14 +93,15 @@ def planned(config: DistillConfig, shape: DatasetShape, device: torch.device,
 
 def ablation_distiller(spec: dict[str, Any], name: str, dataset, shape: DatasetShape, device: torch.device,
                        budget: devices.MemoryBudget) -> tuple[Distiller, Plan]:
-    """The distiller and plan of one ablation variant: config overrides, plus the levers that
-    are not config fields (a larger real draw, the real side's autograd mode, the plan the CUDA
-    time model would choose for this configuration with 140 GiB free, the kernel levers)."""
+    """The distiller and plan of one ablation variant: config overrides (the kernel levers are
+    one: ``kernels``), plus the levers that are not config fields (a larger real draw, the real
+    side's autograd mode, the plan the CUDA time model would choose for this configuration with
+    140 GiB free). cuDNN autotuning is set per step (:func:`use_cudnn_autotuning`)."""
     variant = dict(ABLATIONS[name])
     factor = variant.pop("_real_per_class_factor", 1)
     mode = variant.pop("_real_side_mode", None)
     frugal = variant.pop("_cuda_frugal_plan", False)
-    levers = kernels.parse_levers(variant.pop("_kernels", "default"))
+    variant.pop("_cudnn_benchmark", None)
     config = paper_config(spec["classes"], spec["ipc"], spec["real_per_class"] * factor, spec["freqs"], True,
                           **variant)
     config, plan = planned(config, shape, device, budget)
@@ -107,20 +112,14 @@ def ablation_distiller(spec: dict[str, Any], name: str, dataset, shape: DatasetS
     distiller = Distiller(config, dataset, untrained_pool(config, dataset), device)
     if mode == "no_grad":
         distiller._real_side_mode = torch.no_grad
-    use_kernel_levers(distiller, levers)
     return distiller, plan
 
 
-def use_kernel_levers(distiller: Distiller, levers: kernels.KernelLevers) -> None:
-    """Run ``distiller``'s networks with ``levers``' kernels, until the config carries them
-    (issue 23, phase 2). Called after construction, before the first step: the extractor and
-    the teacher are switched in place (``kernels.apply_levers``), which keeps every parameter
-    object and state-dict key, so the pool's per-iteration blend (``Pool.blend_into``, by key)
-    and the teacher's load still write the weights the new layers read, and the distiller's
-    list of ConvNet blocks (it holds the blocks, whose pool and norm children are swapped) runs
-    the new layers."""
-    for net in (distiller.extractor, distiller.teacher):
-        kernels.apply_levers(net, levers)
+def use_cudnn_autotuning(device: torch.device, plan: Plan, on: bool) -> None:
+    """cuDNN autotuning for the steps that follow, through the one function that applies a plan's
+    backend settings (``runtime.apply_backend``): the plan's own setting, or ``on`` for the
+    ablation's autotuning variant (the variants share one process, so each step sets its own)."""
+    runtime.apply_backend(dataclasses.replace(plan.backend, cudnn_benchmark=on), device)
 
 
 # ----------------------------------------------------------------------------- one configuration
@@ -158,6 +157,7 @@ def worker_setup(spec: dict[str, Any]) -> tuple[torch.device, Any, DatasetShape,
     runtime.configure_allocator()
     kit.set_threads(spec["threads"])
     device = torch.device(spec["device"])
+    forward.COMPILE_BACKEND = spec.get("compile_backend", forward.COMPILE_BACKEND)
     classes = spec["classes"]
     dataset = load_dataset("fake", num_classes=classes, train_per_class=TRAIN_IMAGES // classes, test_per_class=1)
     return device, dataset, DatasetShape.of(dataset), devices.MemoryBudget.resolve(spec["gpu_mem"], device)
@@ -235,21 +235,32 @@ def run_ablation_worker(spec: dict[str, Any]) -> dict[str, Any]:
     device, dataset, shape, budget = worker_setup(spec)
     variants: dict[str, dict[str, Any]] = {}
     for name in spec["variants"]:
-        distiller, plan = ablation_distiller(spec, name, dataset, shape, device, budget)
-        if not variants:  # one process, one cap and one set of backend flags: every variant's plan has the same
-            apply_run_settings(plan, device, budget)
-        warmup, first_loss = [], None
-        for i in range(max(1, spec["warmup"])):
-            warmup.append(kit.timed(distiller.step, device).wall)
-            if i == 0:
-                first_loss = distiller.read_metrics()["loss"]
-        variants[name] = dict(distiller=distiller, plan=plan.to_dict(), warmup_seconds=warmup, first_loss=first_loss,
-                              seconds=[], cpu_seconds=[])
+        with warnings.catch_warnings(record=True) as caught:  # a lever that fell back to eager says so
+            warnings.simplefilter("always", CompileFallbackWarning)
+            distiller, plan = ablation_distiller(spec, name, dataset, shape, device, budget)
+            if not variants:  # the backend settings, without the cap: the variants share this process, so
+                # its memory holds every variant's images and optimisers; each variant still runs the
+                # plan made for the budget, and the speed steps check a capped run's peak
+                apply_run_settings(plan, device, devices.MemoryBudget())
+            autotune = ABLATIONS[name].get("_cudnn_benchmark")
+            autotune = plan.backend.cudnn_benchmark if autotune is None else autotune  # None: the plan's
+            use_cudnn_autotuning(device, plan, autotune)
+            warmup, first_loss = [], None
+            for i in range(max(1, spec["warmup"])):
+                warmup.append(kit.timed(distiller.step, device).wall)
+                if i == 0:
+                    first_loss = distiller.read_metrics()["loss"]
+        fallbacks = [str(w.message) for w in caught if issubclass(w.category, CompileFallbackWarning)]
+        variants[name] = dict(distiller=distiller, plan_object=plan, plan=plan.to_dict(), warmup_seconds=warmup,
+                              first_loss=first_loss,
+                              seconds=[], cpu_seconds=[], cudnn_benchmark=autotune, fallbacks=fallbacks,
+                              compile_seconds=distiller.compile_seconds)
     names = list(variants)
     for round_index in range(spec["iters"]):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             entry = variants[name]
+            use_cudnn_autotuning(device, entry["plan_object"], entry["cudnn_benchmark"])
             took, step_peak = step_with_peak(entry["distiller"], device)
             entry["seconds"].append(took.wall)
             entry["cpu_seconds"].append(took.cpu)
@@ -258,12 +269,13 @@ def run_ablation_worker(spec: dict[str, Any]) -> dict[str, Any]:
     results = {}
     for name, entry in variants.items():
         distiller = entry.pop("distiller")
+        entry.pop("plan_object")
         results[name] = {
             **entry,
             "spec": spec,
             "precision": distiller.precision,
             "channels_last": distiller.channels_last,
-            "kernels": kernels.levers_of(distiller.extractor).to_dict(),
+            "kernels": distiller.levers.to_dict(),
             "median_seconds": statistics.median(entry["seconds"]),
             "median_cpu_seconds": statistics.median(entry["cpu_seconds"]),
         }
@@ -374,9 +386,10 @@ def ablation_table(results: list[tuple[str, dict[str, Any]]]) -> list[str]:
     """One row per variant; speed ratios are against the first row (time first / time row)."""
     first = results[0][1] if results else None
     lines = [
-        "| variant | precision | channels_last | kernels | plan (real chunk, classes/pass, ckpt) | s/iter (median) "
-        "| CPU s/iter | speed vs first row (wall, CPU) | step peak above rest | first-step loss | warm-up s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | precision | channels_last | kernels | cuDNN autotuning | plan (real chunk, classes/pass, ckpt) "
+        "| s/iter (median) | CPU s/iter | speed vs first row (wall, CPU) | step peak above rest | first-step loss "
+        "| warm-up s | compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results:
         plan = r["plan"]
@@ -384,13 +397,18 @@ def ablation_table(results: list[tuple[str, dict[str, Any]]]) -> list[str]:
                  f"{kit.ratio(first['median_cpu_seconds'], r['median_cpu_seconds'])}")
         loss = "-" if r["first_loss"] is None else f"{r['first_loss']:.6f}"
         step_peak = r.get("step_peak_bytes")
+        levers = kernels.KernelLevers.from_dict(r.get("kernels", {})).describe()
+        if r.get("fallbacks"):
+            levers += " (fell back: " + "; ".join(r["fallbacks"]) + ")"
+        compiled = r.get("compile_seconds")
         lines.append(
-            f"| {name} | {r['precision']} | {'on' if r['channels_last'] else 'off'} "
-            f"| {kernels.KernelLevers.from_dict(r.get('kernels', {})).describe()} "
+            f"| {name} | {r['precision']} | {'on' if r['channels_last'] else 'off'} | {levers} "
+            f"| {on_off(r['cudnn_benchmark']) if 'cudnn_benchmark' in r else '-'} "
             f"| {plan['real_chunk']}, {plan['class_chunk']}, {'on' if plan['activation_checkpointing'] else 'off'} "
             f"| {kit.fmt_seconds(r['median_seconds'])} | {kit.fmt_seconds(r['median_cpu_seconds'])} | {ratio} "
             f"| {'-' if step_peak is None else devices.format_bytes(step_peak)} | {loss} "
-            f"| {', '.join(kit.fmt_seconds(s) for s in r['warmup_seconds'])} |"
+            f"| {', '.join(kit.fmt_seconds(s) for s in r['warmup_seconds'])} "
+            f"| {'-' if compiled is None else kit.fmt_seconds(compiled)} |"
         )
     return lines
 
@@ -471,13 +489,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ablations",
                         help="comma-separated variants run on the first IPC and shape, psi on (choices: "
                         f"{', '.join(ABLATIONS)}; '' for none; 'levers' for issue 14's: {LEVER_ABLATIONS}; "
-                        f"'kernels' for issue 23's kernel levers: {KERNEL_ABLATIONS}; "
+                        f"'kernels' for issue 23's kernel levers (today's path, each lever alone, all of them, "
+                        f"the device's defaults, today's again): {KERNEL_ABLATIONS}; "
                         "default: baseline,channels_last,bf16,"
                         "class_chunk=1,checkpointing,baseline (again) on CPU; on GPU fp32 and compile instead of bf16)")
     parser.add_argument("--only-ablations", action="store_true",
                         help="measure only the ablation variants, not the shape x IPC x psi rows")
     parser.add_argument("--cudnn-benchmark", choices=("on", "off"),
                         help=f"cuDNN autotuning on CUDA (default: the plan's, off; sets {runtime.CUDNN_BENCHMARK_ENV})")
+    parser.add_argument("--compile-backend", default=forward.COMPILE_BACKEND,
+                        help=f"torch.compile backend of the compile lever (default {forward.COMPILE_BACKEND}; the CPU "
+                        "smoke test uses aot_eager, which traces and runs the same graphs without generating code)")
     parser.add_argument("--json-out", type=Path,
                         help="also write the raw figures here: {results: [...], ablations: {name: ...}, "
                         "ablation_order: [name, ...]}")
@@ -512,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     kit.set_threads(args.threads)
 
     common = dict(device=str(device), real_per_class=real_per_class, freqs=args.freqs, iters=iters, warmup=warmup,
-                  gpu_mem=args.gpu_mem, threads=args.threads)
+                  gpu_mem=args.gpu_mem, threads=args.threads, compile_backend=args.compile_backend)
     started = time.perf_counter()
     results = []
     for c in [] if args.only_ablations else classes:
@@ -582,8 +604,12 @@ def main(argv: list[str] | None = None) -> int:
             "Each variant changes one thing from the device's defaults (or, where its name says so, several); "
             "all run in one process, timed in "
             "interleaved rounds so that drifting machine load hits them alike. 'CPU s' is the process's CPU "
-            "time, less sensitive than wall time to other work on a shared machine. 'kernels' are the "
-            "network's kernel levers (`ncfm_core.kernels`). 'Step peak above rest' (CUDA): the most memory a "
+            "time, less sensitive than wall time to other work on a shared machine. 'kernels': the run's kernel "
+            "levers that differ from today's path (`ncfm_core.kernels`; 'fell back' quotes a lever that could "
+            "not run and left the run eager); 'cuDNN autotuning': `cudnn.benchmark` during the variant's steps "
+            "(CUDA); 'compile s': the seconds compiling the blocks before the first step, not in s/iter. On "
+            "the CPU, graphs=on runs the CUDA-graph contract checker (it recomputes and checks every call: a "
+            "test harness, not a speed). 'Step peak above rest' (CUDA): the most memory a "
             "step allocated above what was allocated before it, i.e. its own working set (the variants "
             "share a process, so the process's peak also holds every variant's images and optimiser state). "
             "The first-step loss "

@@ -51,17 +51,28 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 BENCHMARK_PAGES = DOCS / "benchmarks"
 
-# The kernel levers' ablation (issue 23), as ``ncfm_core.kernels.parse_levers`` reads each value:
-# today's path, each lever alone, all of them together, today's path again (the spread between
-# the two identical rows is the noise). distill_speed.py and kernel_speed.py both run it.
-KERNEL_VARIANTS: dict[str, str] = {
-    "baseline": "default",
-    "pool=broadcast": "pool=broadcast",
-    "pool=reshape": "pool=reshape",
-    "norm=batchnorm": "norm=batchnorm",
-    "all kernel levers": "pool=broadcast,norm=batchnorm",
-    "baseline (again)": "default",
+# The kernel levers' ablation (issue 23): name -> (the run's ``kernels`` option, as
+# ``ncfm_core.kernels`` reads it; cuDNN autotuning on CUDA). Today's path (the command line's:
+# no lever, no autotuning), each lever alone, all of them together, the device's defaults
+# ("auto"), today's path again (the spread between the two identical rows is the noise).
+# distill_speed.py runs every row; kernel_speed.py the rows a network alone can run
+# (NETWORK_LEVERS).
+ALL_KERNEL_LEVERS = "pool=broadcast,norm=batchnorm,casts=once,layout=nhwc,compile=on,graphs=on"
+KERNEL_VARIANTS: dict[str, tuple[str, bool | None]] = {  # (kernels option, cuDNN autotuning; None: the plan's)
+    "today's path": ("default", False),
+    "pool=broadcast": ("pool=broadcast", False),
+    "pool=reshape": ("pool=reshape", False),
+    "norm=batchnorm": ("norm=batchnorm", False),
+    "casts=once": ("casts=once", False),
+    "layout=nhwc": ("layout=nhwc", False),
+    "cudnn autotuning": ("default", True),
+    "compile=on": ("compile=on", False),
+    "graphs=on": ("graphs=on", False),
+    "all levers": (ALL_KERNEL_LEVERS, True),
+    "auto (the defaults)": ("auto", None),
+    "today's path (again)": ("default", False),
 }
+NETWORK_LEVERS = ("pool", "norm", "casts", "layout")  # what a network alone runs; compile and graphs are the loop's
 
 
 # ----------------------------------------------------------------------------- command, log

@@ -41,7 +41,7 @@ SCRIPT = "benchmarks/paper_table.py"
 PAPER_DATASETS = ("cifar10", "cifar100", "tinyimagenet")
 # Fields the memory planner fills in: a finished artifact with other values here is the same run.
 PLAN_FIELDS = ("real_chunk", "class_chunk", "precision", "cf_precision", "activation_checkpointing", "channels_last",
-               "compile")
+               "compile", "kernels")
 
 # Test accuracy (%) printed in the paper: NCFM (Table 1), NCFM without psi (Table 5), random
 # real subsets and whole-data training (Table 1, CIFAR-10 rows). Quoted for comparison only.

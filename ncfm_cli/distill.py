@@ -215,6 +215,10 @@ def distill_command(
     compile_blocks: Annotated[bool, typer.Option(
         "--compile", rich_help_panel=_MEMORY,
         help="torch.compile the extractor blocks (falls back to eager if compiling fails).")] = False,
+    kernels: Annotated[Optional[str], typer.Option(
+        "--kernels", rich_help_panel=_MEMORY, show_default=False,
+        help="Kernel levers: auto (the device's defaults), default (none), or LEVER=CHOICE items, e.g. "
+             "'auto,compile=off' (levers: pool, norm, casts, layout, compile, graphs).")] = None,
     network: Annotated[Optional[str], typer.Option("--network", rich_help_panel=_POOL, show_default=False,
                                                    help="Feature extractor, e.g. convnet.")] = None,
     depth: Annotated[Optional[int], typer.Option("--depth", min=1, rich_help_panel=_POOL, show_default=False,
@@ -291,6 +295,7 @@ def distill_command(
             activation_checkpointing=True if checkpointing else None,
             channels_last=True if channels_last else None,
             compile=True if compile_blocks else None,
+            kernels=kernels,
         )
         allow_checkpointing = checkpointing is not False
         if dry_run:

@@ -13,6 +13,7 @@ from ncfm_cli.options import CommandJsonOption, RefArgument
 from ncfm_cli.output import (
     command_errors,
     format_accuracy,
+    format_levers,
     format_peak_memory,
     format_seconds,
     format_speed,
@@ -99,6 +100,7 @@ def _print_human(info: Inspection) -> None:
         ("time", f"{format_seconds(timings.seconds)} total, pool {format_seconds(timings.pool_seconds)}, "
                  f"{format_speed(timings)}" if timings else None),
         ("peak memory", format_peak_memory(record.peak_memory_bytes, record.peak_memory_source)),
+        ("kernel levers", format_levers(record.plan.kernels) if record.plan else None),
         ("final loss", record.final_loss),
         ("normalization", _normalization(dataset)),
         ("pending eval", _pending_eval(record.pending_eval, info.artifact)),

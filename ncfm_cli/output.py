@@ -43,6 +43,7 @@ from ncfm_core.devices import format_bytes
 from ncfm_core.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_TERMINATED, NcfmError, as_user_error, one_line
 from ncfm_core.jobs import JobInterrupted
 from ncfm_core.jobs.events import signal_of
+from ncfm_core.kernels import KernelLevers
 from ncfm_core.store import Store, Timings, describe_peak_source
 
 EXIT_CODES_HELP = (
@@ -159,6 +160,7 @@ def print_plan(result: dict[str, Any]) -> None:
         ("class chunk", plan.get("class_chunk")),
         ("precision", plan.get("precision")),
         ("checkpointing", "on" if plan.get("activation_checkpointing") else "off"),
+        ("kernel levers", format_levers(plan.get("kernels"))),
         ("budget", budget if not source else f"{budget} ({source})"),
         ("estimated peak", format_bytes(plan.get("estimated_peak_bytes"))),
         ("FLOPs / iteration", format_flops(result.get("flops_per_iteration"))),
@@ -203,6 +205,14 @@ def format_peak_memory(peak_bytes: int | None, source: str | None) -> str:
     return f"{format_bytes(peak_bytes)} ({describe_peak_source(source)})"
 
 
+def format_levers(kernels: Any) -> str:
+    """The kernel levers a plan records (``Plan.kernels``, lever -> choice), as the levers that
+    differ from today's path; a plan recorded before the levers ran today's path."""
+    defaults = KernelLevers().to_dict()
+    changed = [f"{lever}={choice}" for lever, choice in (kernels or {}).items() if defaults.get(lever) != choice]
+    return ", ".join(changed) or "none (today's kernels)"
+
+
 def format_speed(timings: Timings) -> str:
     """The median seconds per iteration of each session that ran iterations (a distill, then each
     resume), each labelled with the iterations it covers; older records kept only the last
@@ -210,11 +220,16 @@ def format_speed(timings: Timings) -> str:
     sessions = [s for s in timings.per_session if s.seconds_per_iteration_median is not None]
     if sessions:
         return "median " + ", ".join(f"{s.seconds_per_iteration_median:.3f} s/it (iterations {s.from_iteration}-"
-                                     f"{s.to_iteration})" for s in sessions)
+                                     f"{s.to_iteration}{_compiled(s.compile_seconds)})" for s in sessions)
     if timings.seconds_per_iteration_median is None:
         return "no iteration timed"
     which = f" (the last of {timings.sessions} sessions)" if timings.sessions > 1 else ""
     return f"median {timings.seconds_per_iteration_median:.3f} s/it{which}"
+
+
+def _compiled(seconds: float) -> str:
+    """A session's compile time, said beside its speed (the compile lever; none: no words)."""
+    return f", after {format_seconds(seconds)} compiling" if seconds else ""
 
 
 # ----------------------------------------------------------------------------- logs

@@ -70,13 +70,18 @@ class DistillConfig:
     cf_precision: str = "auto"  # CF projections <t, f>: auto (tf32 on CUDA, else fp32) | fp32 | tf32 (ncfm_core.cf)
     activation_checkpointing: bool = False  # recompute activations (and psi's real features), not store
     channels_last: bool | None = None  # NHWC memory format for the networks (None: the measured default, off)
-    compile: bool = False  # torch.compile the extractor blocks; falls back to eager if compiling fails
+    compile: bool = False  # shorthand for the compile lever (kernels): True turns it on
+    # kernel levers (ncfm_core.kernels): "auto" (the device's defaults), "default" (today's path),
+    # or LEVER=CHOICE items, e.g. "auto,compile=off"; decided once by the plan into every lever
+    kernels: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DistillConfig:
+        if "kernels" not in data:  # recorded before the kernel levers: it ran today's path
+            data = {**data, "kernels": "default"}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -210,6 +215,7 @@ def validate(config: DistillConfig) -> DistillConfig:
     (``field (--flag)``, :func:`option_name`); returns the config unchanged."""
     # Imported here, not at the top: the losses' modules import this one (DistillConfig), and
     # importing ncfm_core.matching registers them; by the first validate() both are loaded.
+    from ncfm_core.kernels import parse_kernels
     from ncfm_core.matching import matching_names, unknown_matching_message
 
     name = option_name
@@ -246,4 +252,7 @@ def validate(config: DistillConfig) -> DistillConfig:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    if not isinstance(config.kernels, str):
+        raise ConfigError(f"kernels must be a text such as 'auto' or 'pool=broadcast,norm=batchnorm', got {config.kernels!r}")
+    parse_kernels(config.kernels)  # one-line errors naming the levers and their choices
     return config

@@ -49,12 +49,13 @@ from ncfm_core.config import DistillConfig
 from ncfm_core.data import ImageDataset
 from ncfm_core.devices import decided_precisions
 from ncfm_core.errors import ConfigError, CorruptArtifactError
-from ncfm_core.forward import LoopForward
+from ncfm_core.forward import LoopForward, autocast_dtype
+from ncfm_core.kernels import apply_levers, cast_weights_once, decided_levers, levers_for_plan
 from ncfm_core.matching import MatchingLoss, RealSide, matching_class
 from ncfm_core.pool import Pool
 from ncfm_core.real_batches import RealBatches
 from ncfm_core.retry import OutOfMemoryHook, run_iteration
-from ncfm_core.synset import check_factor, decode_synset, init_synset
+from ncfm_core.synset import check_factor, init_synset
 
 ProgressCallback = Callable[[dict[str, Any]], None]
 
@@ -106,7 +107,8 @@ class Distiller:
 
     ``dataset`` is moved to ``device`` once; nothing is read from disk inside :meth:`step`.
     Memory/speed options come from the config: ``real_chunk``, ``class_chunk``, ``precision``,
-    ``activation_checkpointing``, ``channels_last``, ``compile`` (see ``ncfm_core.planner``).
+    ``activation_checkpointing`` (see ``ncfm_core.planner``) and the kernel levers ``kernels``
+    (``ncfm_core.kernels``), all decided by the plan.
 
     Several processes (``ncfm_core.parallel``): ``classes`` is the contiguous block of class
     ids this process owns (default all). Every process draws the SAME random numbers for all
@@ -157,22 +159,18 @@ class Distiller:
         )
 
         self.precision, self.cf_precision = decided_precisions(config, "Distiller")  # the plan decided them
+        self.levers = decided_levers(config.kernels, "Distiller")  # the kernel levers, decided by the plan too
         # The real side's autograd mode: inference mode (no version counters, no view tracking);
         # torch.no_grad gives the same bits (tests/test_distill.py) and is what ran before.
         self._real_side_mode: Callable[[], contextlib.AbstractContextManager] = torch.inference_mode
-        # None = off. benchmarks/distill_speed.py measured 0.65x to 1.2x on a shared 2-core CPU
-        # (gains under light load only); on CUDA it is not yet measured, and group_norm there has
-        # long converted channels_last inputs back to NCHW. Opt in with channels_last=True.
-        self.channels_last = bool(config.channels_last)
-        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.channels_last = self.levers.layout == "nhwc"
         self.pool = pool.to(self.device)
-        self.extractor = pool.spec.build().to(self.device, memory_format=memory_format).requires_grad_(False)
-        self.teacher = pool.spec.build().to(self.device, memory_format=memory_format).requires_grad_(False)
-        self.extractor.eval()
-        self.teacher.eval()
+        self.extractor = self._network(pool)
+        self.teacher = self._network(pool)
         feature_dim = self.extractor.feature_dim
         # fp16 gradients through the network underflow without loss scaling; bf16 has fp32's range.
         self.grad_scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        self.compile_seconds: float | None = None  # the compile lever's seconds (None: nothing compiled)
         self._cut(config.real_chunk or DEFAULT_REAL_CHUNK, config.class_chunk or len(self.classes),
                   bool(config.activation_checkpointing))
 
@@ -197,20 +195,56 @@ class Distiller:
     def use_plan(self, real_chunk: int, class_chunk: int, activation_checkpointing: bool) -> None:
         """Cut the coming iterations as a plan says (real images per no-grad forward, classes per
         synthetic pass, checkpointing): the same maths, only the order of floating-point sums may
-        change; ``config`` says so from then on. Between iterations (``ncfm_core.retry``)."""
-        self.config = self.config.replace(real_chunk=real_chunk, class_chunk=class_chunk,
-                                          activation_checkpointing=activation_checkpointing)
+        change; ``config`` says so from then on (with checkpointing, the kernel levers that do not
+        run under it, compile and graphs, recorded off). Between iterations (``ncfm_core.retry``)."""
+        self.config = self.config.replace(
+            real_chunk=real_chunk, class_chunk=class_chunk, activation_checkpointing=activation_checkpointing,
+            kernels=levers_for_plan(self.levers, activation_checkpointing).spec())
         self._cut(real_chunk, class_chunk, activation_checkpointing)
 
     def _cut(self, real_chunk: int, class_chunk: int, activation_checkpointing: bool) -> None:
+        """The plan's knobs in force: the real chunks' bounds, the class groups, and the forwards
+        (compiled for these shapes when the compile lever is on: a smaller plan compiles again)."""
         self.real_chunk, self.class_chunk = real_chunk, min(class_chunk, len(self.classes))
         self._real_bounds = cf.chunk_bounds(len(self.classes), self.real_per_class, real_chunk)
         self.checkpointing = activation_checkpointing
         self.forward = LoopForward(
             (self.extractor, self.teacher), device_type=self.device.type, precision=self.precision,
-            checkpointing=self.checkpointing, channels_last=self.channels_last, compile_blocks=self.config.compile,
-            normalize=self.config.normalize_features,
+            checkpointing=self.checkpointing, levers=self.levers, normalize=self.config.normalize_features,
         )
+        # The compile lever: the blocks compiled for the plan's shapes now, not inside the first
+        # iterations, so the seconds per iteration exclude it (the job's time to a result does not).
+        seconds = self._compile_blocks()
+        if seconds is not None:
+            self.compile_seconds = (self.compile_seconds or 0.0) + seconds
+
+    def _network(self, pool: Pool) -> torch.nn.Module:
+        """A frozen network of the pool's shape on the device, in eval mode, with the run's
+        kernel levers: its pools and norms switched (``kernels.apply_levers``), its memory format
+        (layout), and with casts=once under autocast its convolution and linear weights held in
+        the compute dtype (``kernels.cast_weights_once``; the pool's blend writes them there)."""
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        net = apply_levers(pool.spec.build(), self.levers)
+        net = net.to(self.device, memory_format=memory_format).requires_grad_(False).eval()
+        compute_dtype = autocast_dtype(self.precision)
+        if self.levers.casts == "once" and compute_dtype is not None:
+            cast_weights_once(net, compute_dtype)
+        return net
+
+    def _compile_blocks(self) -> float | None:
+        """Compile the networks' blocks for this plan's shapes (the compile lever; None when it is
+        off, or failed: the blocks then run eagerly, after one warning)."""
+        decoded, owned = self.config.ipc * self.config.factor**2, len(self.classes)
+        groups = [min(self.class_chunk, owned - first) * decoded for first in range(0, owned, self.class_chunk)]
+        seconds = self.forward.compile_blocks(
+            self.extractor, self.teacher if self.config.calib_weight > 0 else None,
+            tuple(self.real_images.shape[1:]), [end - start for start, end in self._real_bounds], groups,
+            self._real_side_mode,
+        )
+        if seconds is not None:
+            self.notes.append(f"compiled the networks' blocks for this plan's shapes in {seconds:.1f} s, before "
+                              "the first iteration (not in the seconds per iteration)")
+        return seconds
 
     # -- one iteration ---------------------------------------------------------------------
     def sample_real(self) -> tuple[Tensor, Tensor]:
@@ -224,25 +258,24 @@ class Distiller:
         inference tensors: only ever read under no_grad (the CF sums, psi's closed-form
         gradient), never saved for a backward."""
         with self._real_side_mode():
-            x = self.real_images[index[start:end]].float().div_(255.0)
-            x = augment.apply_params(x, self.real_batches.labels[start:end], params)
-            return self.forward.embed(self.forward.raw_features(self.extractor, x, grad=False))
+            return self.forward.real_features(self.extractor, self.real_images, index[start:end],
+                                              self.real_batches.labels[start:end], params)
 
     def _group_loss(self, images: Tensor, first_class: int, params: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """(loss, match, calibration) of one group of classes; ``images`` are its stored images."""
         config = self.config
         k = images.shape[0] // config.ipc
         labels = self.labels[first_class * config.ipc : (first_class + k) * config.ipc]
-        decoded, syn_labels = decode_synset(images, labels, config.factor)
-        syn_input = augment.apply_params(decoded, syn_labels, params)
-        features = self.forward.embed(self.forward.raw_features(self.extractor, syn_input, grad=True))
+        teacher = self.teacher if config.calib_weight > 0 else None
+        features, syn_labels, teacher_raw = self.forward.synthetic_features(
+            self.extractor, teacher, images, labels, params, config.factor)
         rows_per_class = config.ipc * config.factor**2  # (k * rows_per_class, d) features, class-major
         per_class = self.matching.group_loss(features, slice(first_class, first_class + k), rows_per_class)
         match = config.loss_scale * per_class.sum()
         calib = torch.zeros((), device=self.device)
         if config.calib_weight > 0:
             with self.forward.autocast():
-                logits = self.teacher.classifier(self.forward.raw_features(self.teacher, syn_input, grad=True))
+                logits = self.teacher.classifier(teacher_raw)
             # a sum over the group / all synthetic images (of every process): the groups add up to the full mean
             total = self.num_classes * rows_per_class
             calib = config.calib_weight * F.cross_entropy(logits.float(), syn_labels, reduction="sum") / total

@@ -31,11 +31,34 @@ names), so a state dict saved with one implementation loads into another, the po
 (which writes by state-dict key) is untouched, and ``torch.func`` stacking (``ncfm_core.train``)
 works: none of the implementations holds running statistics.
 
+The other levers change how the loop runs a network, not its modules (``ncfm_core.distill`` and
+``ncfm_core.forward`` apply them):
+
+``casts``: where the low-precision copies of the weights come from under bf16/fp16 autocast
+    - ``"autocast"``: autocast casts every convolution's and linear layer's fp32 weights on every
+      call (its weight cache only serves leaf parameters that require a gradient, and the loop's
+      networks are frozen), i.e. once per class chunk and real chunk;
+    - ``"once"``: those weights are held in the compute dtype (:func:`cast_weights_once`); the
+      pool's blend writes them there once per iteration (``Pool.blend_into``, rounding the fp32
+      blend once, as autocast's cast did) and autocast's casts of them become no-ops. The real
+      images go from uint8 to scaled float32 in one kernel. Bit for bit today's numbers.
+``layout``: the memory format of inputs, weights and activations
+    - ``"nchw"``: contiguous (today's default);
+    - ``"nhwc"``: channels_last, kept through the block: convolutions, the batch-norm path's
+      instance norm (:func:`instance_norm_channels_last`), ReLU and every pool kernel keep NHWC
+      (GroupNorm keeps it on the CPU; CUDA's group norm has long copied to NCHW).
+``compile``: ``"off"`` or ``"on"``: the ConvNet's blocks through ``torch.compile`` with the plan's
+    fixed shapes, compiled before the first iteration and eager again if compiling fails
+    (``ncfm_core.forward``).
+``graphs``: ``"off"`` or ``"on"``: the fixed-shape work of a chunk (real side: gather, augment,
+    forward; synthetic side: decode, augment, forward and backward) captured once per shape as a
+    CUDA graph and replayed (``ncfm_core.graphs``).
+
 :class:`KernelLevers` says which implementation each lever uses; it is frozen and JSON-friendly
 (:meth:`KernelLevers.to_dict` / :meth:`KernelLevers.from_dict`), so a plan or a manifest can
-record it. :func:`apply_levers` switches a built network in place. More levers (dtype casts,
-channels_last, cuDNN autotuning, compilation, CUDA graphs) are added as further fields with
-today's behaviour as their default, so records written before they exist still load.
+record it; a lever a record does not name is today's path. :func:`apply_levers` switches a built
+network's modules in place. The ``kernels`` option of a run (``DistillConfig.kernels``) is decided
+once per device by the plan (:func:`decide_levers`, with the defaults :func:`default_levers`).
 """
 
 from __future__ import annotations
@@ -51,6 +74,7 @@ from torch import Tensor, nn
 from ncfm_core.errors import ConfigError
 
 __all__ = [
+    "CUDA_DEFAULTS",
     "NORM_KERNELS",
     "POOL_KERNELS",
     "BroadcastGradAvgPool2x2",
@@ -60,13 +84,26 @@ __all__ = [
     "apply_levers",
     "avg_pool_2x2_broadcast_grad",
     "avg_pool_2x2_reshape",
+    "cast_weights_once",
+    "decide_levers",
+    "decided_levers",
+    "default_levers",
+    "instance_norm_channels_last",
+    "levers_for_plan",
     "levers_of",
+    "parse_kernels",
     "parse_levers",
 ]
 
 POOL_KERNELS = ("native", "broadcast", "reshape")
 NORM_KERNELS = ("groupnorm", "batchnorm")
-_CHOICES = {"pool": POOL_KERNELS, "norm": NORM_KERNELS}
+CAST_CHOICES = ("autocast", "once")
+LAYOUT_CHOICES = ("nchw", "nhwc")
+COMPILE_CHOICES = ("off", "on")
+GRAPH_CHOICES = ("off", "on")
+_CHOICES = {"pool": POOL_KERNELS, "norm": NORM_KERNELS, "casts": CAST_CHOICES, "layout": LAYOUT_CHOICES,
+            "compile": COMPILE_CHOICES, "graphs": GRAPH_CHOICES}
+AUTO = "auto"  # in a ``kernels`` option: the device's defaults (:func:`default_levers`)
 
 
 @dataclass(frozen=True)
@@ -75,6 +112,10 @@ class KernelLevers:
 
     pool: str = "native"  # the 2x2 average pool: native | broadcast | reshape
     norm: str = "groupnorm"  # instance norm: groupnorm | batchnorm
+    casts: str = "autocast"  # low-precision weights: autocast (cast per call) | once (per iteration, by the blend)
+    layout: str = "nchw"  # memory format of inputs, weights and activations: nchw | nhwc (channels_last)
+    compile: str = "off"  # the ConvNet's blocks through torch.compile: off | on
+    graphs: str = "off"  # a chunk's fixed-shape work as CUDA graphs, captured once per shape: off | on
 
     def __post_init__(self) -> None:
         for lever, choices in _CHOICES.items():
@@ -106,15 +147,27 @@ class KernelLevers:
                    if getattr(self, f.name) != f.default]
         return ",".join(changed) or "default"
 
+    def spec(self) -> str:
+        """Every lever named, ``"pool=native,norm=groupnorm,casts=autocast,..."``: the decided
+        form a run's config holds, so a later ncfm with other defaults reads the same levers."""
+        return ",".join(f"{name}={value}" for name, value in self.to_dict().items())
 
-def parse_levers(text: str) -> KernelLevers:
-    """``"pool=reshape,norm=batchnorm"`` (any subset, any order; ``""`` or ``"default"``: today's
-    path) -> :class:`KernelLevers`. Errors name the valid levers and choices."""
+
+def parse_kernels(text: str) -> tuple[bool, dict[str, str]]:
+    """A ``kernels`` option -> (whether it asks for the device's defaults, the levers it names).
+
+    ``"auto"`` (the device's defaults), ``"default"`` or ``""`` (today's path), or
+    ``LEVER=CHOICE`` items separated by commas, in any order, optionally with ``auto`` among them
+    (``"auto,compile=off"``: the defaults with compilation off; without ``auto`` an unnamed lever
+    is today's path). Errors name the valid levers and choices."""
     text = text.strip()
     if text in ("", "default"):
-        return KernelLevers()
-    chosen: dict[str, str] = {}
+        return False, {}
+    auto, chosen = False, {}
     for item in text.split(","):
+        if item.strip() == AUTO:
+            auto = True
+            continue
         lever, sep, value = (part.strip() for part in item.partition("="))
         if not sep or not value:
             raise ConfigError(f"kernel lever {item.strip()!r} is not LEVER=CHOICE (e.g. pool=broadcast,norm=batchnorm)")
@@ -123,7 +176,87 @@ def parse_levers(text: str) -> KernelLevers:
         if lever in chosen:
             raise ConfigError(f"kernel lever {lever!r} is given twice")
         chosen[lever] = value
+    KernelLevers(**chosen)  # each choice checked here, with the lever's valid choices in the error
+    return auto, chosen
+
+
+def parse_levers(text: str) -> KernelLevers:
+    """``"pool=reshape,norm=batchnorm"`` (any subset, any order; ``""`` or ``"default"``: today's
+    path) -> :class:`KernelLevers`. ``auto`` is for the plan to decide (:func:`decide_levers`)."""
+    auto, chosen = parse_kernels(text)
+    if auto:
+        raise ConfigError(f"kernels {text.strip()!r} asks for the device's defaults: decide it with decide_levers")
     return KernelLevers(**chosen)
+
+
+# The defaults by device type, each decided from what the CPU tests show and what could go wrong
+# on a GPU where no lever has run yet (docs/benchmarks/distill_speed.md has the expected effects):
+# - pool=broadcast: forward and gradient bit for bit avg_pool2d's; nothing can fail.
+# - norm=batchnorm: within 2e-6 (output) and 3.4e-6 (input gradient) of GroupNorm in fp32; under
+#   CUDA autocast it runs in bf16 where group norm casts to fp32 (half the bytes, a lower peak,
+#   which the memory model counts); a plain kernel, nothing to fail.
+# - casts=once: bit for bit today's numbers in fp32 and under bf16 autocast (the blend rounds
+#   the fp32 weights once, as autocast's cast did); nothing can fail.
+# - compile=on: a compiled run equals the eager one within rounding (tests/test_forward.py);
+#   never tried on a GPU, so a compiler that fails, at compile time or when the compiled code
+#   first runs, leaves the run going eagerly with one line saying so; its compile time is
+#   reported apart and counted in the time to the first result. With activation checkpointing
+#   the blocks stay eager (the plan says so).
+# - layout=nhwc: OFF. Exact within rounding, but the instance norm that keeps NHWC is written as
+#   plain tensor ops, which only pay off once compiled (eagerly they move several times the
+#   bytes of the NCHW batch-norm path); turn it on after the GPU check shows its row faster.
+# - graphs=on: OFF. Exact through the contract stand-in (tests/test_graphs.py), but the graphs'
+#   memory pools are not yet in the memory plan (a budgeted plan could run out of memory) and a
+#   capture has never run on a GPU (a failed capture falls back to eager, with one line).
+# On the CPU no lever measured faster (docs/benchmarks/distill_speed.md): today's path.
+CUDA_DEFAULTS = KernelLevers(pool="broadcast", norm="batchnorm", casts="once", compile="on")
+
+
+def default_levers(device_type: str) -> KernelLevers:
+    """The levers ``kernels="auto"`` gives on a device type (see :data:`CUDA_DEFAULTS`)."""
+    return CUDA_DEFAULTS if device_type == "cuda" else KernelLevers()
+
+
+def decided_levers(kernels: str, where: str) -> KernelLevers:
+    """The levers of a decided ``kernels`` option, for ``where`` (the layer that runs them, named
+    in the error). An option still asking for ``auto`` is a ``ConfigError``: the plan decides it
+    (``ncfm_core.jobs.plan.decide_precisions``), no layer below."""
+    auto, chosen = parse_kernels(kernels)
+    if auto:
+        raise ConfigError(f"{where} was given kernels {kernels!r}; decide it first with "
+                          "ncfm_core.jobs.plan.decide_precisions(config, device), as every job does in its plan")
+    return KernelLevers(**chosen)
+
+
+def levers_for_plan(levers: KernelLevers, activation_checkpointing: bool) -> KernelLevers:
+    """The levers a plan runs with: under activation checkpointing the blocks are recomputed in
+    the backward under autograd's hooks, which neither the compiled blocks nor the captured
+    graphs are built for, so both are off there (the plan records it)."""
+    if activation_checkpointing:
+        return dataclasses.replace(levers, compile="off", graphs="off")
+    return levers
+
+
+def decide_levers(kernels: str, device_type: str, *, channels_last: bool | None = None,
+                  compile_blocks: bool = False) -> KernelLevers:
+    """A run's ``kernels`` option decided for ``device_type``: ``auto`` gives
+    :func:`default_levers`, the named levers override, and the older shorthands set theirs
+    (``channels_last`` True/False: layout nhwc/nchw; ``compile_blocks`` True: compile on); a
+    shorthand that contradicts a lever the option names is a ``ConfigError``. Called once, by the
+    plan."""
+    auto, chosen = parse_kernels(kernels)
+    if not auto and chosen.keys() == _CHOICES.keys():  # decided already (a resume): the shorthands are in it
+        return KernelLevers(**chosen)
+    base = default_levers(device_type) if auto else KernelLevers()
+    shorthands = {}
+    if channels_last is not None:
+        shorthands["layout"] = ("nhwc" if channels_last else "nchw", f"channels_last={channels_last}")
+    if compile_blocks:
+        shorthands["compile"] = ("on", "--compile")
+    for lever, (choice, said) in shorthands.items():
+        if chosen.setdefault(lever, choice) != choice:
+            raise ConfigError(f"{said} and kernels '{lever}={chosen[lever]}' disagree; give one of them")
+    return dataclasses.replace(base, **chosen)
 
 
 # ----------------------------------------------------------------------------- the 2x2 pool
@@ -180,8 +313,13 @@ def avg_pool_2x2_broadcast_grad(x: Tensor) -> Tensor:
 
 def avg_pool_2x2_reshape(x: Tensor) -> Tensor:
     """The 2x2 mean as a reshape and a mean (floor mode: an odd last row or column is
-    dropped first). (..., H, W) -> (..., H // 2, W // 2)."""
+    dropped first). (..., H, W) -> (..., H // 2, W // 2); a channels_last input gives a
+    channels_last output (its NHWC view is pooled, so no NCHW copy is made)."""
     rows, cols = x.shape[-2] // 2, x.shape[-1] // 2
+    if _is_channels_last(x):
+        nhwc = x.permute(0, 2, 3, 1)[:, : 2 * rows, : 2 * cols]  # (N, H, W, C), C innermost
+        pooled = nhwc.reshape(x.shape[0], rows, 2, cols, 2, x.shape[1]).mean(dim=(2, 4))  # (N, H/2, W/2, C)
+        return pooled.permute(0, 3, 1, 2)
     if (2 * rows, 2 * cols) != tuple(x.shape[-2:]):
         x = x[..., : 2 * rows, : 2 * cols]
     return x.reshape(*x.shape[:-2], rows, 2, cols, 2).mean(dim=(-3, -1))
@@ -243,12 +381,30 @@ class InstanceNormViaBatchNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
     def forward(self, x: Tensor) -> Tensor:
+        if _is_channels_last(x):  # torch.instance_norm would copy it to NCHW (the layout lever)
+            return instance_norm_channels_last(x, self.weight, self.bias, self.eps)
         # Not F.instance_norm: it refuses a 1x1 map, where GroupNorm(C, C) returns the bias.
         return torch.instance_norm(x, self.weight, self.bias, None, None, True, 0.0, self.eps,
                                    torch.backends.cudnn.enabled)
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, eps={self.eps}"
+
+
+def instance_norm_channels_last(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """Instance norm that keeps a channels_last ``x`` (N, C, H, W) channels_last: per image and
+    channel, ``(x - mean) / sqrt(biased var + eps) * weight + bias``, the statistics in at least
+    float32 whatever ``x``'s dtype (as the batch-norm kernels keep them), the output in ``x``'s dtype.
+    Written as one ``var_mean`` reduction over (H, W) and plain elementwise ops, none of which
+    changes the memory format; a compiler fuses them (eagerly they cost more bytes than the
+    batch-norm kernels, which copy NHWC to NCHW)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)  # bf16/fp16 up to fp32; fp32 and fp64 as they are
+    values = x.to(dtype)  # no copy in fp32 and fp64
+    var, mean = torch.var_mean(values, dim=(2, 3), keepdim=True, correction=0)  # (N, C, 1, 1)
+    scale = torch.rsqrt(var + eps) * weight.to(dtype).view(1, -1, 1, 1)
+    # centred first: x * scale + (bias - mean * scale) cancels catastrophically where a channel's
+    # mean is large against its spread (scale ~ 1 / spread)
+    return torch.addcmul(bias.to(dtype).view(1, -1, 1, 1), values - mean, scale).to(x.dtype)
 
 
 def _is_instance_norm(module: nn.Module) -> bool:
@@ -299,9 +455,26 @@ def apply_levers(net: nn.Module, levers: KernelLevers) -> nn.Module:
     return net
 
 
+def cast_weights_once(net: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Hold the weights autocast casts on every call (convolutions' and linear layers' weights
+    and biases: autocast's lower-precision ops) in ``dtype``, in place; returns ``net``. The
+    Parameter objects stay (their data is converted, memory format kept), so the state dict's
+    keys, the pool's blend and ``load_state_dict`` still reach them and round into ``dtype`` as
+    they write; under autocast the per-call casts of these weights become no-ops. Other
+    parameters (the norms' affine weights, which autocast leaves in fp32) are untouched. For
+    networks that only ever run under autocast to ``dtype`` (the casts lever)."""
+    for module in net.modules():
+        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+            for param in module.parameters(recurse=False):
+                param.data = param.data.to(dtype)
+    return net
+
+
 def levers_of(net: nn.Module) -> KernelLevers:
-    """The levers ``net`` runs with, read from its modules (today's path for a layer it does
-    not have). A network that mixes implementations of one layer is an error."""
+    """The module-level levers ``net`` runs with (``pool`` and ``norm``, read from its modules;
+    today's path for a layer it does not have; the other levers are how the loop runs a
+    network, recorded in its plan). A network that mixes implementations of one layer is an
+    error."""
     found = {"pool": {_pool_kernel(m) for m in net.modules() if _is_pool_2x2(m)},
              "norm": {_norm_kernel(m) for m in net.modules() if _is_instance_norm(m)}}
     for lever, kernels in found.items():

@@ -23,6 +23,7 @@ import torch
 from ncfm_core.cf import chunk_bounds
 from ncfm_core.config import DistillConfig
 from ncfm_core.data import DatasetShape
+from ncfm_core.kernels import KernelLevers, parse_kernels
 from ncfm_core.matching import IterationShape, matching_class
 from ncfm_core.models import create_network, default_depth, supported_options
 from ncfm_core.runtime import BackendSettings
@@ -106,6 +107,10 @@ class Plan:
     headroom_bytes: int = 0
     capped: bool = False
     backend: BackendSettings = BackendSettings()
+    # the kernel levers the run uses (ncfm_core.kernels): the config's, decided with its precisions,
+    # as the planner sets them for this plan (no compile or graphs with checkpointing);
+    # None: a plan written by hand, which leaves the config's as they are
+    kernels: KernelLevers | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -118,6 +123,8 @@ class Plan:
         fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         fields["estimate_terms"] = tuple(dict(fields.get("estimate_terms") or {}).items())
         fields["backend"] = BackendSettings.from_dict(fields.get("backend"))
+        if fields.get("kernels") is not None:  # recorded as lever -> choice; None: a plan made before the levers
+            fields["kernels"] = KernelLevers.from_dict(fields["kernels"])
         return cls(**fields)
 
     @property
@@ -126,13 +133,14 @@ class Plan:
         return self.real_chunk, self.class_chunk, self.activation_checkpointing
 
     def apply(self, config: DistillConfig) -> DistillConfig:
-        """``config`` with this plan's chunks, precisions and checkpointing filled in."""
+        """``config`` with this plan's chunks, precisions, checkpointing and kernel levers filled in."""
         return config.replace(
             real_chunk=self.real_chunk,
             class_chunk=self.class_chunk,
             precision=self.precision,
             activation_checkpointing=self.activation_checkpointing,
             cf_precision=self.cf_precision,
+            kernels=config.kernels if self.kernels is None else self.kernels.spec(),
         )
 
 
@@ -174,6 +182,13 @@ def real_per_class_drawn(config: DistillConfig, shape: DatasetShape) -> int:
     return max(1, min(config.real_per_class, shape.num_train // max(1, shape.num_classes)))
 
 
+def _levers_planned(config: DistillConfig) -> KernelLevers:
+    """The kernel levers the model sizes: the config's, as its plan decided them; a config not
+    decided yet (``kernels`` asking for "auto") is sized as today's path, which holds the most."""
+    auto, chosen = parse_kernels(config.kernels)
+    return KernelLevers() if auto else KernelLevers(**chosen)
+
+
 def _convnet_sizes(config: DistillConfig, shape: DatasetShape, precision: str) -> _NetworkSizes:
     """Sizes of ConvNet-D (Conv3x3 -> norm -> ReLU -> AvgPool2d(2)) x depth, from its geometry.
 
@@ -184,26 +199,57 @@ def _convnet_sizes(config: DistillConfig, shape: DatasetShape, precision: str) -
       absent with ``norm="none"``;
     - the ReLU's output (w s^2, fp32), which the average pool also reads for its backward;
     the pool's output is the next conv's input.
+
+    With the batch-norm path of instance norm (``kernels`` norm=batchnorm, ``ncfm_core.kernels``)
+    under autocast nothing is cast to fp32: instance/batch norm is on no autocast list (the same
+    policy on CUDA and the CPU), so it saves the low-precision conv output and writes a
+    low-precision output, which the ReLU saves; its statistics stay fp32 and it also saves the
+    affine weight repeated per image: 3 w floats per image. With layout=nhwc its channels_last
+    form (``instance_norm_channels_last``) saves an fp32 view of its input and the centred input
+    (8 bytes per element, in fp32 and under autocast alike) and 2 w floats. These bytes
+    are what ``torch.autograd.graph.saved_tensors_hooks`` sees on the CPU, where the batch-norm
+    path follows the same autocast policy as on CUDA (tests/test_memory_model.py checks them
+    exactly). The no-grad forward keeps the block input and two of conv output / norm output /
+    ReLU output alive, in the dtype each has.
     """
     depth = config.depth or default_depth(shape.image_size)
     width = config.width
-    conv_in_bytes = F32 if precision == "fp32" else 2
+    low = precision != "fp32"
+    conv_in_bytes = 2 if low else F32
+    levers = _levers_planned(config)
     has_norm = config.norm != "none"
+    batchnorm = has_norm and config.norm == "instance" and levers.norm == "batchnorm"
+    # bytes per element of the norm's saved input and of the ReLU's output (saved for its backward
+    # and for the pool's), and per-channel floats the norm saves per image
+    nhwc_norm = batchnorm and levers.layout == "nhwc"
+    if nhwc_norm:  # instance_norm_channels_last saves its fp32 view of the input and the centred copy
+        norm_in_bytes = 2 * F32
+    else:
+        norm_in_bytes = 2 if batchnorm and low else F32
+    act_bytes = 2 if batchnorm and low else F32
+    stats = (3 if batchnorm and not nhwc_norm else 2) * width * F32 if has_norm else 0
     side, channels = shape.image_size, shape.channels
     saved = largest = grad_transient = nograd = flops = 0
     checkpointed = shape.pixels * F32  # the normalised image, input of block 1
     for _ in range(depth):
         conv_in = channels * side * side
         conv_out = width * side * side
-        block_saved = conv_in * conv_in_bytes + conv_out * F32 * (2 if has_norm else 1)
-        block_saved += 2 * width * F32 if has_norm else 0  # the norm's per-channel mean and rstd
+        block_saved = conv_in * conv_in_bytes + conv_out * (act_bytes + (norm_in_bytes if has_norm else 0)) + stats
         saved += block_saved
         largest = max(largest, block_saved)
         # backward of a block: grad of the ReLU output, of the norm input, of the conv input
-        grad_transient = max(grad_transient, (2 * conv_out + conv_in) * F32)
+        grad_transient = max(grad_transient, 2 * conv_out * act_bytes + conv_in * F32)
         # no-grad forward: the block input stays referenced while two of conv out / norm out /
-        # relu out exist; under autocast also the low-precision conv output (2 bytes)
-        nograd = max(nograd, conv_in * F32 + conv_out * (2 * F32 + (0 if precision == "fp32" else 2)))
+        # relu out exist; under autocast today also the low-precision conv output (2 bytes); the
+        # channels_last batch-norm path holds its input, fp32 view, centred copy and fp32 output
+        # (and, under autocast, its low-precision output) at once
+        if nhwc_norm:
+            live = 3 * F32 + (2 + 2 if low else 0)
+        elif batchnorm and low:
+            live = 2 * 2
+        else:
+            live = 2 * F32 + (2 if low else 0)
+        nograd = max(nograd, conv_in * F32 + conv_out * live)
         flops += 2 * channels * width * 9 * side * side  # 3x3 kernel, padding 1: s x s outputs
         side //= 2
         channels = width

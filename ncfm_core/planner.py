@@ -28,6 +28,7 @@ from ncfm_core.devices import (
 )
 from ncfm_core.errors import BudgetInfeasibleError, ConfigError
 from ncfm_core.runtime import BackendSettings
+from ncfm_core.kernels import decided_levers, levers_for_plan
 from ncfm_core.memory_model import (
     Plan,
     estimate_iteration_seconds,
@@ -56,8 +57,9 @@ FRUGAL_TOLERANCE = 0.10  # without a budget: the smallest plan at most this much
 def _make_plan(config, shape, device, precisions, real, classes, checkpointing, budget, source, capped,
                backend) -> Plan:
     precision, cf_precision = precisions
+    kernels = levers_for_plan(decided_levers(config.kernels, "the planner"), checkpointing)  # decided with the precisions
     draft = Plan(real, classes, precision, checkpointing, budget, 0, str(device), source, cf_precision=cf_precision,
-                 capped=capped, backend=backend)
+                 capped=capped, backend=backend, kernels=kernels)
     estimate = estimate_memory(config, shape, draft)
     seconds = estimate_iteration_seconds(config, shape, draft)
     return dataclasses.replace(

@@ -112,7 +112,11 @@ class Pool:
 
     @torch.no_grad()
     def blend_into(self, module: nn.Module, member: int, beta: float) -> None:
-        """Write ``beta * init + (1 - beta) * trained`` of ``member`` into ``module`` in place."""
+        """Write ``beta * init + (1 - beta) * trained`` of ``member`` into ``module`` in place.
+
+        A weight ``module`` holds in low precision (the casts=once kernel lever,
+        ``kernels.cast_weights_once``) receives the fp32 blend rounded once, in the same kernel:
+        the cast autocast would otherwise make on every call, made once per iteration."""
         init, trained = self.init_states[member], self.trained_states[member]
         for name, target in module.state_dict().items():
             if target.is_floating_point():

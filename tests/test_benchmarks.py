@@ -297,7 +297,9 @@ def test_gpu_check_smoke_runs_every_step_on_the_cpu(tmp_path):
         assert speed["figures"]["cudnn_benchmark"] is False  # a CPU has no cuDNN to tune, whatever was asked
     for kernels_step in steps[11:]:  # every variant of the kernels preset ran, the first is the reference
         assert list(kernels_step["figures"]) == list(_load("kit").KERNEL_VARIANTS)
-        assert kernels_step["figures"]["baseline"].endswith("(1.00x)")
+        assert kernels_step["figures"]["today's path"].endswith("(1.00x)")
+        assert "compiled in" in kernels_step["figures"]["compile=on"]  # its compile time, apart
+        assert "fell back" not in " ".join(kernels_step["figures"].values())
     assert done.stdout.rstrip().splitlines()[-1].startswith("| kernels-2.5G | passed |")  # the table is last
     with tarfile.open(out / "logs.tar.gz") as archive:
         assert "logs/distill.log" in archive.getnames()
@@ -315,58 +317,97 @@ def test_gpu_check_fails_when_any_step_fails(tmp_path, monkeypatch):
     assert check.summarise() == 0
 
 
-def test_distill_speed_kernels_preset_switches_each_variants_networks():
-    """--ablations kernels: today's path, each lever alone, all together, today's again; each
-    variant's distiller runs its levers in the extractor and the teacher."""
+def test_gpu_check_kernels_step_fails_a_lever_whose_first_loss_is_not_todays(tmp_path, monkeypatch):
+    """The kernels steps are where a GPU shows whether each lever computes today's iteration:
+    a first loss 5% off today's path fails the step, naming the lever; 0.1% passes."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_check
+
+    def finished(losses: dict):
+        def run(self, name, argv, timeout):
+            figures = {"ablation_order": list(losses), "ablations": {
+                variant: {"median_seconds": 1.0, "first_loss": loss, "compile_seconds": None, "fallbacks": []}
+                for variant, loss in losses.items()}}
+            (self.logs / f"{name}.json").write_text(json.dumps(figures))
+            step = gpu_check.Step(name, "passed")
+            self.steps.append(step)
+            return step, ""
+        return run
+
+    check = gpu_check.Check(tmp_path, device="cpu", smoke=True, budget="2.5G")
+    monkeypatch.setattr(gpu_check.Check, "run", finished({"today's path": 2.0, "casts=once": 2.002}))
+    check.kernels("kernels", None)
+    assert check.steps[-1].status == "passed"
+    monkeypatch.setattr(gpu_check.Check, "run", finished({"today's path": 2.0, "graphs=on": 2.1, "casts=once": 2.0}))
+    check.kernels("kernels", None)
+    assert check.steps[-1].status == "failed" and check.steps[-1].detail.endswith("over 1%: graphs=on")
+
+
+def test_distill_speed_kernels_preset_runs_each_variant_with_its_levers():
+    """--ablations kernels: today's path, each lever alone, all of them, the device's defaults,
+    today's path again; each variant's distiller runs the levers its kernels option decides to
+    (config overrides, decided by the plan as a run's), with its cuDNN autotuning flag."""
     import torch
 
     from ncfm_core.data import DatasetShape, load_dataset
     from ncfm_core.devices import MemoryBudget
-    from ncfm_core.kernels import levers_of, parse_levers
+    from ncfm_core.kernels import KernelLevers, decide_levers
 
     distill_speed, kit = _load("distill_speed"), _load("kit")
     assert distill_speed.KERNEL_ABLATIONS.split(",") == list(kit.KERNEL_VARIANTS)
-    assert list(kit.KERNEL_VARIANTS)[0] == "baseline" and list(kit.KERNEL_VARIANTS)[-1] == "baseline (again)"
+    names = list(kit.KERNEL_VARIANTS)
+    assert names[0] == "today's path" and names[-1] == "today's path (again)"
+    assert kit.KERNEL_VARIANTS[names[0]] == kit.KERNEL_VARIANTS[names[-1]] == ("default", False)
+    singles = {option for option, _ in kit.KERNEL_VARIANTS.values() if option.count("=") == 1}
+    assert {option.split("=")[0] for option in singles} == set(KernelLevers().to_dict())  # every lever alone
     dataset = load_dataset("fake", num_classes=2, train_per_class=4, test_per_class=1)
     spec = dict(classes=2, ipc=1, real_per_class=2, freqs=8)
-    seen = set()
-    for name, levers in kit.KERNEL_VARIANTS.items():
-        distiller, _ = distill_speed.ablation_distiller(spec, name, dataset, DatasetShape.of(dataset),
-                                                        torch.device("cpu"), MemoryBudget())
-        assert levers_of(distiller.extractor) == levers_of(distiller.teacher) == parse_levers(levers), name
-        seen.add(parse_levers(levers))
-    assert len(seen) == 5  # today's path, three single levers, all of them
+    for name, (option, autotune) in kit.KERNEL_VARIANTS.items():
+        if "compile=on" in option or "graphs=on" in option:
+            continue  # built like the others; their loops are tested in test_forward.py and test_graphs.py
+        distiller, plan = distill_speed.ablation_distiller(spec, name, dataset, DatasetShape.of(dataset),
+                                                           torch.device("cpu"), MemoryBudget())
+        assert distiller.levers == decide_levers(option, "cpu") == KernelLevers.from_dict(plan.to_dict()["kernels"])
+        assert distill_speed.ABLATIONS[name]["_cudnn_benchmark"] is autotune
+    assert decide_levers(kit.KERNEL_VARIANTS["auto (the defaults)"][0], "cpu") == KernelLevers()  # the CPU's
 
 
 def test_ablation_table_compares_with_the_first_row_and_shows_kernels_and_step_peaks():
     distill_speed = _load("distill_speed")
 
-    def row(seconds: float, cpu: float, kernels: dict, peak: int | None) -> dict:
+    def row(seconds: float, cpu: float, kernels: dict, peak: int | None, **extra) -> dict:
         return {"plan": {"real_chunk": 512, "class_chunk": 1, "activation_checkpointing": False}, "precision": "bf16",
                 "channels_last": False, "kernels": kernels, "median_seconds": seconds, "median_cpu_seconds": cpu,
-                "first_loss": 1.25, "warmup_seconds": [3.0], "step_peak_bytes": peak}
+                "first_loss": 1.25, "warmup_seconds": [3.0], "step_peak_bytes": peak, **extra}
 
     table = distill_speed.ablation_table([
-        ("baseline", row(1.0, 2.0, {}, 3 * 2**30)),
-        ("all kernel levers", row(0.5, 0.5, {"pool": "broadcast", "norm": "batchnorm"}, 2**30)),
+        ("today's path", row(1.0, 2.0, {}, 3 * 2**30, cudnn_benchmark=False)),
+        ("all levers", row(0.5, 0.5, {"pool": "broadcast", "norm": "batchnorm", "compile": "on"}, 2**30,
+                           cudnn_benchmark=True, compile_seconds=12.5, fallbacks=["torch.compile failed"])),
         ("cpu row", row(2.0, 4.0, {"pool": "native", "norm": "groupnorm"}, None)),
     ])
     cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in table[2:]]
-    assert [c[3] for c in cells] == ["default", "pool=broadcast,norm=batchnorm", "default"]
-    assert [c[7] for c in cells] == ["1.00x, 1.00x", "2.00x, 4.00x", "0.50x, 0.50x"]  # first row / this row
-    assert [c[8] for c in cells] == ["3.00 GiB", "1.00 GiB", "-"]
+    assert [c[3] for c in cells] == ["default", "pool=broadcast,norm=batchnorm,compile=on (fell back: torch.compile "
+                                     "failed)", "default"]
+    assert [c[4] for c in cells] == ["off", "on", "-"]
+    assert [c[8] for c in cells] == ["1.00x, 1.00x", "2.00x, 4.00x", "0.50x, 0.50x"]  # first row / this row
+    assert [c[9] for c in cells] == ["3.00 GiB", "1.00 GiB", "-"]
+    assert [c[12] for c in cells] == ["-", "12.5", "-"]
 
 
 def test_kernel_speed_times_every_kernel_variant_side_by_side(tmp_path, capsys):
-    kernel_speed, kit = _load("kernel_speed"), _load("kit")
+    kernel_speed = _load("kernel_speed")
     record = tmp_path / "kernels.json"
     argv = ["--shapes", "digits", "--batch", "2", "--real-batch", "2", "--rounds", "2", "--json-out", str(record)]
     assert kernel_speed.main(argv) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]  # after the header
-    assert [row.split("|")[1].strip() for row in rows] == list(kit.KERNEL_VARIANTS)
+    expected = ["today's path", "pool=broadcast", "pool=reshape", "norm=batchnorm", "casts=once", "layout=nhwc",
+                "network levers together", "today's path (again)"]  # the rows a network alone runs
+    assert [row.split("|")[1].strip() for row in rows] == list(kernel_speed.network_variants()) == expected
     assert rows[0].split("|")[4].strip() == rows[0].split("|")[6].strip() == "1.00x"  # the first row is the reference
+    assert rows[6].split("|")[2].strip() == "pool=broadcast,norm=batchnorm,casts=once,layout=nhwc"
     seconds = json.loads(record.read_text())["seconds"]["digits"]
-    assert set(seconds) == set(kit.KERNEL_VARIANTS)
+    assert set(seconds) == set(expected)
     assert all(len(values) == 2 and min(values) > 0 for passes in seconds.values() for values in passes.values())
 
 

@@ -160,7 +160,8 @@ def test_fraction_without_a_known_device_size_is_a_clear_usage_error(tmp_path, n
 
 def test_no_checkpointing_refuses_a_plan_that_needs_it(tmp_path, no_gpu):
     config = decide_precisions(make_config("fake", 50), "cuda")
-    needing = next(p for p in plan_path(config, dataset_shape("fake"), "cuda") if p.activation_checkpointing)
+    needing = next(p for p in plan_path(config, dataset_shape("fake"), "cuda", capped=True)  # as --gpu-mem plans
+                   if p.activation_checkpointing)
     budget = str(needing.estimated_peak_bytes)  # a whole number is bytes
     out = one_json(invoke("--store", tmp_path, "--json", "distill", "fake", "--ipc", "50", "--dry-run",
                           "--gpu-mem", budget))
@@ -289,5 +290,5 @@ def test_the_cli_the_api_and_the_benchmarks_get_the_same_plan_and_backend(tmp_pa
 def test_the_speed_benchmark_applies_the_plan_as_the_jobs_do(monkeypatch):
     """Its workers set nothing of their own: no cudnn.benchmark flag outside the plan."""
     source = (ROOT / "benchmarks" / "distill_speed.py").read_text()
-    assert "cudnn.benchmark" not in source and "cap_device_memory" not in source
+    assert "backends.cudnn.benchmark =" not in source and "cap_device_memory" not in source
     assert "apply_run_settings(plan, device, budget)" in source and "make_plan(" in source

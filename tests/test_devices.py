@@ -296,7 +296,8 @@ def test_explicit_precisions_are_kept_and_cpu_projections_are_fp32(simulated_cud
 
     simulated_cuda.bf16 = False
     asked = make_config("fake", 1, precision="bf16", cf_precision="fp32")
-    assert decide_precisions(asked, "cuda:0", world_size=2) == asked  # the user's choice stays theirs
+    decided = decide_precisions(asked, "cuda:0", world_size=2)
+    assert (decided.precision, decided.cf_precision) == ("bf16", "fp32")  # the user's choice stays theirs
     on_cpu = decide_precisions(make_config("fake", 1, cf_precision="tf32"), "cpu", world_size=2)
     assert (on_cpu.precision, on_cpu.cf_precision) == ("fp32", "fp32")  # no autocast, no TF32 off CUDA
 

@@ -7,8 +7,9 @@ from ncfm_core import augment, cf, store
 from ncfm_core.config import make_config
 from ncfm_core.data import load_dataset
 from ncfm_core.distill import Distiller, LoopHooks, checkpoint_due
-from ncfm_core.errors import CorruptArtifactError
+from ncfm_core.errors import ConfigError, CorruptArtifactError
 from ncfm_core.jobs.plan import decide_precisions
+from ncfm_core.kernels import levers_of
 from ncfm_core.pool import PoolSpec, train_pool
 from ncfm_core.sampler import reverse_gradient
 from ncfm_core.synset import decode_synset
@@ -376,3 +377,94 @@ def test_a_checkpoint_written_before_the_losses_were_strategies_resumes(tiny):
     d.run(6)
     assert d.iteration == 6 and torch.isfinite(d.images).all()
     assert not torch.equal(d.matching.sampler.log_scales, psi)  # psi kept learning from its loaded state
+
+
+# -- the kernel levers in the loop (ncfm_core.kernels) ---------------------------------------------------
+
+# Distilled images after 3 iterations (psi and calibration on) against today's path, worst
+# measured: fp32 pool=reshape 1.1e-6, norm=batchnorm 3.5e-6, layout=nhwc 3.4e-6, all of them
+# 3.1e-6; bf16 norm=batchnorm 8.2e-6; every other lever (and the rest in bf16) 0. One Adam step
+# moves a pixel by the learning rate, 1e-2: a lever that computed something else would show.
+LEVER_TOLERANCE = 5e-5
+BIT_FOR_BIT = ("pool=broadcast", "casts=once")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("kernels", ["pool=broadcast", "pool=reshape", "norm=batchnorm", "casts=once", "layout=nhwc",
+                                     "pool=broadcast,norm=batchnorm,casts=once,layout=nhwc"])
+def test_each_kernel_lever_distills_todays_images(tiny, precision, kernels):
+    """The config's kernels option reaches the loop (decided levers, switched modules, memory
+    format, weight dtypes) and the images are today's: bit for bit where the maths is the same
+    (the broadcast pool; casts=once, whose blend rounds the fp32 weights once as autocast did),
+    else within LEVER_TOLERANCE. (compile and graphs: tests/test_forward.py, test_graphs.py.)"""
+    dataset, base, pool = tiny
+    today = Distiller(base.replace(precision=precision), dataset, pool, "cpu")
+    lever = Distiller(base.replace(precision=precision, kernels=kernels), dataset, pool, "cpu")
+    levers = lever.levers
+    assert levers.describe() == kernels and levers_of(lever.extractor) == levers_of(lever.teacher)
+    assert levers_of(lever.extractor).pool == levers.pool and levers_of(lever.extractor).norm == levers.norm
+    layout = torch.channels_last if levers.layout == "nhwc" else torch.contiguous_format
+    conv = lever.extractor.blocks[0].conv.weight
+    assert conv.is_contiguous(memory_format=layout)
+    low = precision == "bf16" and levers.casts == "once"
+    assert conv.dtype == lever.teacher.classifier.weight.dtype == (torch.bfloat16 if low else torch.float32)
+    assert lever.extractor.blocks[0].norm.weight.dtype == torch.float32  # autocast keeps norms fp32: so do we
+    today.run(3)
+    lever.run(3)
+    if kernels in BIT_FOR_BIT:
+        assert torch.equal(lever.images, today.images)
+    else:
+        torch.testing.assert_close(lever.images, today.images, rtol=0, atol=LEVER_TOLERANCE)
+    # no parameter of the frozen networks ever takes a gradient, whatever the levers
+    for net in (lever.extractor, lever.teacher):
+        assert all(not p.requires_grad and p.grad is None for p in net.parameters())
+
+
+def test_a_distiller_refuses_undecided_kernels(tiny):
+    dataset, base, pool = tiny
+    with pytest.raises(ConfigError, match="Distiller was given kernels 'auto'"):
+        Distiller(base.replace(kernels="auto"), dataset, pool, "cpu")
+
+
+def test_casts_once_blends_the_weights_into_the_compute_dtype_once_per_iteration(tiny):
+    """casts=once under bf16: the extractor's convolution and linear weights are bf16 tensors the
+    pool's blend writes in place (the fp32 blend rounded once, exactly autocast's cast of it);
+    the forward then makes no weight casts at all, and features reach the matching maths in one
+    cast (bf16 -> fp32), never a round trip."""
+    dataset, base, pool = tiny
+    config = base.replace(precision="bf16", kernels="casts=once")
+    once, today = Distiller(config, dataset, pool, "cpu"), Distiller(base.replace(precision="bf16"), dataset, pool, "cpu")
+    weights = {name: p for name, p in once.extractor.named_parameters()}
+    pool.blend_into(once.extractor, 1, 0.3)
+    pool.blend_into(today.extractor, 1, 0.3)
+    for name, param in today.extractor.named_parameters():
+        assert weights[name] is dict(once.extractor.named_parameters())[name]  # written in place
+        if ".conv." in name or "classifier" in name:
+            assert torch.equal(weights[name], param.to(torch.bfloat16))
+        else:
+            assert torch.equal(weights[name], param)
+    images = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    casts = {}
+    for name, distiller in (("once", once), ("today", today)):
+        with CastCounter() as counter:
+            raw = distiller.forward.raw_features(distiller.extractor, images, grad=False)
+            distiller.forward.embed(raw)
+        casts[name] = counter.casts
+    convs = len(once.extractor.blocks)
+    assert len(casts["today"]) - len(casts["once"]) == 2 * convs  # each convolution's weight and bias
+    assert casts["once"][-1] == (torch.bfloat16, torch.float32)  # the features, once, to the maths' dtype
+    assert sum(1 for cast in casts["once"] if cast == (torch.float32, torch.bfloat16)) == 1  # the image, once
+
+
+class CastCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """(from dtype, to dtype) of every dtype conversion the ops inside make."""
+
+    def __enter__(self):
+        self.casts = []
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten._to_copy, torch.ops.aten.to) and out.dtype != args[0].dtype:
+            self.casts.append((args[0].dtype, out.dtype))
+        return out

@@ -24,6 +24,7 @@ from ncfm_core.jobs import (
     resume_job,
 )
 from ncfm_core.jobs.run import shown_status
+from ncfm_core.kernels import KernelLevers
 from ncfm_core.store import RunRecord, Store, load_state, load_synset, load_tensors, write_json
 
 # Small enough for a busy CPU: an untrained 1-network pool of width-8 ConvNets, 16 frequencies.
@@ -81,8 +82,10 @@ def test_distill_writes_a_complete_version(tmp_path):
     # the record holds the config with the memory plan applied, so resume replays the plan
     plan = record.plan
     planned = dict(real_chunk=plan.real_chunk, class_chunk=plan.class_chunk, precision=plan.precision,
-                   activation_checkpointing=plan.activation_checkpointing, cf_precision=plan.cf_precision)
+                   activation_checkpointing=plan.activation_checkpointing, cf_precision=plan.cf_precision,
+                   kernels=KernelLevers.from_dict(dict(plan.kernels)).spec())
     assert record.config == config.replace(**planned).to_dict()
+    assert KernelLevers.from_dict(dict(plan.kernels)) == KernelLevers()  # the CPU's levers: today's path
     assert record.seed == 0 and record.parent is None
     assert record.dataset.name == "digits"
     assert record.dataset.num_classes == 10 and record.dataset.image_size == 16

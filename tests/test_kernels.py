@@ -21,6 +21,7 @@ from torch.func import grad, vmap
 
 from ncfm_core.errors import ConfigError
 from ncfm_core.kernels import (
+    CUDA_DEFAULTS,
     NORM_KERNELS,
     POOL_KERNELS,
     BroadcastGradAvgPool2x2,
@@ -30,6 +31,12 @@ from ncfm_core.kernels import (
     apply_levers,
     avg_pool_2x2_broadcast_grad,
     avg_pool_2x2_reshape,
+    cast_weights_once,
+    decide_levers,
+    decided_levers,
+    default_levers,
+    instance_norm_channels_last,
+    levers_for_plan,
     levers_of,
     parse_levers,
 )
@@ -69,7 +76,8 @@ def test_levers_default_to_todays_path_and_round_trip_through_json():
 @pytest.mark.parametrize("text, message", [
     ("pool=fast", r"unknown pool kernel 'fast'; choose one of: native, broadcast, reshape"),
     ("norm=layer", r"unknown norm kernel 'layer'; choose one of: groupnorm, batchnorm"),
-    ("cast=once", r"unknown kernel lever 'cast'; the levers are: pool, norm"),
+    ("cast=once", r"unknown kernel lever 'cast'; the levers are: pool, norm, casts, layout, compile, graphs"),
+    ("casts=twice", r"unknown casts kernel 'twice'; choose one of: autocast, once"),
     ("pool", r"'pool' is not LEVER=CHOICE"),
     ("pool=", r"'pool=' is not LEVER=CHOICE"),
     ("pool=reshape,pool=broadcast", r"'pool' is given twice"),
@@ -85,7 +93,9 @@ def test_parse_levers_reads_any_order_and_spaces():
 
 
 def test_levers_from_a_foreign_record_are_refused():
-    with pytest.raises(ConfigError, match="unknown kernel lever.*compile.*newer ncfm"):
+    with pytest.raises(ConfigError, match="unknown kernel lever.*fusion.*newer ncfm"):
+        KernelLevers.from_dict({"pool": "native", "fusion": "on"})
+    with pytest.raises(ConfigError, match="kernel lever 'compile' is True, expected one of: off, on"):
         KernelLevers.from_dict({"pool": "native", "compile": True})
     with pytest.raises(ConfigError, match="'pool' is 3"):
         KernelLevers.from_dict({"pool": 3})
@@ -93,6 +103,53 @@ def test_levers_from_a_foreign_record_are_refused():
         KernelLevers.from_dict(["pool", "native"])  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="unknown norm kernel"):
         KernelLevers(norm="instance")
+
+
+def test_kernels_option_decides_per_device_with_overrides_and_the_older_shorthands():
+    assert default_levers("cpu") == decide_levers("auto", "cpu") == KernelLevers()  # no lever helped on the CPU
+    assert default_levers("mps") == KernelLevers()
+    assert decide_levers("auto", "cuda") == CUDA_DEFAULTS == KernelLevers(pool="broadcast", norm="batchnorm",
+                                                                          casts="once", compile="on")
+    assert decide_levers("auto,compile=off", "cuda") == KernelLevers(pool="broadcast", norm="batchnorm", casts="once")
+    assert decide_levers("norm=batchnorm", "cuda") == KernelLevers(norm="batchnorm")  # no auto: the rest is today's
+    assert decide_levers("default", "cuda") == decide_levers("", "cuda") == KernelLevers()
+    # --channels-last and --compile set their levers; contradicting the option is an error
+    assert decide_levers("auto", "cpu", channels_last=True, compile_blocks=True) == KernelLevers(layout="nhwc",
+                                                                                                 compile="on")
+    assert decide_levers("auto", "cuda", channels_last=False).layout == "nchw"
+    assert decide_levers("layout=nhwc", "cuda", channels_last=True).layout == "nhwc"
+    with pytest.raises(ConfigError, match="channels_last=True and kernels 'layout=nchw' disagree"):
+        decide_levers("layout=nchw", "cuda", channels_last=True)
+    with pytest.raises(ConfigError, match="--compile and kernels 'compile=off' disagree"):
+        decide_levers("auto,compile=off", "cuda", compile_blocks=True)
+    # decided once: the spec names every lever, so deciding it again (a resume, another ncfm's
+    # defaults) gives the same levers
+    for levers in (KernelLevers(), CUDA_DEFAULTS, KernelLevers(layout="nhwc", graphs="on")):
+        assert decide_levers(levers.spec(), "cuda") == decide_levers(levers.spec(), "cpu") == levers
+        assert decided_levers(levers.spec(), "Distiller") == levers
+    # a plan with checkpointing turned --compile's lever off: deciding its record again keeps that
+    assert decide_levers(KernelLevers().spec(), "cuda", compile_blocks=True) == KernelLevers()
+    with pytest.raises(ConfigError, match="Distiller was given kernels 'auto'; decide it first"):
+        decided_levers("auto", "Distiller")
+    with pytest.raises(ConfigError, match="asks for the device's defaults"):
+        parse_levers("auto,pool=reshape")
+    # activation checkpointing recomputes the blocks under autograd hooks: no compiled blocks, no graphs
+    assert levers_for_plan(KernelLevers(compile="on", graphs="on", norm="batchnorm"), True) == KernelLevers(
+        norm="batchnorm")
+    assert levers_for_plan(CUDA_DEFAULTS, False) == CUDA_DEFAULTS
+
+
+def test_a_config_validates_its_kernels_and_a_record_without_them_ran_todays_path():
+    from ncfm_core.config import DistillConfig, make_config
+
+    assert make_config("fake", 1).kernels == "auto"
+    with pytest.raises(ConfigError, match="unknown kernel lever 'fusion'"):
+        make_config("fake", 1, kernels="fusion=on")
+    with pytest.raises(ConfigError, match="unknown layout kernel 'nchwc'"):
+        make_config("fake", 1, kernels="auto,layout=nchwc")
+    old = make_config("fake", 1).to_dict()
+    del old["kernels"]  # a manifest written before the levers
+    assert DistillConfig.from_dict(old).kernels == "default"
 
 
 # ----------------------------------------------------------------------------- 2x2 average pool
@@ -160,6 +217,19 @@ def test_reshape_pool_differs_from_avg_pool2d_by_at_most_one_ulp_in_fp32_and_not
     F.avg_pool2d(x_native, 2).backward(upstream)
     avg_pool_2x2_reshape(x_lever).backward(upstream)
     assert torch.equal(x_lever.grad, x_native.grad)  # the same quarter, spread
+
+
+@pytest.mark.parametrize("size", [(32, 32), (7, 9)])
+def test_reshape_pool_keeps_channels_last_and_its_numbers(size):
+    """On an NHWC input the reshape pool pools the NHWC view: NHWC out (no NCHW copy), the same
+    numbers as on the NCHW input bit for bit, and its gradient NHWC too."""
+    x = torch.randn(4, 16, *size, generator=torch.Generator().manual_seed(20))
+    nhwc = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    out = avg_pool_2x2_reshape(nhwc)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, avg_pool_2x2_reshape(x))
+    out.backward(torch.ones_like(out))
+    assert nhwc.grad.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("kernel", sorted(POOLS))
@@ -243,6 +313,67 @@ def test_batchnorm_instance_norm_gradcheck_and_a_one_pixel_map():
     bias = group.bias.detach().view(1, 4, 1, 1).expand(5, 4, 1, 1)
     for module in (group, lever):
         torch.testing.assert_close(module(one_pixel).detach(), bias, rtol=0, atol=2e-4)
+
+
+@pytest.mark.parametrize("shape", [(64, 128, 32, 32), (256, 128, 8, 8), (512, 128, 4, 4), (3, 5, 7, 3)])
+def test_channels_last_instance_norm_keeps_nhwc_and_matches_the_closed_form(shape):
+    """The batch-norm path's instance norm on an NHWC input (the layout lever): NHWC output and
+    input gradient, against the float64 closed form within the same tolerances as the NCHW
+    kernels (measured worst of 5 seeds: output 1.8e-6, input gradient 5.3e-6, weight gradient
+    4.5e-6, bias gradient 3.2e-7). The CPU's GroupNorm on NHWC is the one to avoid: 4e-3 off
+    the closed form at (256, 128, 8, 8)."""
+    gen = torch.Generator().manual_seed(21)
+    channels = shape[1]
+    x = torch.randn(shape, generator=gen) * torch.rand(1, channels, 1, 1, generator=gen) * 4
+    x = x + torch.randn(1, channels, 1, 1, generator=gen)
+    upstream = torch.randn(shape, generator=gen).contiguous(memory_format=torch.channels_last)
+    _, lever = norm_pair(channels)
+    nhwc = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    out = lever(nhwc)
+    assert out.is_contiguous(memory_format=torch.channels_last) or shape[2] * shape[3] == 1
+    out.backward(upstream)
+    assert nhwc.grad.is_contiguous(memory_format=torch.channels_last)
+    x64 = x.double().requires_grad_()
+    w64, b64 = (p.detach().double().requires_grad_() for p in (lever.weight, lever.bias))
+    exact_out = instance_norm_reference(x64, w64, b64, 1e-5)
+    exact = torch.autograd.grad(exact_out, (x64, w64, b64), upstream.double())
+    for what, value, reference in zip(NORM_TOLERANCE, (out.detach(), nhwc.grad, lever.weight.grad, lever.bias.grad),
+                                      (exact_out.detach(), *exact)):
+        assert relative_error(value, reference) <= NORM_TOLERANCE[what], what
+
+
+def test_channels_last_instance_norm_gradcheck_in_float64():
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(22), requires_grad=True)
+    w = torch.randn(3, dtype=torch.float64, generator=torch.Generator().manual_seed(23), requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, generator=torch.Generator().manual_seed(24), requires_grad=True)
+
+    def nhwc(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        # gradcheck indexes inputs and outputs in NCHW order: the NHWC copy and back are inside
+        return instance_norm_channels_last(x.contiguous(memory_format=torch.channels_last), w, b, 1e-3).contiguous()
+
+    assert torch.autograd.gradcheck(nhwc, (x, w, b))
+    torch.testing.assert_close(nhwc(x, w, b), instance_norm_reference(x, w, b, 1e-3), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("pool", POOL_KERNELS)
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_a_block_keeps_nhwc_through_conv_norm_relu_and_pool(pool, dtype):
+    """layout=nhwc with the batch-norm path: a ConvNet block's output, and the gradient of its
+    input, stay channels_last through every layer, in fp32 and under bf16 autocast."""
+    net = create_network("convnet", in_channels=3, num_classes=4, image_size=16, depth=2, width=8,
+                         levers=KernelLevers(pool=pool, norm="batchnorm"))
+    net = net.to(memory_format=torch.channels_last).requires_grad_(False)
+    x = torch.rand(3, 8, 16, 16, generator=torch.Generator().manual_seed(25))
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        block = net.blocks[1]
+        seen = [block.conv(x)]
+        for layer in (block.norm, F.relu, block.pool):  # ConvBlock.forward, layer by layer
+            seen.append(layer(seen[-1]))
+        assert torch.equal(seen[-1], block(x))
+    assert all(t.is_contiguous(memory_format=torch.channels_last) for t in seen), [t.stride() for t in seen]
+    seen[-1].float().sum().backward()
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_cpu_autocast_runs_both_norms_in_bf16():
@@ -471,42 +602,41 @@ def test_lever_networks_stack_under_vmap_as_evaluation_trains_them(levers):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in stacked.parameters())
 
 
-def test_a_distiller_switched_after_construction_runs_todays_iterations():
-    """What benchmarks/distill_speed.py does until the config carries the levers: switch the built
-    extractor and teacher in place. The pool's blend writes by state-dict key, so the switched
-    layers read the blended weights: the broadcast pool gives today's images bit for bit, the
-    other levers the same images to rounding (an Adam step moves a pixel by the learning rate,
-    1e-2, so a wrongly blended weight would show)."""
-    from ncfm_core.config import make_config
-    from ncfm_core.data import load_dataset
-    from ncfm_core.distill import Distiller
-    from ncfm_core.jobs.plan import decide_precisions
-    from ncfm_core.pool import Pool, PoolSpec
+def test_the_blend_rounds_into_low_precision_weights_as_autocast_casts_them():
+    """casts=once holds convolution and linear weights in bf16 and the pool's blend writes them
+    there: ``lerp`` into a bf16 ``out`` computes in fp32 and rounds once, bit for bit the fp32
+    blend cast to bf16 (what autocast fed the convolutions). Every weight stays the same object."""
+    from ncfm_core.pool import Pool
 
-    dataset = load_dataset("fake", num_classes=3, channels=1, image_size=8, train_per_class=12, test_per_class=2)
-    config = make_config("fake", 2, factor=2, width=8, pool_size=2, pool_epochs=0, real_per_class=6, num_freqs=32,
-                         iterations=3, seed=5)
-    config = decide_precisions(config, "cpu")  # as every job's plan does before the loop
-    spec = PoolSpec.from_config(config, dataset)
-    states = []
-    for seed in range(4):  # two members, each with initial weights unlike its trained ones
-        torch.manual_seed(seed)
-        states.append({k: v.clone() for k, v in spec.build().state_dict().items()})
-    pool = Pool(spec, states[:2], states[2:], [])
+    torch.manual_seed(26)
+    net = create_network("convnet", in_channels=3, num_classes=10, image_size=16, depth=2, width=8)
+    init, trained = ({k: v.clone().normal_() for k, v in net.state_dict().items()} for _ in range(2))
+    pool = Pool(spec=None, init_states=[init], trained_states=[trained])  # type: ignore[arg-type]
+    low = cast_weights_once(copy.deepcopy(net), torch.bfloat16)
+    parameters = dict(low.named_parameters())
+    for beta in (0.0, 0.17, 0.5, 0.83, 1.0):
+        pool.blend_into(net, 0, beta)
+        pool.blend_into(low, 0, beta)
+        for name, value in net.state_dict().items():
+            mine = low.state_dict()[name]
+            if ".conv." in name or name.startswith("classifier"):
+                assert mine.dtype == torch.bfloat16 and torch.equal(mine, value.to(torch.bfloat16)), name
+            else:
+                assert torch.equal(mine, value), name
+    assert all(p is parameters[n] for n, p in low.named_parameters())
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(27))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(low(x), net(x))  # the casts autocast made are the ones now held
 
-    def images_after(levers: KernelLevers) -> torch.Tensor:
-        distiller = Distiller(config, dataset, pool, "cpu")
-        for net in (distiller.extractor, distiller.teacher):
-            apply_levers(net, levers)
-        distiller.run(3)
-        assert levers_of(distiller.extractor) == levers_of(distiller.teacher) == levers
-        return distiller.images.detach()
 
-    today = images_after(KernelLevers())
-    assert torch.equal(images_after(KernelLevers(pool="broadcast")), today)
-    for levers in (KernelLevers(pool="reshape"), KernelLevers(pool="broadcast", norm="batchnorm")):
-        # measured 4.4e-6 (reshape) and 7.7e-7; one Adam step of a pixel is 1e-2
-        torch.testing.assert_close(images_after(levers), today, rtol=0, atol=1e-4)
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_blend_into_bf16_rounds_as_the_cast():
+    a, b = (torch.randn(128, 128, 3, 3, device="cuda") for _ in range(2))
+    for weight in (0.1, 0.5, 0.9):
+        out = torch.empty(a.shape, dtype=torch.bfloat16, device="cuda")
+        torch.lerp(a, b, weight, out=out)
+        assert torch.equal(out, torch.lerp(a, b, weight).to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("levers", EVERY_LEVERS[1:], ids=lambda lv: lv.describe())

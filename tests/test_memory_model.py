@@ -116,7 +116,7 @@ MEASURED_MEMORY = [
 def test_memory_model_holds_the_h200_measurements(what, config, shape, knobs, capped, reserved, allocated):
     """Never below what was measured (a budget is a promise), and within the stated tolerance
     above it; the reserved estimate is what a plan must fit in (``--gpu-mem`` caps reserved)."""
-    config = decide_precisions(config, "cuda:0")
+    config = decide_precisions(config.replace(kernels="default"), "cuda:0")  # measured on today's kernels
     plan = Plan(*knobs, config.precision, False, None, 0, "cuda:0", cf_precision=config.cf_precision, capped=capped)
     estimate = estimate_memory(config, shape, plan)
     assert sum(v for _, v in estimate.terms) == estimate.peak_bytes > estimate.allocated_bytes
@@ -154,7 +154,7 @@ MEASURED_TIME = [
 
 @pytest.mark.parametrize("config, knobs, seconds", MEASURED_TIME, ids=["psi on", "psi off", "2.5G", "paper"])
 def test_time_model_reproduces_the_h200_measurements_it_was_fitted_on(config, knobs, seconds):
-    config = decide_precisions(config, "cuda:0")
+    config = decide_precisions(config.replace(kernels="default"), "cuda:0")  # measured on today's kernels
     plan = Plan(*knobs, config.precision, False, None, 0, "cuda:0", cf_precision=config.cf_precision)
     assert memory_model.estimate_iteration_seconds(config, CIFAR100, plan) == pytest.approx(seconds, rel=TIME_TOLERANCE)
     on_cpu = Plan(*knobs, "fp32", False, None, 0, "cpu")
@@ -182,3 +182,29 @@ def test_traced_model_covers_other_networks():
     estimate = estimate_memory(config, shape, plan)
     assert estimate.peak_bytes > 0 and estimate.phase in ("real", "synthetic", "real-backward")
     assert estimate_iteration_flops(config, shape, plan)["synthetic forward"] > 0
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_batchnorm_paths_saved_bytes_are_what_autograd_saves(precision, layout):
+    """norm=batchnorm (kernels): instance/batch norm is on no autocast list, on the CPU as on CUDA,
+    so the CPU's saved tensors are CUDA's: the model must match them exactly (weights, held in
+    bf16 by casts=once, are not per image)."""
+    from ncfm_core.kernels import KernelLevers, cast_weights_once
+
+    levers = KernelLevers(norm="batchnorm", casts="once", layout=layout)
+    config = make_config("fake", 1, width=16, depth=2, kernels=levers.spec())
+    shape = DatasetShape(10, 3, 16, 100)
+    net = create_network("convnet", in_channels=3, num_classes=10, image_size=16, depth=2, width=16, levers=levers)
+    net.requires_grad_(False)
+    images = torch.rand(4, 3, 16, 16, requires_grad=True)
+    if layout == "nhwc":
+        net, images = net.to(memory_format=torch.channels_last), images.contiguous(memory_format=torch.channels_last)
+    if precision == "bf16":
+        cast_weights_once(net, torch.bfloat16)
+    measured = _saved_activation_bytes(net, images, torch.bfloat16 if precision == "bf16" else None)
+    sizes = memory_model._convnet_sizes(config, shape, precision)
+    assert 4 * sizes.saved_bytes == measured
+    today = memory_model._convnet_sizes(make_config("fake", 1, width=16, depth=2), shape, precision)
+    if precision == "bf16" and layout == "nchw":  # half the bytes of today's CUDA path per activation
+        assert sizes.saved_bytes < 0.6 * today.saved_bytes and sizes.nograd_transient_bytes < today.nograd_transient_bytes

@@ -145,7 +145,7 @@ def _frugal_path_check(config, shape, free):
 
 
 def test_default_cuda_plan_is_the_smallest_within_ten_percent_of_the_fastest():
-    config = cuda_config("cifar100", 50)
+    config = cuda_config("cifar100", 50, kernels="default")  # today's kernels: the 85.8 GiB of the old default plan
     chosen, fastest = _frugal_path_check(config, CIFAR100, 140 * GiB)
     assert (fastest.real_chunk, fastest.class_chunk) == (4096, 100) and fastest.estimated_peak_bytes > 80 * GiB
     assert "--gpu-mem all" in fastest.chosen_because and "fastest" in fastest.chosen_because
@@ -328,23 +328,6 @@ def test_channels_last_gives_the_same_step(tiny):
     assert b.channels_last and not a.channels_last
     assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-5)
     torch.testing.assert_close(a.images, b.images, atol=1e-6, rtol=0)
-
-
-def test_compile_falls_back_to_eager_when_compiling_fails(tiny, monkeypatch):
-    dataset, base, pool = tiny
-
-    def broken_compile(module, **kwargs):
-        def run(x):
-            raise RuntimeError("no compiler here")
-
-        return run
-
-    monkeypatch.setattr(torch, "compile", broken_compile)
-    m1, eager = _one_step(base, dataset, pool)
-    with pytest.warns(UserWarning, match="running eagerly"):
-        m2, compiled = _one_step(base.replace(compile=True), dataset, pool)
-    assert m2["loss"] == m1["loss"]
-    assert torch.equal(compiled.images, eager.images)
 
 
 # -- CUDA only ---------------------------------------------------------------------------------

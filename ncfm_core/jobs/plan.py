@@ -20,6 +20,7 @@ from ncfm_core.errors import BudgetInfeasibleError
 from ncfm_core.jobs.common import (
     load_job_dataset,
 )
+from ncfm_core.kernels import decide_levers
 from ncfm_core.memory_model import Plan, estimate_iteration_flops
 from ncfm_core.planner import plan_path, plan_run
 from ncfm_core.runtime import BackendSettings, apply_backend, decide_backend
@@ -29,16 +30,19 @@ PLAN_KNOBS = ("real_chunk", "class_chunk", "activation_checkpointing")  # what a
 
 def decide_precisions(config: DistillConfig, device: torch.device | str,
                       world_size: int | None = None) -> DistillConfig:
-    """``config`` with its network ``precision`` and its ``cf_precision`` decided for ``device``
+    """``config`` with its network ``precision``, its ``cf_precision`` and its kernel levers
+    (``kernels``, which set how the networks compute in that precision) decided for ``device``
     and ``world_size`` processes (default: this job's, ``parallel.current()``): the one place
     where ``"auto"`` becomes a value (the rules: :func:`~ncfm_core.devices.resolve_precision`,
-    :func:`~ncfm_core.cf.resolve_cf_precision`). :func:`make_plan` calls it, so the plan, the
-    manifest's config and every layer below hold the decided values; the planner,
-    ``Distiller`` and ``ShardedDistiller`` refuse ``"auto"``. Code that builds a ``Distiller``
-    itself (tests, benchmarks) decides through here too."""
+    :func:`~ncfm_core.cf.resolve_cf_precision`, :func:`~ncfm_core.kernels.decide_levers`).
+    :func:`make_plan` calls it, so the plan, the manifest's config and every layer below hold
+    the decided values; the planner, ``Distiller`` and ``ShardedDistiller`` refuse ``"auto"``.
+    Code that builds a ``Distiller`` itself (tests, benchmarks) decides through here too."""
     world = parallel.current().world_size if world_size is None else world_size
+    levers = decide_levers(config.kernels, torch.device(device).type, channels_last=config.channels_last,
+                           compile_blocks=config.compile)
     return config.replace(precision=resolve_precision(config.precision, device, world),
-                          cf_precision=resolve_cf_precision(config.cf_precision, device))
+                          cf_precision=resolve_cf_precision(config.cf_precision, device), kernels=levers.spec())
 
 
 def make_plan(

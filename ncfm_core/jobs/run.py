@@ -181,6 +181,7 @@ class _Session:
     plan: Plan | None = None  # the plan in force (a smaller one after an out-of-memory step-down)
     device: torch.device | None = None
     looping: bool = False  # the loop has started: the peak since then is the loop's
+    compile_seconds: float = 0.0  # the distiller compiling its networks (kernels compile=on)
 
 
 def _save_checkpoint(store: Store, version: ArtifactVersion, distiller: Distiller, session: _Session) -> None:
@@ -310,6 +311,7 @@ def distill_into(
                 f"{version.ref} is already at iteration {starting.iteration}; --iterations must be at least that"
             )
         distiller = starting
+        session.compile_seconds = distiller.compile_seconds or 0.0
         for note in distiller.notes:  # e.g. a real draw capped at the class size: said once per run
             log(emit, note)
         log(emit, f"distilling {version.ref}: iterations {distiller.iteration} -> {target} on {device}")
@@ -503,6 +505,7 @@ def _accumulated_timings(record: RunRecord, session: _Session, reached: int, end
         pool_seconds=session.pool_seconds,
         seconds_per_iteration_median=statistics.median(session.step_seconds) if session.step_seconds else None,
         ended=ended,
+        compile_seconds=session.compile_seconds,
     ))
 
 

@@ -154,6 +154,9 @@ class PlanRecord(Part):
     headroom_bytes: int = 0  # reserved minus allocated: fragmentation and cuDNN's workspace
     capped: bool = False  # the allocator was capped at the budget (--gpu-mem)
     backend: BackendRecord | None = None  # None: planned before backend settings were recorded
+    # the kernel levers the run used (ncfm_core.kernels.KernelLevers.to_dict(): lever -> choice);
+    # None, or a lever not named: today's path (plans made before the levers, or outside a job)
+    kernels: Mapping[str, str] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -227,6 +230,7 @@ class SessionTiming(Part):
     pool_seconds: float
     seconds_per_iteration_median: float | None = None  # None: no iteration ran
     ended: str  # the status it left: complete, interrupted or failed
+    compile_seconds: float = 0.0  # compiling the networks before its first iteration (kernels compile=on), in seconds
 
 
 @dataclass(frozen=True, kw_only=True)
