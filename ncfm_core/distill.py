@@ -48,9 +48,10 @@ from ncfm_core import augment, cf
 from ncfm_core.config import DistillConfig
 from ncfm_core.data import ImageDataset
 from ncfm_core.devices import decided_precisions
-from ncfm_core.errors import ConfigError, CorruptArtifactError
-from ncfm_core.forward import LoopForward, autocast_dtype
-from ncfm_core.kernels import apply_levers, cast_weights_once, decided_levers, levers_for_plan
+from ncfm_core.errors import ConfigError
+from ncfm_core.forward import LoopForward, loop_network
+from ncfm_core.kernels import decided_levers, levers_for_plan
+from ncfm_core.loop_state import load_loop_state, loop_state
 from ncfm_core.matching import MatchingLoss, RealSide, matching_class
 from ncfm_core.pool import Pool
 from ncfm_core.real_batches import RealBatches
@@ -59,24 +60,8 @@ from ncfm_core.synset import check_factor, init_synset
 
 ProgressCallback = Callable[[dict[str, Any]], None]
 
-STATE_FORMAT = 1
 DEFAULT_REAL_CHUNK = 2048
 LOSS_LOG_EVERY = 10  # iterations per point of the stored loss curve
-
-
-def _owned_rows_of_state(state: dict[str, Any], rows: slice, total_rows: int) -> dict[str, Any]:
-    """A whole-set state (images (total_rows, ...) and image-optimiser moments of that shape)
-    cut to ``rows``, the stored rows of one process's class block. A state of any other shape
-    is returned as is (the shape check then rejects it)."""
-    if state["images"].shape[0] != total_rows:
-        return state
-
-    def cut(value: Any) -> Any:
-        return value[rows] if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == total_rows else value
-
-    optimizer = state["image_optimizer"]
-    moments = {key: {name: cut(v) for name, v in entry.items()} for key, entry in optimizer["state"].items()}
-    return {**state, "images": state["images"][rows], "image_optimizer": {**optimizer, "state": moments}}
 
 
 def checkpoint_due(iteration: int, target: int, every: int) -> bool:
@@ -165,8 +150,8 @@ class Distiller:
         self._real_side_mode: Callable[[], contextlib.AbstractContextManager] = torch.inference_mode
         self.channels_last = self.levers.layout == "nhwc"
         self.pool = pool.to(self.device)
-        self.extractor = self._network(pool)
-        self.teacher = self._network(pool)
+        self.extractor = loop_network(pool.spec, self.levers, self.device, self.precision)
+        self.teacher = loop_network(pool.spec, self.levers, self.device, self.precision)
         feature_dim = self.extractor.feature_dim
         # fp16 gradients through the network underflow without loss scaling; bf16 has fp32's range.
         self.grad_scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
@@ -182,12 +167,12 @@ class Distiller:
         self.phase = "between iterations"  # the phase step() is in, named by an out-of-memory event
         self.mid_step = False  # True while run() is inside step(): the state is then not one to keep
         self.loss_curve: list[list[float]] = []  # [iteration, mean loss over the last LOSS_LOG_EVERY]
-        self._loss_window: list[float] = []
+        self.loss_window: list[float] = []
         # Reading a loss on the host waits for the device. On accelerators the per-iteration
         # losses stay on the device and are read every LOSS_LOG_EVERY iterations (aligned to the
         # iteration count, so a resumed run reads them at the same points); on CPU every step.
         self._sync_every = 1 if self.device.type == "cpu" else LOSS_LOG_EVERY
-        self._pending: list[Tensor] = []  # per unread iteration: (loss, match, calib) on device
+        self.pending_losses: list[Tensor] = []  # per unread iteration: (loss, match, calib) on device
         self._last: dict[str, float | int | None] = {
             "loss": None, "match_loss": None, "calib_loss": None, "loss_iteration": 0,
         }
@@ -217,19 +202,6 @@ class Distiller:
         seconds = self._compile_blocks()
         if seconds is not None:
             self.compile_seconds = (self.compile_seconds or 0.0) + seconds
-
-    def _network(self, pool: Pool) -> torch.nn.Module:
-        """A frozen network of the pool's shape on the device, in eval mode, with the run's
-        kernel levers: its pools and norms switched (``kernels.apply_levers``), its memory format
-        (layout), and with casts=once under autocast its convolution and linear weights held in
-        the compute dtype (``kernels.cast_weights_once``; the pool's blend writes them there)."""
-        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        net = apply_levers(pool.spec.build(), self.levers)
-        net = net.to(self.device, memory_format=memory_format).requires_grad_(False).eval()
-        compute_dtype = autocast_dtype(self.precision)
-        if self.levers.casts == "once" and compute_dtype is not None:
-            cast_weights_once(net, compute_dtype)
-        return net
 
     def _compile_blocks(self) -> float | None:
         """Compile the networks' blocks for this plan's shapes (the compile lever; None when it is
@@ -372,7 +344,7 @@ class Distiller:
         self.iteration += 1
         if self._all_reduce is not None:
             self._all_reduce(totals)
-        self._pending.append(totals)
+        self.pending_losses.append(totals)
         if self.iteration % self._sync_every == 0:
             self._read_pending()
         self.phase = "between iterations"
@@ -394,20 +366,20 @@ class Distiller:
     def _read_pending(self) -> None:
         """Read the unread iterations' losses (one host sync) and feed the scheduler and the
         loss curve in iteration order."""
-        if not self._pending:
+        if not self.pending_losses:
             return
-        values = torch.stack(self._pending).tolist()
+        values = torch.stack(self.pending_losses).tolist()
         first_iteration = self.iteration - len(values) + 1
         for offset, (loss, match, calib) in enumerate(values):
             self.scheduler.step(loss)
-            self._loss_window.append(loss)
-            if len(self._loss_window) == LOSS_LOG_EVERY:
-                self.loss_curve.append([first_iteration + offset, sum(self._loss_window) / LOSS_LOG_EVERY])
-                self._loss_window = []
+            self.loss_window.append(loss)
+            if len(self.loss_window) == LOSS_LOG_EVERY:
+                self.loss_curve.append([first_iteration + offset, sum(self.loss_window) / LOSS_LOG_EVERY])
+                self.loss_window = []
             self._last = {
                 "loss": loss, "match_loss": match, "calib_loss": calib, "loss_iteration": first_iteration + offset,
             }
-        self._pending = []
+        self.pending_losses = []
 
     def run(self, until: int | None = None, *, checkpoint_every: int = 0, hooks: LoopHooks | None = None) -> bool:
         """THE distillation loop (every process of every job runs this one): iterate until
@@ -439,56 +411,13 @@ class Distiller:
         return self.images.detach().cpu().clone(), self.labels.cpu().clone()
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly: images, optimisers, RNG, iteration, and the
-        matching loss's own entries (``ncfm`` with psi: ``sampler``, ``sampler_optimizer``)."""
-        state: dict[str, Any] = {
-            "format": STATE_FORMAT,
-            "iteration": self.iteration,
-            "images": self.images.detach().cpu().clone(),
-            "image_optimizer": self.image_optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "generator": self.generator.get_state(),
-            "loss_curve": [list(p) for p in self.loss_curve],
-            "loss_window": list(self._loss_window),
-        }
-        if self._pending:
-            state["pending_losses"] = torch.stack(self._pending).cpu()
-        if self.host_generator is not self.generator:
-            state["host_generator"] = self.host_generator.get_state()
-        if self.grad_scaler is not None:
-            state["grad_scaler"] = self.grad_scaler.state_dict()
-        own = self.matching.state_dict()
-        if own.keys() & state.keys():
-            reused = sorted(own.keys() & state.keys())
-            raise ValueError(f"matching loss {self.matching.name!r} state reuses the loop's keys {reused}")
-        return {**state, **own}
+        """Everything needed to continue exactly (``ncfm_core.loop_state``): images, optimisers,
+        RNG, iteration, the matching loss's own entries."""
+        return loop_state(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("format") != STATE_FORMAT:
-            raise CorruptArtifactError(f"checkpoint format {state.get('format')!r} is not {STATE_FORMAT}")
-        if len(self.classes) != self.num_classes:
-            ipc = self.config.ipc
-            rows = slice(self.classes.start * ipc, self.classes.stop * ipc)
-            state = _owned_rows_of_state(state, rows, self.num_classes * ipc)
-        if tuple(state["images"].shape) != tuple(self.images.shape):
-            raise CorruptArtifactError(
-                f"checkpoint images have shape {tuple(state['images'].shape)}, expected {tuple(self.images.shape)}"
-            )
-        with torch.no_grad():
-            self.images.copy_(state["images"].to(self.device))
-        self.image_optimizer.load_state_dict(state["image_optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.generator.set_state(state["generator"].cpu())
-        if self.host_generator is not self.generator and "host_generator" in state:
-            self.host_generator.set_state(state["host_generator"].cpu())
-        if self.grad_scaler is not None and "grad_scaler" in state:
-            self.grad_scaler.load_state_dict(state["grad_scaler"])
-        self.matching.load_state_dict(state)
-        self.iteration = int(state["iteration"])
-        self.loss_curve = [list(p) for p in state.get("loss_curve", [])]
-        self._loss_window = list(state.get("loss_window", []))
-        pending = state.get("pending_losses")
-        self._pending = [] if pending is None else list(pending.to(self.device, torch.float32).unbind(0))
+        """Continue from ``state`` (a whole-set state is cut to this process's classes)."""
+        load_loop_state(self, state)
 
     def sampler_tensors(self) -> dict[str, Tensor]:
         """A learned sampler's weights for ``sampler.safetensors`` (empty: none learned)."""

@@ -18,6 +18,7 @@ import contextlib
 import time
 import warnings
 from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -25,11 +26,11 @@ from torch.utils.checkpoint import checkpoint
 
 from ncfm_core import augment, cf
 from ncfm_core.graphs import GraphContractError, ShapeGraphs, graphs_for, recording
-from ncfm_core.kernels import KernelLevers
+from ncfm_core.kernels import KernelLevers, apply_levers, cast_weights_once
 from ncfm_core.models import ConvNet
 from ncfm_core.synset import decode_synset
 
-__all__ = ["COMPILE_BACKEND", "CompileFallbackWarning", "LoopForward", "autocast_dtype"]
+__all__ = ["COMPILE_BACKEND", "CompileFallbackWarning", "LoopForward", "autocast_dtype", "loop_network"]
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -41,6 +42,21 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
 
 COMPILE_BACKEND = "inductor"  # torch.compile's backend for the compile lever (tests use a lighter one)
 RECOMPILE_LIMIT = 1024  # graphs of the blocks' code object compiled per process (see LoopForward.compile_blocks)
+
+
+def loop_network(spec: Any, levers: KernelLevers, device: torch.device, precision: str) -> nn.Module:
+    """A frozen network of the pool's ``spec`` (``ncfm_core.pool.PoolSpec``) on ``device``, in eval
+    mode, with the run's kernel levers: its pools and norms switched (``kernels.apply_levers``),
+    its memory format (layout nhwc: channels last), and with casts=once under autocast its
+    convolution and linear weights held in the compute dtype (``kernels.cast_weights_once``; the
+    pool's blend writes them there)."""
+    memory_format = torch.channels_last if levers.layout == "nhwc" else torch.contiguous_format
+    net = apply_levers(spec.build(), levers)
+    net = net.to(device, memory_format=memory_format).requires_grad_(False).eval()
+    compute_dtype = autocast_dtype(precision)
+    if levers.casts == "once" and compute_dtype is not None:
+        cast_weights_once(net, compute_dtype)
+    return net
 
 
 class CompileFallbackWarning(UserWarning):

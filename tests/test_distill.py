@@ -306,7 +306,7 @@ def test_deferred_loss_reads_resume_exactly_and_keep_the_curve(tiny, tmp_path):
     straight.run(12)
     first = make(4)
     first.run(6)  # two losses unread
-    assert len(first._pending) == 2
+    assert len(first.pending_losses) == 2
     store.save_state(tmp_path / "s.safetensors", first.state_dict())
     second = make(4)
     second.load_state_dict(store.load_state(tmp_path / "s.safetensors"))

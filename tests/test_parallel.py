@@ -26,7 +26,8 @@ import torch.multiprocessing as mp
 
 from ncfm_core.config import make_config
 from ncfm_core.data import load_dataset
-from ncfm_core.distill import Distiller, _owned_rows_of_state
+from ncfm_core.distill import Distiller
+from ncfm_core.loop_state import owned_rows_of_state
 from ncfm_core.errors import ConfigError
 from ncfm_core.jobs.plan import decide_precisions
 from ncfm_core.parallel import DistContext, ShardedDistiller, merge_shard_states, repeats_of_rank, shard_classes
@@ -79,7 +80,7 @@ def test_repeats_of_rank_reference_values_and_errors():
 
 
 def test_cut_then_merge_of_a_state_is_the_identity():
-    """What rank r loads (_owned_rows_of_state) and what rank 0 writes (merge_shard_states)."""
+    """What rank r loads (owned_rows_of_state) and what rank 0 writes (merge_shard_states)."""
     generator = torch.Generator().manual_seed(0)
     rows, ipc, num_classes = 10 * 2, 2, 10
     state = {
@@ -93,7 +94,7 @@ def test_cut_then_merge_of_a_state_is_the_identity():
     shards = []
     for rank in range(3):
         block = shard_classes(num_classes, 3, rank)
-        cut = _owned_rows_of_state(state, slice(block.start * ipc, block.stop * ipc), rows)
+        cut = owned_rows_of_state(state, slice(block.start * ipc, block.stop * ipc), rows)
         assert cut["images"].shape[0] == len(block) * ipc
         assert torch.equal(cut["images"], state["images"][block.start * ipc: block.stop * ipc])
         shards.append(cut)
