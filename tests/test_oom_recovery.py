@@ -24,7 +24,7 @@ from ncfm_core.data import DatasetShape, load_dataset
 from ncfm_core.distill import Distiller, LoopHooks
 from ncfm_core.errors import BudgetInfeasibleError
 from ncfm_core.jobs import distill_job, resume_job
-from ncfm_core.jobs import run as run_module
+from ncfm_core.jobs import oom
 from ncfm_core.jobs.plan import decide_precisions, make_plan, step_down_path
 from ncfm_core.matching.ncfm import CharacteristicFunctionMatching
 from ncfm_core.devices import MemoryBudget
@@ -319,15 +319,13 @@ def test_when_the_smallest_plan_does_not_fit_the_job_stops_with_exit_4(tiny, tmp
 
 
 def test_a_budget_names_the_smallest_budget_that_would_have_worked(tmp_path):
-    version = type("V", (), {"ref": "x@v1"})()
-    session = run_module._Session(checkpoint_iteration=4)
     event = OutOfMemory(5, "real side", "CUDA out of memory. Tried to allocate 500.00 MiB. GPU 0 ...", True,
                         reserved_bytes=2 * 2**30)
-    error = run_module._out_of_memory_error(version, session, MemoryBudget(int(2.5 * 2**30), "2.5G"), event)
+    error = oom.out_of_memory_error("x@v1", 4, None, MemoryBudget(int(2.5 * 2**30), "2.5G"), event)
     assert "--gpu-mem 2.5G" in str(error) and "it needs at least 2561M" in str(error)  # more than the budget itself
     event = OutOfMemory(5, "real side", "CUDA out of memory. Tried to allocate 800.00 MiB.", True,
                         reserved_bytes=2 * 2**30)
-    error = run_module._out_of_memory_error(version, session, MemoryBudget(int(2.5 * 2**30), "2.5G"), event)
+    error = oom.out_of_memory_error("x@v1", 4, None, MemoryBudget(int(2.5 * 2**30), "2.5G"), event)
     assert "it needs at least 2848M" in str(error) and "ncfm resume x@v1 --gpu-mem 2848M" in str(error)
     assert "checkpoint at iteration 4 kept" in str(error) and error.exit_code == 4
 
@@ -348,10 +346,9 @@ def test_under_torchrun_a_rank_does_not_step_down_alone(monkeypatch):
     """Several processes: the others wait for this one in a collective, so there is no policy
     (the error ends the run) and the message says why."""
     monkeypatch.setattr(parallel, "current", lambda: type("Ctx", (), {"world_size": 2})())
-    assert run_module._step_down(None, None, run_module._Session(), [object()], lambda e: None) is None
-    version = type("V", (), {"ref": "x@v1"})()
+    assert oom.step_down_hook(None, None, [object()], lambda e: None, lambda plan: None) is None
     event = OutOfMemory(3, "synthetic groups", "CUDA out of memory.", True)
-    message = str(run_module._out_of_memory_error(version, run_module._Session(), MemoryBudget(), event))
+    message = str(oom.out_of_memory_error("x@v1", None, None, MemoryBudget(), event))
     assert "torchrun" in message and "at iteration 3 (synthetic groups)" in message
 
 

@@ -5,8 +5,8 @@ Any failure is recorded in the version's record (status "failed", the one-line e
 re-raised; Ctrl-C or SIGTERM is recorded as status "interrupted" after a checkpoint and becomes
 :class:`~ncfm_core.jobs.events.JobInterrupted`.
 
-Out of memory: the loop rolls the iteration back (``ncfm_core.retry``); the policy is here
-(:func:`_step_down`): the next smaller plan of the planner's path, one log line, the change
+Out of memory: the loop rolls the iteration back (``ncfm_core.retry``); the policy is
+``ncfm_core.jobs.oom``: the next smaller plan of the planner's path, one log line, the change
 recorded (``plan_changes``; ``config`` and ``plan`` become the smaller plan's, so a resume replays
 it), and the same iteration again. With no smaller plan, or in the optimizer step, or under
 torchrun (one rank cannot change its plan while the others wait for it in a collective), the run
@@ -15,10 +15,8 @@ stops with exit code 4, its last checkpoint kept."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
-import re
 import shlex
 import socket
 import statistics
@@ -38,14 +36,17 @@ from ncfm_core.data.registry import check_evaluable
 from ncfm_core.devices import (
     JobDevice,
     MemoryBudget,
-    ceil_mib_spec,
-    format_bytes,
     measure_peak,
-    parse_memory,
     reset_peak,
 )
 from ncfm_core.distill import Distiller, LoopHooks
-from ncfm_core.errors import BudgetInfeasibleError, ConfigError, DivergedError, NcfmError, one_line
+from ncfm_core.errors import (
+    BudgetInfeasibleError,
+    ConfigError,
+    DivergedError,
+    NcfmError,
+    one_line,
+)
 from ncfm_core.jobs.common import (
     dataset_record,
     software_versions,
@@ -57,13 +58,26 @@ from ncfm_core.jobs.events import (
     log,
     signal_of,
 )
-from ncfm_core.jobs.plan import PLAN_KNOBS
+from ncfm_core.jobs.oom import memory_fit, out_of_memory_error, step_down_hook
 from ncfm_core.memory_model import Plan
 from ncfm_core.pool import PoolSpec
-from ncfm_core.retry import OUT_OF_MEMORY, OutOfMemory, OutOfMemoryHook
-from ncfm_core.store import (ArtifactVersion, EvalRequest, MemoryFit, PeakMemoryRecord, PlanAsked, PlanChange,
-                             PlanKnobs, PlanRecord, PoolRecord, ProcessRecord, RunRecord, SamplerRecord, SessionTiming,
-                             Store, SynsetRecord, Timings, utc_now)
+from ncfm_core.retry import OUT_OF_MEMORY
+from ncfm_core.store import (
+    ArtifactVersion,
+    EvalRequest,
+    PeakMemoryRecord,
+    PlanAsked,
+    PlanRecord,
+    PoolRecord,
+    ProcessRecord,
+    RunRecord,
+    SamplerRecord,
+    SessionTiming,
+    Store,
+    SynsetRecord,
+    Timings,
+    utc_now,
+)
 from ncfm_core.store.synset import save_sampler, save_synset
 from ncfm_core.synset import check_factor
 
@@ -90,19 +104,6 @@ def _peak_memory(device: torch.device) -> tuple[PeakMemoryRecord | None, int | N
     else:
         source = "mps_driver_allocated"
     return PeakMemoryRecord.from_json(peak.to_dict()), peak.peak_bytes, source
-
-
-def _memory_fit(plan: Plan | None, peak: PeakMemoryRecord | None) -> MemoryFit | None:
-    """The plan's estimate beside the measured peak (the record's ``memory_fit``): what the next
-    refit of ``ncfm_core.memory_model`` reads from every GPU run (its estimate terms are in the
-    record's ``plan``)."""
-    if plan is None or peak is None:
-        return None
-    return MemoryFit(estimated_reserved_bytes=plan.estimated_peak_bytes,
-                     estimated_allocated_bytes=plan.estimated_allocated_bytes,
-                     measured_reserved_bytes=peak.reserved_bytes, measured_allocated_bytes=peak.allocated_bytes,
-                     measured_source=peak.source, knobs=_knobs(plan), capped=plan.capped,
-                     cudnn_benchmark=plan.backend.cudnn_benchmark, allocator_conf=plan.backend.allocator_conf)
 
 
 def validate_job(config: DistillConfig, dataset: ImageDataset) -> PoolSpec:
@@ -279,7 +280,7 @@ def distill_into(
     The caller holds the version's run lock and has applied ``plan``'s settings
     (``jobs.plan.apply_run_settings``: the allocator capped at ``budget``, if one was given).
     An iteration that runs out of memory steps down to the next of ``smaller`` (the plans after
-    ``plan`` on the planner's path, :func:`_step_down`); when none is left, the out-of-memory
+    ``plan`` on the planner's path, ``jobs.oom.step_down_hook``); when none is left, the out-of-memory
     error becomes a one-line :class:`BudgetInfeasibleError` (exit 4) naming the budget that
     would have been needed; the last checkpoint stays."""
     target = config.iterations
@@ -334,7 +335,8 @@ def distill_into(
 
         with interrupt_between_iterations() as interrupt:
             hooks = LoopHooks(progress=progress, checkpoint=checkpoint, stop_requested=lambda: interrupt["requested"],
-                              out_of_memory=_step_down(store, version, session, smaller, emit))
+                              out_of_memory=step_down_hook(store, version, smaller, emit,
+                                                           lambda plan: setattr(session, "plan", plan)))
             if not distiller.run(target, checkpoint_every=checkpoint_every, hooks=hooks):
                 raise KeyboardInterrupt(interrupt["signal"] or "SIGINT")
             distiller.read_metrics()  # accelerators read losses lazily: the curve needs the last ones
@@ -344,7 +346,8 @@ def distill_into(
         if isinstance(err, OUT_OF_MEMORY):
             if keep:  # rolled back to where the iteration started: saved first, so the message names it
                 _checkpoint_quietly(store, version, distiller, session)
-            err = _out_of_memory_error(version, session, budget, getattr(err, "out_of_memory", None))
+            err = out_of_memory_error(version.ref, session.checkpoint_iteration, session.plan, budget,
+                                      getattr(err, "out_of_memory", None))
         _record_failure(store, version, distiller if keep else None, session, err, reached)
         if isinstance(err, KeyboardInterrupt) and not isinstance(err, JobInterrupted):
             raise JobInterrupted(version, session.checkpoint_iteration, signal_of(err)) from None
@@ -378,98 +381,6 @@ def _pause(stop_requested: Callable[[], bool]) -> None:
         time.sleep(0.02)
 
 
-def _knobs_text(plan: Plan | DistillConfig) -> str:
-    real, classes, checkpointing = (plan.real_chunk, plan.class_chunk, plan.activation_checkpointing)
-    return f"real chunk {real}, {classes} class(es) per pass, checkpointing {'on' if checkpointing else 'off'}"
-
-
-def _knobs(plan: Plan | DistillConfig) -> PlanKnobs:
-    return PlanKnobs(**{knob: getattr(plan, knob) for knob in PLAN_KNOBS})
-
-
-def _step_down(store: Store, version: ArtifactVersion, session: _Session, smaller: Sequence[Plan],
-               emit: JobCallback) -> OutOfMemoryHook | None:
-    """The out-of-memory policy (the loop's mechanics: ``ncfm_core.retry``): switch the rolled-back
-    distiller to the next of ``smaller``, log one line, record the change (:func:`_record_plan_change`)
-    and run the iteration again; False once none is left. None under torchrun: a rank that ran out
-    cannot change its plan alone while the others wait for it in a collective, so the run stops
-    (this rank with exit code 4, the others stopped by torchrun), its last checkpoint kept."""
-    if parallel.current().world_size > 1:
-        return None
-    remaining = list(smaller)
-
-    def step_down(distiller: Distiller, event: OutOfMemory) -> bool:
-        if not remaining:
-            return False
-        before = distiller.config
-        plan = dataclasses.replace(remaining.pop(0), chosen_because=(
-            f"stepped down from {_knobs_text(before)} after running out of memory at iteration "
-            f"{event.iteration} ({event.phase})"))
-        distiller.use_plan(*plan.knobs)
-        session.plan = plan
-        log(emit, f"out of memory at iteration {event.iteration} ({event.phase}) with {_knobs_text(before)}; running "
-                  f"it again with {_knobs_text(plan)} (estimated peak {format_bytes(plan.estimated_peak_bytes)})",
-            level="warning")
-        change = PlanChange(iteration=event.iteration, phase=event.phase, error=event.message,
-                            reserved_bytes=event.reserved_bytes, before=_knobs(before), after=_knobs(plan))
-        _record_plan_change(store, version, distiller.config, plan, change)
-        return True
-
-    return step_down
-
-
-def _record_plan_change(store: Store, version: ArtifactVersion, config: DistillConfig, plan: Plan,
-                        change: PlanChange) -> None:
-    """The record's one write for a change of plan: the config a resume replays, the plan in
-    force, and ``plan_changes`` with this one appended."""
-    store.update_record(version, lambda record: record.replace(
-        config=config.to_dict(), plan=PlanRecord.from_json(plan.to_dict()),
-        plan_changes=(*record.plan_changes, change)))
-
-
-_REQUESTED = re.compile(r"Tried to allocate ([0-9.]+) ?([KMG]iB|B)\b")
-
-
-def _needed_bytes(budget_bytes: int, event: OutOfMemory | None) -> int:
-    """At least what the failed run needed: what the allocator held when it ran out (or the whole
-    budget) plus the request torch names in its message."""
-    held = budget_bytes if event is None or event.reserved_bytes is None else event.reserved_bytes
-    asked = _REQUESTED.search(event.message) if event is not None else None
-    return max(budget_bytes + 1, held + (parse_memory("".join(asked.groups())) if asked else 0))
-
-
-def _out_of_memory_error(version: ArtifactVersion, session: _Session, budget: MemoryBudget,
-                         event: OutOfMemory | None) -> BudgetInfeasibleError:
-    """The one-line error for an out-of-memory error that ended a run (``event``: where, when the
-    loop knew it)."""
-    if session.checkpoint_iteration is not None:
-        kept = f"checkpoint at iteration {session.checkpoint_iteration} kept"
-    else:
-        kept = "no checkpoint yet"
-    where = "" if event is None else f" at iteration {event.iteration} ({event.phase})"
-    if parallel.current().world_size > 1:
-        return BudgetInfeasibleError(
-            f"CUDA ran out of memory{where} under torchrun ({kept}); one process cannot step down to a smaller "
-            f"plan while the others wait for it, so the run stopped: continue with `ncfm resume {version.ref}` "
-            f"and a larger --gpu-mem, or fewer classes per process (more processes)"
-        )
-    plan = "" if session.plan is None else f" with {_knobs_text(session.plan)}"
-    if event is not None and not event.recoverable:
-        plan += ", in a phase no smaller plan changes"
-    elif plan:
-        plan += ", the smallest plan"
-    if budget.bytes is not None:
-        needed = ceil_mib_spec(_needed_bytes(budget.bytes, event))
-        return BudgetInfeasibleError(
-            f"CUDA ran out of memory{where} under --gpu-mem {budget.spec}{plan} ({kept}); it needs at least "
-            f"{needed}: continue with `ncfm resume {version.ref} --gpu-mem {needed}`"
-        )
-    return BudgetInfeasibleError(
-        f"CUDA ran out of memory{where} with the plan made for the free memory{plan} ({kept}); other processes may "
-        f"hold the GPU: distill again with --gpu-mem set below what is free"
-    )
-
-
 def _checkpoint_quietly(store: Store, version: ArtifactVersion, distiller: Distiller, session: _Session) -> None:
     """Checkpoint a consistent state not on disk yet, on a failure path: never hiding its error."""
     if distiller.iteration != session.checkpoint_iteration:
@@ -493,7 +404,7 @@ def _record_failure(store: Store, version: ArtifactVersion, distiller: Distiller
         store.update_record(version, lambda record: record.replace(
             status=status, error=message, failed=utc_now(),
             timings=_accumulated_timings(record, session, reached, status),
-            memory_fit=_memory_fit(session.plan, peak)))
+            memory_fit=memory_fit(session.plan, peak)))
 
 
 def _accumulated_timings(record: RunRecord, session: _Session, reached: int, ended: str) -> Timings:
@@ -542,7 +453,7 @@ def _finish(store: Store, version: ArtifactVersion, distiller: Distiller, datase
             peak_memory=peak,
             peak_memory_bytes=largest,
             peak_memory_source=peak_source,
-            memory_fit=_memory_fit(session.plan, peak),
+            memory_fit=memory_fit(session.plan, peak),
             loss_curve=curve,
             final_loss=curve[-1][1] if curve else None,
             synset=SynsetRecord(file=store_lib.SYNSET_FILE, stored_images=int(images.shape[0]),
