@@ -73,7 +73,7 @@ DIGITS_PRESET = dict(
 )
 
 
-@register_dataset("digits", shape=DatasetShape(10, 1, DIGITS_SIZE, 1_257), preset=DIGITS_PRESET)
+@register_dataset("digits", shape=DatasetShape(10, 1, DIGITS_SIZE, 1_257), preset=DIGITS_PRESET, eval_protocol="quick")
 def load_digits_dataset(*, data_dir: Path | None, image_size: int | None, download: bool) -> ImageDataset:
     """scikit-learn's handwritten digits (offline): 1 channel, 16x16 unless ``image_size``
     says otherwise, 10 classes, 1,257 train / 540 test. Never flipped: a mirrored digit is
