@@ -333,8 +333,8 @@ class ProgressRenderer:
             self._eval_network(event)
 
     def _pool(self, event: dict[str, Any]) -> None:
-        """One trained epoch of a pool member: a bar, or a line when a network is trained (and,
-        for slow networks, one a minute in between)."""
+        """One trained epoch of a pool member: a bar, or a line every tenth of the pool's epochs or
+        minute, and one for every trained network."""
         members, epochs = int(event["members"]), max(int(event["epochs"]), 1)
         member, epoch = int(event["member"]), int(event["epoch"])
         done, total = member * epochs + epoch + 1, members * epochs
@@ -344,11 +344,8 @@ class ProgressRenderer:
         if not self.plain:
             return
         pacer = self._pacer("pool")
-        quiet_for = pacer.report(done)
         trained = epoch + 1 == epochs
-        # every trained network gets its line; in between (10% of a pool is a network or less)
-        # only a slow network's line a minute
-        if not trained and quiet_for < pacer.every_seconds:
+        if not (pacer.due(done, total) or trained):
             return
         pacer.line(done)
         eta = pacer.eta(done, total, None) if done < total else ""
