@@ -173,9 +173,11 @@ def eval_pairs(record: dict[str, Any]) -> list[tuple[str, Any]]:
     random = (record.get("baselines") or {}).get("random")
     if random is not None:
         ior = (record.get("metrics") or {}).get("ior")
+        subset = random.get("train_set") or {}
         pairs += [
             ("random real", f"{format_accuracy(random['accuracy']['mean'])} +- "
-                            f"{format_accuracy(random['accuracy']['std'])} ({random.get('subset')})"),
+                            f"{format_accuracy(random['accuracy']['std'])} ({subset.get('ipc')} real image(s) per "
+                            f"class, the synthetic set's storage; subset seed {random.get('subset_seed')})"),
             ("margin (IOR)", "-" if ior is None else f"{100 * ior:+.2f} points over random real images"),
         ]
     eval_seconds = timings.get("total", record.get("seconds")) if random is not None else timings.get(
