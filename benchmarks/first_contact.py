@@ -186,7 +186,8 @@ def profile_lines(tree: Path, args: list[str], top: int = 12) -> list[str]:
         found = [entry[3] for (path, _, name), entry in stats.items()
                  if name == function and Path(path).name == file_name and "ncfm_core" in path]
         if found:
-            lines.append(f"| {label} (`{file_name}` `{function}`) | {max(found):.1f} | {100 * max(found) / total:.0f} % |")
+            seconds = max(found)
+            lines.append(f"| {label} (`{file_name}` `{function}`) | {seconds:.1f} | {100 * seconds / total:.0f} % |")
     lines += ["", f"The {top} functions with the most own time:", "", "| function | own s | share |", "|---|---|---|"]
     for (path, line, name), entry in sorted(stats.items(), key=lambda item: -item[1][2])[:top]:
         where = name if path == "~" else f"{Path(path).name}:{line} {name}"
