@@ -14,6 +14,7 @@ from ncfm_cli.eval import (
     fail_if_unsaved,
     kept_if_unsaved,
     passed,
+    split_names,
 )
 from ncfm_cli.options import (
     CommandJsonOption,
@@ -233,37 +234,52 @@ def distill_command(
                                                        help="Training epochs of each extractor.")] = None,
     run_eval: Annotated[bool, typer.Option("--eval", rich_help_panel=_EVAL,
                                            help="Evaluate the result right after distilling.")] = False,
+    eval_protocol: Annotated[Optional[str], typer.Option(
+        "--eval-protocol", rich_help_panel=_EVAL, show_default=False,
+        help="Evaluation protocol: quick, ncfm (the paper's) or dsa. Default: the dataset's, quick for digits "
+             "and mnist5k, ncfm for the others (docs/evaluation.md).")] = None,
     eval_repeats: Annotated[Optional[int], typer.Option("--eval-repeats", min=1, rich_help_panel=_EVAL,
                                                         show_default=False,
                                                         help="Networks to train (default 3).")] = None,
     eval_epochs: Annotated[Optional[int], typer.Option("--eval-epochs", min=0, rich_help_panel=_EVAL,
                                                        show_default=False,
-                                                       help="Epochs per network (default 300).")] = None,
+                                                       help="Epochs per network (default: the protocol's).")] = None,
     eval_model: Annotated[Optional[str], typer.Option("--eval-model", rich_help_panel=_EVAL, show_default=False,
                                                       help="Network to evaluate with (default convnet).")] = None,
-    eval_protocol: Annotated[Optional[str], typer.Option("--eval-protocol", rich_help_panel=_EVAL,
-                                                         show_default=False,
-                                                         help="Evaluation protocol: ncfm or dsa.")] = None,
+    eval_width: Annotated[Optional[int], typer.Option("--eval-width", min=1, rich_help_panel=_EVAL,
+                                                      show_default=False,
+                                                      help="ConvNet width (default: the protocol's).")] = None,
+    eval_seed: Annotated[Optional[int], typer.Option(
+        "--eval-seed", rich_help_panel=_EVAL, show_default=False,
+        help="Seed of the first evaluation network; repeat r uses seed + r (default 0).")] = None,
+    eval_baseline: Annotated[Optional[list[str]], typer.Option(
+        "--eval-baseline", rich_help_panel=_EVAL, show_default=False,
+        help="random (as many random real images: the margin, IOR) and/or full (the whole training set, "
+             "HLR). Every other knob: ncfm eval REF.")] = None,
     min_acc: MinAccOption = None,
     json_flag: CommandJsonOption = False,
 ) -> None:
     """Distill DATASET into IPC synthetic images per class, stored as a new artifact version.
 
-    The result is DATASET-ipcIPC@vN (or --name). Add --eval to measure it in the same command.
+    The result is DATASET-ipcIPC@vN (or --name). Add --eval to measure it in the same command
+    (the dataset's evaluation protocol: quick for digits and mnist5k, the paper's ncfm for the
+    others), and --eval-baseline random for its margin over as many random real images.
 
     Example:
 
-        ncfm distill digits --ipc 10 --eval
+        ncfm distill digits --ipc 1 --eval --eval-baseline random
     """
     opts = global_options(ctx, json_flag)
     with command_errors(opts):
         check_min_acc(min_acc)
-        run_eval = run_eval or min_acc is not None
+        eval_options = (eval_protocol, eval_repeats, eval_epochs, eval_model, eval_width, eval_seed, eval_baseline)
+        run_eval = run_eval or min_acc is not None or any(option is not None for option in eval_options)
         request = None
         if run_eval:  # recorded with the version: `ncfm resume` runs it if this command is stopped first
             request = eval_request(build_eval_config(
-                protocol=eval_protocol, repeats=eval_repeats, epochs=eval_epochs, model=eval_model
-            ), min_acc=min_acc)
+                dataset=dataset, protocol=eval_protocol, repeats=eval_repeats, epochs=eval_epochs, model=eval_model,
+                width=eval_width, seed=eval_seed,
+            ), baselines=split_names(eval_baseline), min_acc=min_acc)
         config = make_config(
             dataset,
             ipc,

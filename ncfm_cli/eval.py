@@ -49,8 +49,8 @@ from ncfm_cli.output import (
     print_table,
     report_error,
 )
-from ncfm_core.errors import EXIT_BELOW_MIN_ACC, ConfigError, ResultNotSavedError
-from ncfm_core.evaluate import EvalConfig, protocol_config
+from ncfm_core.errors import EXIT_BELOW_MIN_ACC, ConfigError, NcfmError, ResultNotSavedError
+from ncfm_core.evaluate import EvalConfig, default_protocol, protocol_config
 from ncfm_core.jobs import eval_job
 
 EVAL_EPILOG = (
@@ -78,6 +78,7 @@ METRICS_LEGEND = (
 
 def build_eval_config(
     *,
+    dataset: str | None = None,
     protocol: str | None = None,
     repeats: int | None = None,
     epochs: int | None = None,
@@ -97,10 +98,11 @@ def build_eval_config(
     temperature: float | None = None,
     teacher_member: int | None = None,
 ) -> EvalConfig:
-    """The named evaluation protocol (default ``ncfm``) with the options given on top
-    (``None``: the protocol's value); the library checks every one (``protocol_config``)."""
+    """The named evaluation protocol (default: ``dataset``'s, :func:`~ncfm_core.evaluate.default_protocol`;
+    ``ncfm`` without one) with the options given on top (``None``: the protocol's value); the
+    library checks every one (``protocol_config``)."""
     return protocol_config(
-        protocol or "ncfm",
+        protocol or (default_protocol(dataset) if dataset else "ncfm"),
         repeats=repeats,
         epochs=epochs,
         model=model,
@@ -137,17 +139,47 @@ def passed(record: dict[str, Any], min_acc: float | None) -> bool:
     return min_acc is None or record["accuracy"]["mean"] >= min_acc
 
 
+def artifact_dataset(opts: GlobalOptions, ref: str) -> str:
+    """The dataset an artifact was distilled from (its record's config), whose default protocol
+    an evaluation without --protocol gets; '' when ``ref`` cannot be read: the job then reports
+    why, once (under torchrun, rank 0 alone), and nothing is evaluated with the fallback."""
+    try:
+        return str(opts.open_store().resolve(ref).record().config.get("dataset") or "")
+    except NcfmError:
+        return ""
+
+
+def _network(protocol: dict[str, Any]) -> str:
+    """``convnet width 64``: the evaluation network (its width where it has one)."""
+    model = str(protocol.get("model"))
+    return f"{model} width {protocol.get('width')}" if model.startswith("convnet") else model
+
+
 def eval_pairs(record: dict[str, Any]) -> list[tuple[str, Any]]:
-    """Human lines of one evaluation record (the synthetic set of its first model)."""
+    """Human lines of one evaluation record (the synthetic set of its first model; its random
+    real baseline and the margin over it, when one ran)."""
     accuracy, protocol = record["accuracy"], record.get("protocol", {})
     runs = ", ".join(format_accuracy(run) for run in accuracy["runs"])
-    synthetic_seconds = (record.get("timings") or {}).get("synthetic", record.get("seconds"))
-    return [
-        ("evaluated", f"{protocol.get('model')} x {len(accuracy['runs'])}, {protocol.get('epochs')} epochs "
-                      f"on {record.get('device')}"),
+    timings = record.get("timings") or {}
+    pairs = [
+        ("evaluated", f"protocol {protocol.get('protocol')}: {len(accuracy['runs'])} x {_network(protocol)}, "
+                      f"{protocol.get('epochs')} epochs on {record.get('device')}"),
         ("accuracy", f"{format_accuracy(accuracy['mean'])} +- {format_accuracy(accuracy['std'])} ({runs})"),
-        ("eval time", format_seconds(synthetic_seconds)),
     ]
+    random = (record.get("baselines") or {}).get("random")
+    if random is not None:
+        ior = (record.get("metrics") or {}).get("ior")
+        subset = random.get("train_set") or {}
+        pairs += [
+            ("random real", f"{format_accuracy(random['accuracy']['mean'])} +- "
+                            f"{format_accuracy(random['accuracy']['std'])} ({subset.get('ipc')} real image(s) per "
+                            f"class, the synthetic set's storage; subset seed {random.get('subset_seed')})"),
+            ("margin (IOR)", "-" if ior is None else f"{100 * ior:+.2f} points over random real images"),
+        ]
+    eval_seconds = timings.get("total", record.get("seconds")) if random is not None else timings.get(
+        "synthetic", record.get("seconds"))
+    pairs.append(("eval time", format_seconds(eval_seconds)))
+    return pairs
 
 
 def fail_below_min_acc(record: dict[str, Any], min_acc: float | None) -> None:
@@ -169,7 +201,7 @@ def fail_below_min_acc(record: dict[str, Any], min_acc: float | None) -> None:
 def _protocol_line(protocol: dict[str, Any]) -> str:
     crop = "random resized crop" if protocol.get("random_resized_crop") else "no crop"
     return (
-        f"{protocol.get('protocol')}: {protocol.get('optimizer')} lr {protocol.get('lr')}, batch "
+        f"{protocol.get('protocol')}: {_network(protocol)}, {protocol.get('optimizer')} lr {protocol.get('lr')}, batch "
         f"{protocol.get('batch_size')}, {protocol.get('epochs')} epochs ({protocol.get('schedule')}), "
         f"CutMix p={protocol.get('cutmix_prob')}, {crop}, {protocol.get('repeats')} repeats from seed "
         f"{protocol.get('seed')}; final-epoch accuracy"
@@ -332,7 +364,8 @@ def eval_command(
         check_min_acc(min_acc)
         models = split_names(model)
         eval_config = build_eval_config(
-            protocol=protocol, repeats=repeats, epochs=epochs, model=models[0] if models else None, lr=lr,
+            dataset=None if protocol else artifact_dataset(opts, ref), protocol=protocol, repeats=repeats,
+            epochs=epochs, model=models[0] if models else None, lr=lr,
             seed=seed, width=width, batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay,
             momentum=momentum, cutmix_prob=cutmix_prob, rrc=rrc, repeat_mode=repeat_mode,
             best_over_epochs=best_over_epochs, soft_labels=soft_labels, temperature=temperature,

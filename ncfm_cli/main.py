@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import typer
@@ -108,9 +110,41 @@ def main(
     ctx.obj = GlobalOptions(store=store, json=json_output, quiet=quiet, verbose=verbose, lock_timeout=lock_timeout)
 
 
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+# Environment variables through which a user sets glibc's allocator up; any of them: leave it alone.
+_MALLOC_ENVIRONMENT = ("GLIBC_TUNABLES", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_",
+                       "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX")
+
+
+def keep_freed_memory(environ: Mapping[str, str] = os.environ) -> bool:
+    """Make glibc's malloc keep the memory torch frees for the process's next allocation instead of
+    handing it back to the OS; returns whether it did.
+
+    torch's CPU tensors come from malloc. By default glibc serves every block above 32 MiB with an
+    mmap of its own, unmapped again when freed, and trims the heap's top, so every training step
+    maps its activations afresh and the kernel zero-fills them page by page: the README's first
+    command took 22 million page faults and ~40 s of system time that way, 0.25 million and ~2 s
+    without (docs/benchmarks/first_contact.md). With mmap off and no trimming, freed blocks are
+    reused: the peak memory stays that of the largest step, but it is not returned before the
+    command ends, which is when a command's memory is returned anyway. Nothing computed changes.
+    Only the command line does this (a library must not change its host's allocator), only with
+    glibc, and not when the user set the allocator up through its environment variables."""
+    if not sys.platform.startswith("linux") or any(name in environ for name in _MALLOC_ENVIRONMENT):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # glibc's; musl and others have none
+    except (AttributeError, OSError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # the largest int as the trim threshold: never trim
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def run() -> None:
     """Console entry point. Commands map their own errors to exit codes; this catches what
     escapes them (e.g. an error while the command line itself is set up)."""
+    keep_freed_memory()
     # SIGTERM (a scheduler, `docker stop`) stops like Ctrl-C: recorded, checkpointed, exit 143.
     # Under torchrun SIGTERM stays the group's way to stop its ranks (ncfm_core.parallel).
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and "LOCAL_RANK" not in os.environ:

@@ -110,7 +110,9 @@ IterationsOption = Annotated[
 EvalProtocolOption = Annotated[
     Optional[str],
     typer.Option("--protocol", help="Named protocol the options below start from: ncfm (the authors': AdamW, "
-                 "CutMix, random resized crop) or dsa (DC/DSA/DM's SGD). Default ncfm.", show_default=False),
+                 "CutMix, random resized crop, width 128, 300 epochs), dsa (DC/DSA/DM's SGD) or quick (ncfm's "
+                 "AdamW without CutMix and crop, width 64, 100 epochs: seconds on a CPU). Default: the dataset's, "
+                 "quick for digits and mnist5k, ncfm for the others.", show_default=False),
 ]
 EvalRepeatsOption = Annotated[
     Optional[int],
@@ -118,7 +120,8 @@ EvalRepeatsOption = Annotated[
 ]
 EvalEpochsOption = Annotated[
     Optional[int],
-    typer.Option("--epochs", min=0, help="Training epochs per network (default 300).", show_default=False),
+    typer.Option("--epochs", min=0, help="Training epochs per network (default: the protocol's, 300 for ncfm "
+                 "and dsa, 100 for quick).", show_default=False),
 ]
 EvalModelOption = Annotated[
     Optional[str],
@@ -128,7 +131,7 @@ EvalModelOption = Annotated[
 EvalLrOption = Annotated[
     Optional[float],
     typer.Option("--lr", help="Learning rate of the evaluation networks (default: the protocol's, 0.001 for ncfm, "
-                 "0.01 for dsa).",
+                 "0.01 for dsa, 0.001 for quick).",
                  show_default=False),
 ]
 EvalSeedOption = Annotated[
@@ -158,8 +161,8 @@ EvalModelsOption = Annotated[
 ]
 EvalWidthOption = Annotated[
     Optional[int],
-    typer.Option("--width", min=1, help="ConvNet width of the evaluation networks (default 128; smaller is "
-                 "faster). Other networks ignore it.", show_default=False),
+    typer.Option("--width", min=1, help="ConvNet width of the evaluation networks (default: the protocol's, 64 "
+                 "for quick, else 128; smaller is faster). Other networks ignore it.", show_default=False),
 ]
 EvalBatchSizeOption = Annotated[
     Optional[int],
@@ -182,11 +185,12 @@ EvalMomentumOption = Annotated[
 EvalCutmixOption = Annotated[
     Optional[float],
     typer.Option("--cutmix-prob", min=0.0, max=1.0, help="Probability that a batch gets CutMix (ncfm 0.5, "
-                 "dsa 0).", show_default=False),
+                 "dsa and quick 0).", show_default=False),
 ]
 EvalRrcOption = Annotated[
     Optional[bool],
-    typer.Option("--rrc/--no-rrc", help="Random resized crop before DSA (ncfm on, dsa off).", show_default=False),
+    typer.Option("--rrc/--no-rrc", help="Random resized crop before DSA (ncfm on, dsa and quick off).",
+                 show_default=False),
 ]
 EvalRepeatModeOption = Annotated[
     Optional[str],

@@ -18,9 +18,10 @@ import dataclasses
 import json
 import math
 import os
+import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -243,6 +244,49 @@ def log(opts: GlobalOptions, message: str, level: str = "info") -> None:
     stderr_console().print(f"{prefix}{message}", markup=False)
 
 
+class _Pacer:
+    """When a plain progress line is due for one piece of work measured in ``total`` units
+    (iterations, network-epochs): at every ``1 / parts`` of it, after ``every_seconds`` without
+    a line, and at the end; and its ETA at the mean pace since the first report."""
+
+    def __init__(self, clock: Callable[[], float], parts: int, every_seconds: float) -> None:
+        self.clock, self.parts, self.every_seconds = clock, parts, every_seconds
+        self.start: tuple[float, int] | None = None  # (time, units done) of the first report
+        self.last: tuple[float, int] | None = None  # (time, units done) of the last line
+
+    def report(self, done: int, units: int = 1) -> float:
+        """Note a report of ``done`` units (``units`` of them new); returns the seconds since the
+        last line (since the first report, before any line)."""
+        now = self.clock()
+        if self.start is None:
+            self.start, self.last = (now, done), (now, done - units)
+        assert self.last is not None
+        return now - self.last[0]
+
+    def line(self, done: int) -> None:
+        """A line is printed now, at ``done`` units."""
+        self.last = (self.clock(), done)
+
+    def due(self, done: int, total: int, units: int = 1) -> bool:
+        """Whether a line is due now that ``done`` of ``total`` units are done (``units`` of them
+        by this report); if so, it counts as printed."""
+        quiet_for = self.report(done, units)
+        assert self.last is not None
+        step = max(1, total // self.parts)
+        due = done >= total or done // step > self.last[1] // step or quiet_for >= self.every_seconds
+        if due:
+            self.line(done)
+        return due
+
+    def eta(self, done: int, total: int, seconds_per_unit: float | None) -> str:
+        """``, ETA <time left>`` at the mean pace since the first report (``seconds_per_unit`` until
+        there is one; '' when neither is known)."""
+        assert self.start is not None
+        start_time, start_done = self.start
+        pace = (self.clock() - start_time) / (done - start_done) if done > start_done else seconds_per_unit
+        return "" if pace is None else f", ETA {format_seconds(max(total - done, 0) * pace)}"
+
+
 class ProgressRenderer:
     """Turns job events (see ``ncfm_core.jobs``) into rich progress bars or log lines on stderr.
 
@@ -259,30 +303,16 @@ class ProgressRenderer:
         # PLAIN_EVERY_SECONDS (every 5% with --verbose), and the last iteration.
         self.plain = not (opts.json or opts.quiet or self.live)
         self.clock = time.monotonic
-        self._plain_start: tuple[float, int] | None = None  # (time, iteration) of the first event
-        self._plain_last: tuple[float, int] | None = None  # (time, iteration) of the last line
+        self._pacers: dict[str, _Pacer] = {}  # one per piece of work: "distill", "pool", "eval:<what>:<model>"
+        self._finished: dict[str, list[float]] = {}  # accuracies of the networks an evaluation has finished
 
     PLAIN_EVERY_SECONDS = 60.0
 
-    def _plain_line_due(self, iteration: int, total: int) -> bool:
-        now = self.clock()
-        if self._plain_start is None:
-            self._plain_start, self._plain_last = (now, iteration), (now, iteration - 1)
-        last_time, last_iteration = self._plain_last
-        step = max(1, total // (20 if self.opts.verbose else 10))
-        due = (iteration == total or iteration // step > last_iteration // step
-               or now - last_time >= self.PLAIN_EVERY_SECONDS)
-        if due:
-            self._plain_last = (now, iteration)
-        return due
-
-    def _eta(self, iteration: int, total: int, seconds_per_iteration: float) -> str:
-        """Time left at the mean pace since the first event (the last iteration's, at first)."""
-        assert self._plain_start is not None
-        start_time, start_iteration = self._plain_start
-        done = iteration - start_iteration
-        pace = (self.clock() - start_time) / done if done > 0 else seconds_per_iteration
-        return format_seconds(max(total - iteration, 0) * pace)
+    def _pacer(self, key: str) -> _Pacer:
+        if key not in self._pacers:
+            # the renderer's clock is read through a lambda so that tests may replace it at any time
+            self._pacers[key] = _Pacer(lambda: self.clock(), 20 if self.opts.verbose else 10, self.PLAIN_EVERY_SECONDS)
+        return self._pacers[key]
 
     def __enter__(self) -> ProgressRenderer:
         if self.live:
@@ -324,38 +354,89 @@ class ProgressRenderer:
         elif stage == "created":
             self.last_artifact = str(event.get("artifact"))
         elif stage == "pool":
-            members, epochs = int(event["members"]), max(int(event["epochs"]), 1)
-            member, epoch = int(event["member"]), int(event["epoch"])
-            if self.progress is not None:
-                self._bar("pool", "pool", members * epochs, member * epochs + epoch + 1,
-                          f"net {member + 1}/{members} loss {event['loss']:.3f}")
-            elif epoch + 1 == epochs and self.plain:
-                self._log(f"pool: network {member + 1}/{members} trained (loss {event['loss']:.4f})")
+            self._pool(event)
         elif stage == "distill":
             iteration, total = int(event["iteration"]), int(event["total"])
             if self.progress is not None:
                 self._bar("distill", "distill", total, iteration, f"loss {format_loss(event.get('loss'))}")
-            elif self.plain and self._plain_line_due(iteration, total):
+            elif self.plain and self._pacer("distill").due(iteration, total):
+                eta = self._pacer("distill").eta(iteration, total, float(event["seconds"]))
                 self._log(
                     f"distill: iteration {iteration}/{total} ({100 * iteration // max(total, 1)}%) loss "
-                    f"{format_loss(event.get('loss'))}, {event['seconds']:.3f} s/it, "
-                    f"ETA {self._eta(iteration, total, float(event['seconds']))}"
+                    f"{format_loss(event.get('loss'))}, {event['seconds']:.3f} s/it{eta}"
                 )
         elif stage == "checkpoint":
             self._log(f"checkpoint at iteration {event['iteration']}", "debug")
+        elif stage == "eval_epoch":
+            self._eval_epoch(event)
         elif stage == "eval":
-            repeat, repeats = int(event["repeat"]), int(event["repeats"])
-            # One bar per (trained-on set, model): synthetic set, random subset, full data.
-            what = str(event.get("what", "synthetic"))
-            model = event.get("model")
-            label = {"synthetic": "eval"}.get(what, what)
-            subject = label if model is None else f"{label} {model}"
-            if self.progress is not None:
-                self._bar(f"eval:{what}:{model}", subject, repeats, repeat + 1,
-                          f"last {format_accuracy(event['accuracy'])}")
-            elif self.plain:
-                # without a terminal the only sign of life during an evaluation (minutes per network on a CPU)
-                self._log(f"{subject}: network {repeat + 1}/{repeats} accuracy {format_accuracy(event['accuracy'])}")
+            self._eval_network(event)
+
+    def _pool(self, event: dict[str, Any]) -> None:
+        """One trained epoch of a pool member: a bar, or a line every tenth of the pool's epochs or
+        minute, and one for every trained network."""
+        members, epochs = int(event["members"]), max(int(event["epochs"]), 1)
+        member, epoch = int(event["member"]), int(event["epoch"])
+        done, total = member * epochs + epoch + 1, members * epochs
+        if self.progress is not None:
+            self._bar("pool", "pool", total, done, f"net {member + 1}/{members} loss {event['loss']:.3f}")
+            return
+        if not self.plain:
+            return
+        pacer = self._pacer("pool")
+        trained = epoch + 1 == epochs
+        if not (pacer.due(done, total) or trained):
+            return
+        pacer.line(done)
+        eta = pacer.eta(done, total, None) if done < total else ""
+        if trained:
+            self._log(f"pool: network {member + 1}/{members} trained (loss {event['loss']:.4f}){eta}")
+        else:
+            self._log(f"pool: network {member + 1}/{members} epoch {epoch + 1}/{epochs} loss {event['loss']:.4f}{eta}")
+
+    @staticmethod
+    def _eval_subject(event: dict[str, Any]) -> tuple[str, str]:
+        """(key, subject) of an evaluation event: one per (trained-on set, model), e.g. "eval convnet"."""
+        what = str(event.get("what", "synthetic"))
+        model = event.get("model")
+        label = {"synthetic": "eval"}.get(what, what)
+        return f"eval:{what}:{model}", label if model is None else f"{label} {model}"
+
+    def _eval_epoch(self, event: dict[str, Any]) -> None:
+        """One trained epoch of one network (or of every repeat, when they train together)."""
+        key, subject = self._eval_subject(event)
+        first, stop = int(event["first"]), int(event["stop"])
+        repeats, epochs = int(event["repeats"]), max(int(event["epochs"]), 1)
+        epoch = int(event["epoch"])
+        trained = stop - first
+        done, total = first * epochs + (epoch + 1) * trained, repeats * epochs  # network-epochs
+        networks = f"network {first + 1}/{repeats}" if trained == 1 else f"networks {first + 1}-{stop}/{repeats}"
+        if self.progress is not None:
+            self._bar(key, subject, total, done, f"{networks} epoch {epoch + 1}/{epochs}")
+            return
+        pacer = self._pacer(key)
+        if not (self.plain and pacer.due(done, total, trained)):
+            return
+        finished = self._finished.get(key) or []
+        so_far = f", mean of {len(finished)} trained {format_accuracy(statistics.fmean(finished))}" if finished else ""
+        eta = pacer.eta(done, total, float(event.get("seconds", 0.0)) / trained)
+        self._log(f"{subject}: {networks} epoch {epoch + 1}/{epochs} ({100 * done // total}%) loss "
+                  f"{event['loss']:.4f}{so_far}{eta}")
+
+    def _eval_network(self, event: dict[str, Any]) -> None:
+        """One trained network's test accuracy."""
+        key, subject = self._eval_subject(event)
+        repeat, repeats = int(event["repeat"]), int(event["repeats"])
+        self._finished.setdefault(key, []).append(float(event["accuracy"]))
+        if self.progress is not None:
+            if key in self.tasks:  # the epochs' bar: only say the network's accuracy
+                self.progress.update(self.tasks[key], detail=f"network {repeat + 1}/{repeats} "
+                                                             f"{format_accuracy(event['accuracy'])}")
+            else:
+                self._bar(key, subject, repeats, repeat + 1, f"last {format_accuracy(event['accuracy'])}")
+        elif self.plain:
+            # without a terminal the only sign of life during an evaluation (minutes per network on a CPU)
+            self._log(f"{subject}: network {repeat + 1}/{repeats} accuracy {format_accuracy(event['accuracy'])}")
 
 
 @contextlib.contextmanager

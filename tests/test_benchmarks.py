@@ -424,3 +424,28 @@ def test_gpu_check_stays_within_its_time_budget(tmp_path, monkeypatch):
     step, _ = check.run("late", [sys.executable, "-c", "pass"], timeout=60)
     assert step.status == "skipped" and "budget" in step.detail
     assert check.summarise() == 1
+
+
+def test_first_contact_runs_each_trees_readme_command_and_writes_medians_stages_and_margin(tmp_path):
+    """The first-contact benchmark, on tiny settings, with this very tree as its own reference."""
+    first_contact = _load("first_contact")
+    assert first_contact.readme_command(ROOT)[:3] == ["distill", "digits", "--ipc"]  # the README's first command
+    out = tmp_path / "first_contact.md"
+    out.write_text(f"old figures\n\n{first_contact.KEPT_MARKER}\n\n## Levers\n\nkept text\n")
+    tiny = "--iterations 2 --pool-size 1 --pool-epochs 1 --eval-epochs 1 --eval-repeats 1 --width 8"
+    assert first_contact.main(["--quick", "--reference", str(ROOT), "--extra", tiny, "--out", str(out)]) == 0
+    page = out.read_text()
+    assert "--reference REF_DIR" in page and str(ROOT) not in page  # no machine path on the page
+    assert "a test of this script, not a measurement" in page and "- load: " in page
+    rows = [line.split(" | ") for line in page.splitlines() if line.startswith(("| this tree", "| reference"))]
+    assert len(rows) == 2 and all(len(row) == 13 for row in rows), rows
+    for row in rows:  # wall, stages and longest silence are seconds; this README's command has a margin
+        assert float(row[2].strip("*")) > 0 and float(row[-1].rstrip(" |")) > 0
+        assert row[-2].endswith("points") and row[-4].endswith("%")
+    assert "Speed-up over the reference (ratio of the median wall times" in page
+    profile = page.split("## Where the time goes")[1]  # one more run, under cProfile
+    for stage in ("pool training", "distillation loop", "evaluations"):
+        assert f"| {stage} (`" in profile, profile
+    assert "built-in method torch.conv2d" in profile or "run_backward" in profile
+    assert page.endswith(f"{first_contact.KEPT_MARKER}\n\n## Levers\n\nkept text\n")  # the hand-written part stays
+    assert "old figures" not in page

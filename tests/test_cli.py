@@ -440,3 +440,28 @@ def test_inspect_eval_history_shows_baselines_and_ior():
     assert "93.12% +- 0.40%" in rows[0] and "69.00% +- 1.20%" in rows[0] and "98.10% +- 0.10%" in rows[0]
     assert "+24.12 pts" in rows[0]
     assert "50.00% +- 0.00%" in rows[1] and rows[1].count(" - ") >= 1 and "pts" not in rows[1]
+
+
+def test_the_command_line_keeps_freed_memory_unless_the_user_set_the_allocator_up():
+    import platform
+
+    from ncfm_cli.main import keep_freed_memory
+
+    assert keep_freed_memory({"MALLOC_ARENA_MAX": "2"}) is False  # the user's own allocator settings win
+    assert keep_freed_memory({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=131072"}) is False
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory({}) is glibc
+
+
+@pytest.mark.parametrize(("given", "seen"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE"), ("", "")])
+def test_the_command_line_lets_idle_openmp_threads_sleep_unless_told_otherwise(given, seen):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given is not None:
+        env["OMP_WAIT_POLICY"] = given
+    shown = subprocess.run([sys.executable, "-c", "import os, ncfm_cli; print(repr(os.environ['OMP_WAIT_POLICY']))"],
+                           env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert shown == repr(seen)

@@ -8,7 +8,9 @@ from ncfm_core.errors import ConfigError
 
 # preset_for of every name as config.PRESETS gave it before the presets moved beside the loaders.
 _PAPER = dict(factor=2, iterations=20000, real_per_class=1024, num_freqs=1024, pool_size=20, pool_epochs=60)
-_DIGITS = dict(_PAPER, iterations=400, real_per_class=128, pool_size=4, pool_epochs=10, pool_batch=128, lr_patience=200)
+# digits: sized for the README's first command on a laptop CPU (tests/test_quality_digits.py measures it)
+_DIGITS = dict(_PAPER, iterations=100, real_per_class=64, num_freqs=256, pool_size=2, pool_epochs=3, pool_batch=128,
+               lr_patience=200)
 _FAKE = dict(factor=2, iterations=200, real_per_class=64, num_freqs=256, pool_size=2, pool_epochs=2)
 EXPECTED_PRESETS = {
     "cifar10": _PAPER,

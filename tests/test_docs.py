@@ -162,8 +162,8 @@ def test_every_ncfm_command_shown_in_the_docs_parses():
 def test_readme_keeps_the_test_command_and_the_newcomer_commands():
     readme = (ROOT / "README.md").read_text()
     assert "uv run pytest" in readme.splitlines()
-    assert "uv run ncfm distill digits --ipc 10 --eval" in readme
-    assert "uv run ncfm export digits-ipc10 --format grid --out syn/" in readme
+    assert "uv run ncfm distill digits --ipc 1 --eval --eval-baseline random" in readme.splitlines()
+    assert "uv run ncfm export digits-ipc1 --format grid --out syn/" in readme.splitlines()
 
 
 @pytest.fixture(scope="module")

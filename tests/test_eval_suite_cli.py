@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
-from cli_runner import invoke, one_json, one_thread
+from cli_runner import error_line, invoke, one_json, one_thread
 
+from ncfm_cli.output import GlobalOptions, ProgressRenderer
+from ncfm_core.evaluate import PROTOCOLS
 from ncfm_core.jobs import eval as eval_jobs
 from ncfm_core.store import Store
 
@@ -62,7 +65,7 @@ def test_json_carries_accuracy_baselines_metrics_and_protocol(made):
         assert isinstance(out.get(key), kind), f"{key}: {out.get(key)!r}"
     assert "models" not in out and out["teacher"] is None and out["model"] == "convnet"
     protocol = out["protocol"]
-    assert protocol["protocol"] == "ncfm" and protocol["epochs"] == 1 and protocol["repeats"] == 2
+    assert protocol["protocol"] == "quick" and protocol["epochs"] == 1 and protocol["repeats"] == 2  # digits' default
     assert protocol["width"] == 8 and protocol["soft_labels"] is False and out["seeds"] == [0, 1]
 
     results = {"synthetic": out, **out["baselines"]}
@@ -265,3 +268,91 @@ def test_help_documents_every_option_and_the_json_shape():
         assert option in text, option
     assert "ncfm eval digits-ipc10 --baseline random --baseline full" in text
     assert "metrics {ior, hlr, lrs}" in text and "TEST-SET MODEL SELECTION" in text
+
+
+# ----------------------------------------------------------------------------- progress and defaults
+
+
+EPOCH_LINE = re.compile(
+    r"^(eval|random) convnet: network ([12])/2 epoch (\d+)/10 \((\d+)%\) loss \d+\.\d{4}"
+    r"(, mean of 1 trained \d+\.\d\d%)?, ETA .+$"
+)
+
+
+def test_without_a_terminal_eval_prints_epoch_lines_with_accuracy_so_far_and_eta(store_copy):
+    """A log (CI, nohup) sees each network's epochs every tenth of the evaluation, with the mean
+    accuracy of the networks trained so far and an ETA, then each network's accuracy."""
+    result = invoke("--store", store_copy, "eval", "digits-ipc1", "--epochs", "10", "--repeats", "2", "--width", "8",
+                    "--baseline", "random")
+    lines = [line for line in result.stderr.splitlines() if " epoch " in line]
+    assert lines and all(EPOCH_LINE.match(line) for line in lines), result.stderr
+    for subject in ("eval", "random"):
+        matches = [EPOCH_LINE.match(line) for line in lines if line.startswith(subject)]
+        # 2 networks x 10 epochs: a line every 2 network-epochs (10%), never more often
+        assert [int(m.group(4)) for m in matches] == list(range(10, 101, 10)), lines
+        assert [(int(m.group(2)), int(m.group(3))) for m in matches] == [(1, e) for e in (2, 4, 6, 8, 10)] + [
+            (2, e) for e in (2, 4, 6, 8, 10)]
+        assert all(bool(m.group(5)) == (m.group(2) == "2") for m in matches)  # accuracy so far: after network 1
+    assert "eval convnet: network 1/2 accuracy" in result.stderr
+    assert not any(EPOCH_LINE.match(line) for line in result.stdout.splitlines())  # progress stays off stdout
+    assert "ETA 0.0 s" in lines[9] and "(100%)" in lines[9]
+
+
+def test_eval_epoch_lines_come_every_minute_for_slow_networks():
+    clock = {"now": 0.0}
+    with ProgressRenderer(GlobalOptions()) as renderer:
+        renderer.clock = lambda: clock["now"]
+        shown = []
+        renderer._log = lambda message, level="info": shown.append(message)
+        for epoch in range(1000):  # one network, 25 s an epoch: a tenth takes 41 min
+            clock["now"] += 25.0
+            renderer({"stage": "eval_epoch", "what": "synthetic", "model": "convnet", "first": 0, "stop": 1,
+                      "repeats": 1, "epoch": epoch, "epochs": 1000, "loss": 1.0, "seconds": 25.0})
+            if epoch == 10:
+                break
+    # 3 epochs (75 s) after the first event, then 3 more, never sooner
+    assert [line.split(" epoch ")[1].split(" ")[0] for line in shown] == ["4/1000", "7/1000", "10/1000"]
+    assert shown[0].endswith("ETA 6 h 55 min")  # 996 epochs left at 25 s
+
+
+def test_batched_repeats_report_their_epochs_together():
+    with ProgressRenderer(GlobalOptions()) as renderer:
+        shown = []
+        renderer._log = lambda message, level="info": shown.append(message)
+        for epoch in range(4):
+            renderer({"stage": "eval_epoch", "what": "random", "model": "convnet", "first": 0, "stop": 3,
+                      "repeats": 3, "epoch": epoch, "epochs": 4, "loss": 0.5, "seconds": 1.0})
+    assert [line.split(" (")[0] for line in shown] == [f"random convnet: networks 1-3/3 epoch {e}/4"
+                                                       for e in (1, 2, 3, 4)]
+
+
+def test_digits_default_to_the_quick_protocol_and_the_paper_is_one_flag_away(store_copy):
+    quick = one_json(invoke("--store", store_copy, "eval", "digits-ipc1", "--epochs", "1", "--repeats", "1", "--json"))
+    assert quick["protocol"]["protocol"] == "quick" and quick["protocol"]["width"] == PROTOCOLS["quick"]["width"]
+    paper = one_json(invoke("--store", store_copy, "eval", "digits-ipc1", "--protocol", "ncfm", "--epochs", "1",
+                            "--repeats", "1", "--json"))
+    assert paper["protocol"]["protocol"] == "ncfm" and paper["protocol"]["width"] == 128
+    text = invoke("--store", store_copy, "eval", "digits-ipc1", "--epochs", "1", "--repeats", "1").stdout
+    assert "protocol    quick:" in text, text
+
+
+def test_distill_eval_takes_the_evaluation_options_of_eval(tmp_path):
+    """--eval-width, --eval-seed and --eval-baseline reach the evaluation; the result says which
+    protocol ran and the margin over random real images."""
+    args = ["--store", tmp_path, *DISTILL, "--eval-width", "8", "--eval-epochs", "2", "--eval-repeats", "2",
+            "--eval-seed", "5", "--eval-baseline", "random"]
+    out = one_json(invoke(*args, "--json"))
+    record = out["eval"]
+    assert record["protocol"]["protocol"] == "quick" and record["protocol"]["width"] == 8
+    assert record["seeds"] == [5, 6] and record["protocol"]["epochs"] == 2
+    assert record["metrics"]["ior"] == record["accuracy"]["mean"] - record["baselines"]["random"]["accuracy"]["mean"]
+    text = invoke(*args).stdout
+    for fragment in ("protocol quick: 2 x convnet width 8, 2 epochs on cpu", "random real",
+                     "margin (IOR)", "points over random real images"):
+        assert fragment in text, text
+
+
+def test_distill_checks_eval_baselines_before_distilling(tmp_path):
+    result = invoke("--store", tmp_path, *DISTILL, "--eval-baseline", "fulll", expect=2)
+    assert "unknown baseline 'fulll'" in error_line(result)
+    assert not (tmp_path / "artifacts").exists()

@@ -13,6 +13,7 @@ from ncfm_core.evaluate import (
     EvalConfig,
     EvalResult,
     baseline_cache_key,
+    default_protocol,
     evaluate_full_baseline,
     evaluate_images,
     evaluate_models,
@@ -41,7 +42,7 @@ def tiny(**overrides) -> EvalConfig:
 
 
 def test_named_protocols_set_the_published_knobs():
-    assert protocol_names() == ["ncfm", "dsa"]
+    assert protocol_names() == ["ncfm", "dsa", "quick"]
     ncfm = protocol_config("ncfm")
     assert (ncfm.optimizer, ncfm.lr, ncfm.batch_size, ncfm.schedule) == ("adamw", 0.001, 128, "step_half")
     assert (ncfm.cutmix_prob, ncfm.random_resized_crop, ncfm.dsa_strategy) == (0.5, True, augment.EVAL_STRATEGY)
@@ -83,6 +84,34 @@ def test_unknown_protocol_knob_or_bad_value_is_a_config_error():
 
 
 # --------------------------------------------------------------------------- repeats: batched, sequential
+
+
+def test_quick_protocol_is_ncfm_trained_shorter_on_a_narrower_net_without_mixing_augmentations():
+    quick, ncfm = protocol_config("quick"), protocol_config("ncfm")
+    assert (quick.epochs, quick.width, quick.cutmix_prob, quick.random_resized_crop) == (100, 64, 0.0, False)
+    same = ("lr", "optimizer", "weight_decay", "batch_size", "schedule", "dsa_strategy", "repeats", "model", "seed")
+    assert all(getattr(quick, knob) == getattr(ncfm, knob) for knob in same)
+    assert quick.protocol == "quick" and quick.overrides() == {}
+    assert protocol_config("quick", width=32).overrides() == {"width": 32}
+    # the small offline datasets default to it; everything else keeps the paper's protocol
+    assert [default_protocol(name) for name in ("digits", "mnist5k", "cifar10", "imagenette", "fake", "folder:/x")] == [
+        "quick", "quick", "ncfm", "ncfm", "ncfm", "ncfm"]
+
+
+@pytest.mark.parametrize("mode", ["sequential", "batched"])
+def test_every_epoch_is_reported_and_reporting_changes_nothing(fake, mode):
+    epochs = []
+    config = tiny(epochs=3, repeat_mode=mode)
+    reported = evaluate_images(fake.train_images, fake.train_labels, fake, config, "cpu",
+                               on_epoch=lambda repeats, epoch, loss, seconds: epochs.append((repeats, epoch, loss,
+                                                                                             seconds)))
+    silent = evaluate_images(fake.train_images, fake.train_labels, fake, config, "cpu")
+    assert reported.runs == silent.runs
+    if mode == "sequential":  # one network after another, each epoch in order
+        assert [(r, e) for r, e, _, _ in epochs] == [(range(r, r + 1), e) for r in range(3) for e in range(3)]
+    else:  # all three at once
+        assert [(r, e) for r, e, _, _ in epochs] == [(range(0, 3), e) for e in range(3)]
+    assert all(loss > 0 and seconds > 0 for _, _, loss, seconds in epochs)
 
 
 def test_batched_and_sequential_repeats_agree_and_each_is_reproducible(fake):
@@ -245,7 +274,7 @@ def test_baseline_cache_key_is_stable_and_sensitive_to_what_changes_the_result()
         baseline_cache_key("abc123", protocol_config("dsa", repeats=5).to_dict(), "convnet"),
     ]
     assert len({key, *changed}) == 6
-    assert set(PROTOCOLS) == {"ncfm", "dsa"}
+    assert set(PROTOCOLS) == {"ncfm", "dsa", "quick"}
 
 
 # --------------------------------------------------------------------------- the protocol learns

@@ -95,3 +95,22 @@ def test_without_a_terminal_each_evaluation_network_gets_a_line(capsys):
     assert capsys.readouterr().err.splitlines() == ["eval convnet: network 2/3 accuracy 91.00%",
                                                      "random convnet: network 1/1 accuracy 50.00%"]
 
+
+
+def test_without_a_terminal_the_pool_reports_every_tenth_and_every_trained_network(capsys):
+    clock = FakeClock()
+    with ProgressRenderer(GlobalOptions()) as renderer:
+        renderer.clock = clock
+        for member in range(2):
+            for epoch in range(3):
+                clock.now += 2.0
+                renderer({"stage": "pool", "member": member, "members": 2, "epoch": epoch, "epochs": 3, "loss": 0.5})
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pool:")]
+    assert lines == [
+        "pool: network 1/2 epoch 1/3 loss 0.5000",  # no pace yet, so no ETA
+        "pool: network 1/2 epoch 2/3 loss 0.5000, ETA 8.0 s",
+        "pool: network 1/2 trained (loss 0.5000), ETA 6.0 s",
+        "pool: network 2/2 epoch 1/3 loss 0.5000, ETA 4.0 s",
+        "pool: network 2/2 epoch 2/3 loss 0.5000, ETA 2.0 s",
+        "pool: network 2/2 trained (loss 0.5000)",
+    ]

@@ -1,8 +1,17 @@
 """End-to-end quality on real data: the bundled 8x8 digits (upsampled to 16x16).
 
-A reference implementation on this kind of machine measured ~71% for one random real image per
-class and ~93% for a distribution-matching distillation at IPC 1. These tests distill for real
-(no mocks) with settings scaled down to run in about two minutes on 2 CPU cores.
+The README's first command, ``ncfm distill digits --ipc 1 --eval --eval-baseline random``, distills
+with the digits preset and evaluates under the digits' default protocol (``quick``). Measured on
+this kind of machine (2 CPU cores; final-epoch test accuracy, mean of 3 networks):
+
+- the preset at IPC 1, distillation seeds 0 / 1 / 2: 91.9 % (92.2, 92.4, 90.9) / 92.0 % / 91.2 %;
+- 1 random real image per class, subset seeds 0 / 1 / 2: 67.9 % / 63.4 % / 70.8 %;
+- the initial images alone (``--iterations 0``: 4 downsampled real digits tiled into each stored
+  image): 83.6 %;
+- the same distilled set under the paper's protocol (``ncfm``: width 128, 300 epochs): 94.7 %.
+
+The gates sit at about half of each measured gap. These tests distill for real (no mocks) and run
+in about a minute and a half on 2 CPU cores.
 """
 
 import pytest
@@ -11,14 +20,20 @@ import torch
 from ncfm_core.config import make_config
 from ncfm_core.data import load_dataset
 from ncfm_core.distill import Distiller
-from ncfm_core.evaluate import EvalConfig, evaluate_images, evaluate_synset, random_real_subset
+from ncfm_core.evaluate import (
+    EvalConfig,
+    default_protocol,
+    evaluate_images,
+    evaluate_synset,
+    protocol_config,
+    random_real_subset,
+)
 from ncfm_core.jobs.plan import decide_precisions
 from ncfm_core.pool import PoolSpec, train_pool
 
 pytestmark = pytest.mark.slow
 
-FAST_DIGITS = dict(factor=1, iterations=100, pool_size=2, pool_epochs=3, real_per_class=64, seed=0)
-EVAL = EvalConfig(epochs=300, repeats=3, seed=0)
+QUICK = protocol_config(default_protocol("digits"), seed=0)  # what `ncfm distill digits --eval` runs
 
 
 @pytest.fixture(scope="module")
@@ -26,22 +41,38 @@ def digits():
     return load_dataset("digits")
 
 
-def test_distilled_digits_beat_random_real_images_by_a_wide_margin(digits):
-    config = decide_precisions(make_config("digits", 1, **FAST_DIGITS), "cpu")
+@pytest.fixture(scope="module")
+def distilled(digits):
+    """The README's command at IPC 1: the digits preset as is (seed 0), and its initial images."""
+    config = decide_precisions(make_config("digits", 1), "cpu")
     pool = train_pool(PoolSpec.from_config(config, digits), digits, "cpu")
     distiller = Distiller(config, digits, pool, "cpu")
+    initial = distiller.synthetic_set()
     distiller.run(config.iterations)
-    images, labels = distiller.synthetic_set()
+    return config, distiller.synthetic_set(), initial
 
-    distilled = evaluate_synset(images, labels, config.factor, digits, EVAL, "cpu")
-    random_images, random_labels = random_real_subset(digits, 1, seed=0)
-    random = evaluate_images(random_images, random_labels, digits, EVAL, "cpu")
 
-    report = f"distilled {distilled.runs} (mean {distilled.mean:.3f}), random {random.runs} (mean {random.mean:.3f})"
-    assert distilled.mean >= 0.88, report
-    assert distilled.mean >= random.mean + 0.15, report
+def test_the_readme_command_beats_random_real_images_and_its_own_start(digits, distilled):
+    config, (images, labels), (initial, initial_labels) = distilled
+    assert QUICK.protocol == "quick" and config.iterations == 100 and config.factor == 2
+
+    result = evaluate_synset(images, labels, config.factor, digits, QUICK, "cpu")
+    randoms = [evaluate_images(*random_real_subset(digits, 1, seed=seed), digits, QUICK, "cpu") for seed in range(3)]
+    start = evaluate_synset(initial, initial_labels, config.factor, digits, QUICK, "cpu")
+
+    report = (f"distilled {result.runs} (mean {result.mean:.3f}), random subsets "
+              f"{[round(r.mean, 3) for r in randoms]}, initial images {start.runs} (mean {start.mean:.3f})")
+    assert result.mean >= 0.88, report
+    assert result.mean >= max(r.mean for r in randoms) + 0.10, report  # measured: +21 points or more
+    assert result.mean >= start.mean + 0.04, report  # the matching itself, beyond the real initialisation
     # the learned images stay valid pixels and moved away from their real initialisation
-    assert images.min() >= 0 and images.max() <= 1
+    assert images.min() >= 0 and images.max() <= 1 and not torch.equal(images, initial)
+
+
+def test_the_paper_protocol_agrees(digits, distilled):
+    config, (images, labels), _ = distilled
+    paper = evaluate_synset(images, labels, config.factor, digits, EvalConfig(epochs=300, repeats=1, seed=0), "cpu")
+    assert paper.protocol["protocol"] == "ncfm" and paper.mean >= 0.88, paper.runs
 
 
 def test_evaluation_is_reproducible_on_cpu(digits):

@@ -4,7 +4,8 @@ For each IPC (default 1 and 10), in a fresh store:
 
 1. ``ncfm distill digits --ipc N --iterations 0 --name digits-ipcN-init``: the real
    initialisation (same seed, so the same images the full run starts from);
-2. ``ncfm distill digits --ipc N`` (the digits preset; with ``--eval`` for the README's IPC 10);
+2. ``ncfm distill digits --ipc N`` (the digits preset; with ``--eval --eval-baseline random`` for
+   the README's IPC 1);
 3. ``ncfm export ... --format grid`` of both, copied to ``docs/images/digits_ipcN_init.png`` and
    ``docs/images/digits_ipcN.png``;
 4. the ``loss_curve`` of every full run's manifest (``ncfm inspect --json``), drawn into
@@ -12,7 +13,7 @@ For each IPC (default 1 and 10), in a fresh store:
 
 The commands, their stdout and their wall times go to ``docs/results/digits_cli_run.md``.
 
-    uv run python tools/docs_pictures.py              # about 20-30 min on 2 CPU cores
+    uv run python tools/docs_pictures.py              # about 5 min on 2 idle CPU cores
     uv run python tools/docs_pictures.py --quick      # a few iterations, for testing
 """
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         kit.threads_option(help="OMP_NUM_THREADS of the ncfm processes"),
     )
     parser.add_argument("--ipcs", type=int, nargs="+", default=[1, 10])
-    parser.add_argument("--eval-ipc", type=int, default=10, help="the IPC distilled with --eval (the README's)")
+    parser.add_argument("--eval-ipc", type=int, default=1, help="the IPC distilled with --eval (the README's)")
     parser.add_argument("--quick", action="store_true", help="a few iterations and epochs, for testing")
     parser.add_argument("--store", type=Path, default=None, help="store to use (default: a temporary one)")
     args = parser.parse_args(argv)
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         "commands below in a fresh store (its path is shown as `~/.local/share/ncfm`).",
         "",
         *kit.machine_lines("cpu (auto)"),
+        f"- load average (1 min, all processes) at the start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
         "",
     ]
     curves = []
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         for ipc in args.ipcs:
             init_name, name = f"digits-ipc{ipc}-init", f"digits-ipc{ipc}"
             ncfm(["distill", "digits", "--ipc", str(ipc), "--iterations", "0", "--name", init_name, *quick_pool])
-            with_eval = ["--eval", *quick_eval] if ipc == args.eval_ipc else []
+            with_eval = ["--eval", "--eval-baseline", "random", *quick_eval] if ipc == args.eval_ipc else []
             ncfm(["distill", "digits", "--ipc", str(ipc), *quick_iterations, *quick_pool, *with_eval])
             for artifact, picture in ((init_name, f"digits_ipc{ipc}_init.png"), (name, f"digits_ipc{ipc}.png")):
                 ncfm(["export", artifact, "--format", "grid", "--out", f"syn-{artifact}"])
@@ -99,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if curves:
         plots.line_plot(curves, images_dir / "loss_curve.png", title="ncfm distill digits: loss (manifest loss_curve)",
                         x_label="iteration", y_label="loss (mean of 10 iterations)")
+    transcript.append(f"Load average (1 min) at the end: {os.getloadavg()[0]:.1f}.")
     kit.write_page(results_dir / "digits_cli_run.md", transcript)
     kit.log(f"wrote {images_dir} and {results_dir / 'digits_cli_run.md'}")
     return 0

@@ -96,6 +96,7 @@ MNIST5K_PRESET = dict(factor=2, iterations=100, real_per_class=32, num_freqs=102
     "mnist5k",
     shape=DatasetShape(10, 1, MNIST5K_SIZE, 10 * (MNIST5K_PER_CLASS - MNIST5K_TEST_PER_CLASS)),
     preset=MNIST5K_PRESET,
+    eval_protocol="quick",
 )
 def load_mnist5k(
     *, data_dir: Path | None, image_size: int | None, download: bool, split_seed: int = MNIST5K_SPLIT_SEED

@@ -66,6 +66,7 @@ class _Registration:
     loader: DatasetLoader
     shape: DatasetShape | None
     preset: dict[str, Any]
+    eval_protocol: str = "ncfm"
 
 
 _REGISTRY: dict[str, _Registration] = {}
@@ -145,17 +146,20 @@ class ImageDataset:
 
 
 def register_dataset(
-    name: str, *, shape: DatasetShape | None = None, preset: dict[str, Any] | None = None
+    name: str, *, shape: DatasetShape | None = None, preset: dict[str, Any] | None = None,
+    eval_protocol: str = "ncfm",
 ) -> Callable[[DatasetLoader], DatasetLoader]:
     """Decorator: register ``loader`` under ``name`` (lower case; ``"prefix:"`` for a family)
-    with its train-split ``shape`` at the native size (None: only known once loaded) and its
-    ``preset`` of `DistillConfig` field overrides (None: none, the config defaults)."""
+    with its train-split ``shape`` at the native size (None: only known once loaded), its
+    ``preset`` of `DistillConfig` field overrides (None: none, the config defaults) and the
+    name of the evaluation protocol its results get unless one is asked for
+    (``ncfm_core.evaluate.PROTOCOLS``; the paper's ``ncfm`` by default)."""
     key = name.lower()
 
     def decorator(loader: DatasetLoader) -> DatasetLoader:
         if key in _REGISTRY and _REGISTRY[key].loader is not loader:
             raise ValueError(f"dataset {name!r} is already registered")
-        _REGISTRY[key] = _Registration(loader, shape, dict(preset or {}))
+        _REGISTRY[key] = _Registration(loader, shape, dict(preset or {}), eval_protocol)
         return loader
 
     return decorator
@@ -185,13 +189,26 @@ def dataset_shape(name: str, image_size: int | None = None) -> DatasetShape | No
     return shape
 
 
-def dataset_preset(name: str) -> dict[str, Any]:
-    """A fresh copy of the preset registered for a dataset name; ``folder:PATH`` (or any
-    ``NAME:...``) is looked up by the part before the colon, as given. Unknown names: ``{}``."""
+def _registration(name: str) -> _Registration | None:
+    """The registration of a dataset name; ``folder:PATH`` (or any ``NAME:...``) is looked up by
+    the part before the colon, as given."""
     _ensure_builtin_sources()
     prefix = name.split(":", 1)[0]
-    entry = _REGISTRY.get(prefix) or _REGISTRY.get(f"{prefix}:")
+    return _REGISTRY.get(prefix) or _REGISTRY.get(f"{prefix}:")
+
+
+def dataset_preset(name: str) -> dict[str, Any]:
+    """A fresh copy of the preset registered for a dataset name (``folder:PATH`` by its family).
+    Unknown names: ``{}``."""
+    entry = _registration(name)
     return dict(entry.preset) if entry is not None else {}
+
+
+def dataset_eval_protocol(name: str) -> str:
+    """The name of the evaluation protocol registered for a dataset name (``folder:PATH`` by its
+    family). Unknown names: ``"ncfm"``, the paper's."""
+    entry = _registration(name)
+    return entry.eval_protocol if entry is not None else "ncfm"
 
 
 def default_data_dir() -> Path:

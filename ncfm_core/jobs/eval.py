@@ -53,7 +53,8 @@ BASELINE_KINDS = ("random", "full")
 SOFT_LABEL_LOSS = "T^2 * KL(softmax(teacher / T) || softmax(student / T)) on each augmented batch"
 
 
-def _check_baselines(baselines: Sequence[str]) -> list[str]:
+def check_baselines(baselines: Sequence[str]) -> list[str]:
+    """Lower-cased, de-duplicated baseline names; an unknown one is a ConfigError (exit 2)."""
     names = list(dict.fromkeys(name.strip().lower() for name in baselines))
     unknown = [name for name in names if name not in BASELINE_KINDS]
     if unknown:
@@ -121,6 +122,7 @@ def _full_baseline(
               f"{dataset.num_train} training images for {model_config.epochs} epochs (cached afterwards)")
     result = evaluate_full_baseline(dataset, model_config, device, teacher=teacher,
                                     on_repeat=_repeat_reporter(emit, "full", model_config),
+                                    on_epoch=_epoch_reporter(emit, "full", model_config),
                                     evaluator=parallel.job_evaluator())
     record = {**_result_record(result, protocol_extra), "created": utc_now()}
     try:
@@ -139,6 +141,19 @@ def _eval_event(emit: JobCallback, what: str, model: str, repeat: int, repeats: 
 def _repeat_reporter(emit: JobCallback, what: str, config: EvalConfig) -> Callable[[int, float], None]:
     """The ``on_repeat`` callback of one evaluation: an ``eval`` event per trained network."""
     return lambda repeat, accuracy: _eval_event(emit, what, config.model, repeat, config.repeats, accuracy)
+
+
+def _epoch_event(emit: JobCallback, what: str, model: str, config: EvalConfig, repeats: range, epoch: int,
+                 loss: float, seconds: float) -> None:
+    emit({"stage": "eval_epoch", "what": what, "model": model, "first": repeats.start, "stop": repeats.stop,
+          "repeats": config.repeats, "epoch": epoch, "epochs": config.epochs, "loss": float(loss),
+          "seconds": float(seconds)})
+
+
+def _epoch_reporter(emit: JobCallback, what: str, config: EvalConfig) -> Callable[[range, int, float, float], None]:
+    """The ``on_epoch`` callback of one evaluation: an ``eval_epoch`` event per trained epoch."""
+    return lambda repeats, epoch, loss, seconds: _epoch_event(emit, what, config.model, config, repeats, epoch,
+                                                              loss, seconds)
 
 
 def _teacher(
@@ -206,6 +221,7 @@ def _model_entry(
                    f"real image(s) per class (subset seed {baseline_seed})")
         result = evaluate_random_baseline(dataset, ipc, model_config, device, baseline_seed, teacher=teacher,
                                           on_repeat=_repeat_reporter(emit, "random", model_config),
+                                          on_epoch=_epoch_reporter(emit, "random", model_config),
                                           evaluator=parallel.job_evaluator())
         record = _result_record(result, protocol_extra)
         del record["protocol"]  # the synthetic set's protocol, repeated
@@ -290,7 +306,7 @@ def eval_job(
     """
     emit = emitter(callback)
     started = time.perf_counter()
-    baselines = _check_baselines(baselines)
+    baselines = check_baselines(baselines)
     check_seed("baseline_seed (--baseline-seed)", baseline_seed)
     version, run_record, synset = open_complete_synset(store, ref)
     config = config_from_record(version, run_record)
@@ -323,6 +339,8 @@ def eval_job(
         teacher=teacher, evaluator=parallel.job_evaluator(),
         on_repeat=lambda model, repeat, accuracy: _eval_event(emit, "synthetic", model, repeat,
                                                               eval_config.repeats, accuracy),
+        on_epoch=lambda model, repeats, epoch, loss, seconds: _epoch_event(
+            emit, "synthetic", model, eval_config, repeats, epoch, loss, seconds),
     )
     entries = {
         name: _model_entry(store, dataset, result, dataclasses.replace(eval_config, model=name), baselines,
@@ -364,7 +382,7 @@ def eval_request(eval_config: EvalConfig, *, models: Sequence[str] = (), baselin
     """What a distilling command records of the evaluation it will run when the distillation is
     complete (``ncfm distill --eval``), so that ``ncfm resume`` runs the same one if it is
     interrupted before that evaluation is recorded. Baselines are checked now, not after the run."""
-    return EvalRequest(protocol=eval_config.to_dict(), models=tuple(models), baselines=tuple(_check_baselines(baselines)),
+    return EvalRequest(protocol=eval_config.to_dict(), models=tuple(models), baselines=tuple(check_baselines(baselines)),
                        baseline_seed=baseline_seed, min_acc=min_acc)
 
 

@@ -9,6 +9,9 @@ event, always with a ``"stage"`` key:
   (``member`` and ``epoch`` count from 0; one event per trained epoch)
 - ``{"stage": "distill", "iteration", "total", "loss", "match_loss", "calib_loss", "lr", "seconds"}``
 - ``{"stage": "checkpoint", "iteration": i, "path": str}``
+- ``{"stage": "eval_epoch", "what", "model", "first": r0, "stop": r1, "repeats": R, "epoch": e,
+  "epochs": E, "loss": float, "seconds": float}`` (one event per trained epoch of repeats
+  ``r0 .. r1 - 1``: one at a time, or all of them when they train together)
 - ``{"stage": "eval", "what": "synthetic" | "random" | "full", "model": str, "repeat": r,
   "repeats": R, "accuracy": float}`` (``repeat`` from 0; one event per trained network)
 

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ncfm_core import store as store_lib
 from ncfm_core.data import ImageDataset
-from ncfm_core.evaluate import EvalConfig, EvalResult, ImageEvaluator, evaluate_images
+from ncfm_core.evaluate import EpochCallback, EvalConfig, EvalResult, ImageEvaluator, evaluate_images
 from ncfm_core.parallel.context import (
     DistContext,
     all_gather,
@@ -104,6 +104,7 @@ def evaluate_images_distributed(
     on_repeat: Callable[[int, float], None] | None = None,
     *,
     teacher: torch.nn.Module | None = None,
+    on_epoch: EpochCallback | None = None,
 ) -> EvalResult:
     """:func:`ncfm_core.evaluate.evaluate_images` with the repeats spread over the ranks (every
     rank calls it): rank r trains its block :func:`~ncfm_core.parallel.contiguous_block` of the
@@ -111,7 +112,7 @@ def evaluate_images_distributed(
     all-gathered, so every rank returns what one process training all the repeats returns
     (exactly, with sequential training; batched training agrees up to rounding).
     ``on_repeat(i, accuracy)``: this rank's repeats as they finish, the others' after the
-    gather."""
+    gather. ``on_epoch``: this rank's repeats' epochs."""
     ctx = ctx or current()
     started = time.perf_counter()
     mine = contiguous_block(config.repeats, ctx.world_size, ctx.rank)
@@ -120,7 +121,10 @@ def evaluate_images_distributed(
     if len(mine):
         block = dataclasses.replace(config, seed=config.seed + mine.start, repeats=len(mine))
         report = None if on_repeat is None else (lambda i, accuracy: on_repeat(mine.start + i, accuracy))
-        result = evaluate_images(images, labels, dataset, block, device, report, teacher=teacher)
+        epochs = None if on_epoch is None else (
+            lambda block_repeats, e, loss, s: on_epoch(range(mine.start + block_repeats.start,
+                                                             mine.start + block_repeats.stop), e, loss, s))
+        result = evaluate_images(images, labels, dataset, block, device, report, teacher=teacher, on_epoch=epochs)
         best = result.best_over_epochs or [None] * len(mine)
         found = {mine.start + i: (run, best[i]) for i, run in enumerate(result.runs)}
         training = result.training
@@ -154,7 +158,7 @@ def job_evaluator() -> ImageEvaluator:
 
     def spread(images: Tensor, labels: Tensor, dataset: ImageDataset, config: EvalConfig,
                device: torch.device | str, on_repeat: Callable[[int, float], None] | None = None, *,
-               teacher: torch.nn.Module | None = None) -> EvalResult:
+               teacher: torch.nn.Module | None = None, on_epoch: EpochCallback | None = None) -> EvalResult:
         cpu_teacher = None if teacher is None else copy.deepcopy(teacher).to("cpu")
         # The full baseline trains on the dataset's own training set, which the followers hold.
         whole = images is dataset.train_images and labels is dataset.train_labels
@@ -162,7 +166,7 @@ def job_evaluator() -> ImageEvaluator:
                              "labels": None if whole else labels.cpu(), "config": config.to_dict(),
                              "device_type": torch.device(device).type, "teacher": cpu_teacher}, dataset)
         result = evaluate_images_distributed(images, labels, dataset, config, device, ctx, on_repeat,
-                                             teacher=teacher)
+                                             teacher=teacher, on_epoch=on_epoch)
         _order_done()
         return result
 
