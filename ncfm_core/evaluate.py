@@ -166,8 +166,8 @@ class EvalConfig:
         """Every range check on an evaluation request, before any work (``ConfigError`` naming
         the setting as ``field (--flag)``, :func:`ncfm_core.config.option_name`)."""
         name = eval_option_name
-        for field, low in (("repeats", 1), ("epochs", 0), ("batch_size", 1), ("width", 1), ("teacher_member", 0)):
-            check_range(name(field), getattr(self, field), low, integer=True)
+        for setting, low in (("repeats", 1), ("epochs", 0), ("batch_size", 1), ("width", 1), ("teacher_member", 0)):
+            check_range(name(setting), getattr(self, setting), low, integer=True)
         if self.repeats > MAX_REPEATS:
             raise ConfigError(f"{name('repeats')} {self.repeats} is more than {MAX_REPEATS}: each repeat trains "
                               "and keeps a whole network")
@@ -255,9 +255,9 @@ def protocol_config(name: str, **overrides: Any) -> EvalConfig:
     unknown = sorted(set(given) - known)
     if unknown:
         raise ConfigError(f"unknown evaluation setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
-    for field in ("optimizer", "repeat_mode"):  # names as people type them: " SGD" is sgd
-        if isinstance(given.get(field), str):
-            given[field] = given[field].strip().lower()
+    for setting in ("optimizer", "repeat_mode"):  # names as people type them: " SGD" is sgd
+        if isinstance(given.get(setting), str):
+            given[setting] = given[setting].strip().lower()
     if not given.get("soft_labels") and ("temperature" in given or "teacher_member" in given):
         # given at all (even at its default value): it would silently do nothing
         raise ConfigError(f"{eval_option_name('temperature')} and {eval_option_name('teacher_member')} only apply "

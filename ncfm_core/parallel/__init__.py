@@ -40,7 +40,7 @@ evaluation).
 
 from __future__ import annotations
 
-from ncfm_core.parallel import (  # sharded and spread register their followers
+from ncfm_core.parallel import (  # noqa: F401  (sharded and spread register their followers)
     protocol,
     sharded,
     spread,
