@@ -287,18 +287,22 @@ def test_gpu_check_smoke_runs_every_step_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     steps = json.loads((out / "summary.json").read_text())
     assert [s["name"] for s in steps] == ["cuda-tests", "cifar100-data", "distill", "eval", "export", "inspect",
-                                          "speed-paper", "speed-paper-2.5G", "speed-authors", "speed-authors-2.5G",
-                                          "speed-authors-autotune", "kernels", "kernels-2.5G"]
+                                          "speed-authors-2.5G", "speed-authors", "speed-paper", "kernels",
+                                          "kernels-2.5G"]
     assert all(s["status"] == "passed" for s in steps), steps
     assert steps[5]["figures"]["images_finite"] is True and steps[5]["figures"]["status"] == "complete"
     assert steps[2]["figures"]["plan_changes"] == 0 and steps[2]["figures"]["estimate"] != "-"  # the memory record
-    for speed in steps[6:11]:
+    for speed in steps[6:9]:
         assert speed["figures"]["seconds_per_iteration"] > 0 and speed["figures"]["plan"] != "-", speed
-        assert speed["figures"]["cudnn_benchmark"] is False  # a CPU has no cuDNN to tune, whatever was asked
-    for kernels_step in steps[11:]:  # every variant of the kernels preset ran, the first is the reference
-        assert list(kernels_step["figures"]) == list(_load("kit").KERNEL_VARIANTS)
+        assert speed["figures"]["cudnn_benchmark"] is False  # a CPU has no cuDNN to tune
+    # every variant of the kernels preset at the default plan; under the budget, today's path
+    # against the defaults; the first row is the reference
+    gpu_check = _load("gpu_check")
+    assert list(steps[9]["figures"]) == list(_load("kit").KERNEL_VARIANTS)
+    assert list(steps[10]["figures"]) == gpu_check.BUDGET_KERNEL_VARIANTS.split(",")
+    assert "compiled in" in steps[9]["figures"]["compile=on"]  # its compile time, apart
+    for kernels_step in steps[9:]:
         assert kernels_step["figures"]["today's path"].endswith("(1.00x)")
-        assert "compiled in" in kernels_step["figures"]["compile=on"]  # its compile time, apart
         assert "fell back" not in " ".join(kernels_step["figures"].values())
     assert done.stdout.rstrip().splitlines()[-1].startswith("| kernels-2.5G | passed |")  # the table is last
     with tarfile.open(out / "logs.tar.gz") as archive:
