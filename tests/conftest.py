@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import signal
 
 # Idle OpenMP threads should sleep, not spin: several test processes may share 2 cores.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -11,6 +12,13 @@ import torch  # noqa: E402
 
 # The CI machine has 2 cores; more threads than that only adds contention.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# A script that starts the suite in the background (`uv run pytest &`, no job control) makes it
+# ignore SIGINT, and so every process it starts: ncfm rightly leaves an ignored SIGINT alone, and
+# the Ctrl-C tests would fail for the shell's reason. Python's own handler here; the processes the
+# tests start get the default disposition back when they exec.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
