@@ -45,8 +45,8 @@ compiled once is read back): ``cuda-tests`` ~1-1.5 min (one compile, in the budg
 ``distill`` ~1.3 min (start-up, a ~6 s pool, a compile, 30 iterations), eval, export and inspect
 ~0.5 min, each speed step ~40-50 s (start-up ~20 s, a compile, 2 warm-up, 3 timed and 3 unsynced
 iterations), ``kernels`` ~2-3 min (12 distillers, three compiling variants, the autotuned and
-captured first steps, 1 warm-up and 2 timed iterations each), ``kernels-2.5G`` ~1 min: about 8
-minutes in all, at the edge of the budget. No step may run past the deadline: a step's timeout is
+captured first steps, 1 warm-up and 2 timed iterations each), ``kernels-2.5G`` ~1 min: 7-9
+minutes in all by these guesses, at the edge of the budget. No step may run past the deadline: a step's timeout is
 cut to what is left and the steps after the deadline are skipped, which fails the check; the
 steps run most telling first, so what a deadline skips is the under-budget kernels table. If the
 check runs long, each step's seconds and the compile seconds in the kernels figures say where.
