@@ -40,7 +40,8 @@ Time: the whole check must end within ``TIME_BUDGET_S`` (8 minutes) on an H200. 
 there with the levers (no session has had a GPU since they landed); the estimate, from the s/iter
 measured on 2026-12-04 (0.68-0.71 s at the default plans, 1.01-1.07 s under 2.5 GiB, before the
 levers) and a cold ``torch.compile`` of the ConvNet blocks of ~20-40 s per plan's shapes (forward
-and backward; the compile cache under ``OUT/compile-cache`` is shared by every step, so a shape
+and backward; inductor's on-disk cache, under the system's temporary folder unless
+``TORCHINDUCTOR_CACHE_DIR`` says otherwise, is shared by every step, so a shape
 compiled once is read back): ``cuda-tests`` ~1-1.5 min (one compile, in the budget test),
 ``distill`` ~1.3 min (start-up, a ~6 s pool, a compile, 30 iterations), eval, export and inspect
 ~0.5 min, each speed step ~40-50 s (start-up ~20 s, a compile, 2 warm-up, 3 timed and 3 unsynced
@@ -157,10 +158,7 @@ class Check:
         self.sizes = Sizes.for_run(smoke)
         self.steps: list[Step] = []
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-                    "NCFM_HOME": str(out / "home"), "NCFM_DATA_DIR": str(out / "data"),
-                    # one compile cache for every step: a graph compiled by one step (the CLI's
-                    # distill, a speed step) is read back by the next that compiles the same shapes
-                    "TORCHINDUCTOR_CACHE_DIR": os.environ.get("TORCHINDUCTOR_CACHE_DIR", str(out / "compile-cache"))}
+                    "NCFM_HOME": str(out / "home"), "NCFM_DATA_DIR": str(out / "data")}
 
     # -- running ------------------------------------------------------------------------------
 
