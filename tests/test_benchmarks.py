@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 import tarfile
@@ -276,13 +277,28 @@ def test_the_benchmarks_keep_the_shared_flags(script, capsys):
         assert flag in shown, flag
 
 
+# The GPU machine's Python has neither platformdirs nor mlxtend: a sitecustomize on PYTHONPATH makes
+# importing either fail in the check and in every process it starts.
+GPU_MACHINE_SITE = """import sys
+class _Absent:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("platformdirs", "mlxtend"):
+            raise ImportError(f"No module named {name!r} (as on the GPU machine)")
+sys.meta_path.insert(0, _Absent())
+"""
+
+
 def test_gpu_check_smoke_runs_every_step_on_the_cpu(tmp_path):
-    """The GPU acceptance check's CPU-safe form, as CI runs it: every step passes, the table
-    comes last, the logs are packed."""
-    out = tmp_path / "check"
+    """The GPU acceptance check's CPU-safe form, as CI runs it, without the packages the GPU
+    machine lacks: every step passes, the table comes last, the logs are packed."""
+    out, site = tmp_path / "check", tmp_path / "gpu_machine"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(GPU_MACHINE_SITE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+    assert subprocess.run([sys.executable, "-c", "import platformdirs"], env=env, capture_output=True).returncode == 1
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--smoke", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     steps = json.loads((out / "summary.json").read_text())
