@@ -50,8 +50,8 @@ from ncfm_cli.output import (
     report_error,
 )
 from ncfm_core.errors import EXIT_BELOW_MIN_ACC, ConfigError, NcfmError, ResultNotSavedError
-from ncfm_core.evaluate import EvalConfig, default_protocol, protocol_config
 from ncfm_core.jobs import eval_job
+from ncfm_core.protocols import EvalConfig, default_protocol, protocol_config
 
 EVAL_EPILOG = (
     "--json prints one object: {artifact, path, model, protocol {every knob, as run}, "
@@ -98,7 +98,7 @@ def build_eval_config(
     temperature: float | None = None,
     teacher_member: int | None = None,
 ) -> EvalConfig:
-    """The named evaluation protocol (default: ``dataset``'s, :func:`~ncfm_core.evaluate.default_protocol`;
+    """The named evaluation protocol (default: ``dataset``'s, :func:`~ncfm_core.protocols.default_protocol`;
     ``ncfm`` without one) with the options given on top (``None``: the protocol's value); the
     library checks every one (``protocol_config``)."""
     return protocol_config(

@@ -329,7 +329,7 @@ def evaluate(
     or uint8; already decoded). ``dataset``: where the test split and the normalisation come
     from, a registered name or an :class:`~ncfm_core.data.ImageDataset`; default: the one the
     result was distilled from. ``protocol``: ``"ncfm"`` or ``"dsa"``
-    (:func:`~ncfm_core.evaluate.protocol_config`); ``settings`` override its knobs (``epochs``,
+    (:func:`~ncfm_core.protocols.protocol_config`); ``settings`` override its knobs (``epochs``,
     ``repeats``, ``lr``, ``model``, ``width``, ...).
     """
     configure_allocator()  # before anything touches CUDA (ncfm_core.runtime)

@@ -153,7 +153,7 @@ def register_dataset(
     with its train-split ``shape`` at the native size (None: only known once loaded), its
     ``preset`` of `DistillConfig` field overrides (None: none, the config defaults) and the
     name of the evaluation protocol its results get unless one is asked for
-    (``ncfm_core.evaluate.PROTOCOLS``; the paper's ``ncfm`` by default)."""
+    (``ncfm_core.protocols.PROTOCOLS``; the paper's ``ncfm`` by default)."""
     key = name.lower()
 
     def decorator(loader: DatasetLoader) -> DatasetLoader:

@@ -333,7 +333,7 @@ class EvalRequest(Part):
     """An evaluation the distilling command asked for (``ncfm distill --eval``) that has not been
     recorded yet; ``ncfm resume`` runs it once the version is complete."""
 
-    protocol: Mapping[str, Any]  # evaluate.EvalConfig.to_dict()
+    protocol: Mapping[str, Any]  # protocols.EvalConfig.to_dict()
     models: tuple[str, ...] = ()  # () : the protocol's model
     baselines: tuple[str, ...] = ()
     baseline_seed: Seed = 0
