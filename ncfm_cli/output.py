@@ -420,8 +420,8 @@ class ProgressRenderer:
         finished = self._finished.get(key) or []
         so_far = f", mean of {len(finished)} trained {format_accuracy(statistics.fmean(finished))}" if finished else ""
         eta = pacer.eta(done, total, float(event.get("seconds", 0.0)) / trained)
-        self._log(f"{subject}: {networks} epoch {epoch + 1}/{epochs} ({100 * done // total}%) loss "
-                  f"{event['loss']:.4f}{so_far}{eta}")
+        share = f"{100 * done // total}% of {repeats} network{'s' if repeats > 1 else ''}"  # the whole evaluation
+        self._log(f"{subject}: {networks} epoch {epoch + 1}/{epochs} ({share}) loss {event['loss']:.4f}{so_far}{eta}")
 
     def _eval_network(self, event: dict[str, Any]) -> None:
         """One trained network's test accuracy."""

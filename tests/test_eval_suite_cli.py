@@ -274,7 +274,7 @@ def test_help_documents_every_option_and_the_json_shape():
 
 
 EPOCH_LINE = re.compile(
-    r"^(eval|random) convnet: network ([12])/2 epoch (\d+)/10 \((\d+)%\) loss \d+\.\d{4}"
+    r"^(eval|random) convnet: network ([12])/2 epoch (\d+)/10 \((\d+)% of 2 networks\) loss \d+\.\d{4}"
     r"(, mean of 1 trained \d+\.\d\d%)?, ETA .+$"
 )
 
@@ -295,7 +295,7 @@ def test_without_a_terminal_eval_prints_epoch_lines_with_accuracy_so_far_and_eta
         assert all(bool(m.group(5)) == (m.group(2) == "2") for m in matches)  # accuracy so far: after network 1
     assert "eval convnet: network 1/2 accuracy" in result.stderr
     assert not any(EPOCH_LINE.match(line) for line in result.stdout.splitlines())  # progress stays off stdout
-    assert "ETA 0.0 s" in lines[9] and "(100%)" in lines[9]
+    assert "ETA 0.0 s" in lines[9] and "(100% of 2 networks)" in lines[9]
 
 
 def test_eval_epoch_lines_come_every_minute_for_slow_networks():
